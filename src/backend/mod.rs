@@ -1,0 +1,8 @@
+//! Ready-made storage settings per apalis backend.
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// The queue webhook jobs live in. apalis would otherwise name the queue after the Rust type,
+/// which changes when the type moves.
+pub const QUEUE: &str = "apalis-webhooks";

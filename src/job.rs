@@ -1,0 +1,137 @@
+//! The job stored in the host's apalis backend: one delivery attempt of one webhook.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{policy::DeliveryPolicy, secret::Secret, signing::SignatureScheme};
+
+/// The stable id of a delivery: `msg_` and a ULID.
+///
+/// Sent as `webhook-id` (Standard Webhooks) on every attempt, so receivers can use it to
+/// drop duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WebhookId(String);
+
+impl WebhookId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(format!("msg_{}", ulid::Ulid::new()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for WebhookId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for WebhookId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One attempt of one webhook delivery, as stored in the apalis backend.
+///
+/// Built by [`WebhookSubscription::dispatch`](crate::WebhookSubscription::dispatch). After a
+/// retryable failure the worker stores a copy with [`attempt`](Self::attempt) raised by one and a
+/// later `run_at`, so the wait lives in the backend and survives restarts.
+///
+/// The job holds the signing secrets so that any worker process can sign; `Debug` redacts them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookJob {
+    pub(crate) webhook_id: WebhookId,
+    pub(crate) event_type: String,
+    pub(crate) url: String,
+    /// The payload exactly as serialized at dispatch; every attempt sends these bytes.
+    pub(crate) body: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) scheme: SignatureScheme,
+    pub(crate) secrets: Vec<Secret>,
+    pub(crate) policy: DeliveryPolicy,
+    /// 1-based number of the attempt this job performs.
+    pub(crate) attempt: u32,
+    /// Unix seconds of the dispatch.
+    pub(crate) dispatched_at: u64,
+}
+
+impl WebhookJob {
+    /// The delivery's stable id.
+    pub fn webhook_id(&self) -> &WebhookId {
+        &self.webhook_id
+    }
+
+    /// The event type, for example `order.created`.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The target URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The serialized payload.
+    pub fn body(&self) -> &[u8] {
+        self.body.as_bytes()
+    }
+
+    /// Extra headers sent with every attempt.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// How the delivery is signed.
+    pub fn scheme(&self) -> &SignatureScheme {
+        &self.scheme
+    }
+
+    /// The delivery's policy.
+    pub fn policy(&self) -> &DeliveryPolicy {
+        &self.policy
+    }
+
+    /// The 1-based number of the attempt this job performs.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Unix seconds of the dispatch.
+    pub fn dispatched_at(&self) -> u64 {
+        self.dispatched_at
+    }
+
+    /// The host of the target URL, for logs and spans (never the path, query or credentials).
+    pub fn endpoint_host(&self) -> String {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn secrets(&self) -> &[Secret] {
+        &self.secrets
+    }
+
+    /// The job for the next attempt.
+    pub(crate) fn next_attempt(&self) -> Self {
+        Self {
+            attempt: self.attempt + 1,
+            ..self.clone()
+        }
+    }
+
+    /// The backend idempotency key of this attempt: rescheduling the same attempt twice (a
+    /// worker killed between storing the next attempt and acknowledging this one) stores it once
+    /// on backends that honour idempotency keys.
+    pub(crate) fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.webhook_id, self.attempt)
+    }
+}

@@ -1,0 +1,75 @@
+//! Reliable outbound webhooks for apps that already run [apalis](https://docs.rs/apalis).
+//!
+//! A delivery is an apalis job ([`WebhookJob`]) in the host's backend; the host's `Monitor` runs
+//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call ([`SigningLayer`],
+//! [`HttpDelivery`]) signs it. Retries are new tasks with a later `run_at` in the same backend;
+//! dead letters are the backend's `Killed` tasks.
+//!
+//! 1. Register the worker:
+//!
+//! ```no_run
+//! # async fn example(pool: apalis_webhooks::sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
+//! use apalis::prelude::*;
+//! use apalis_webhooks::{WebhookWorker, sqlite};
+//!
+//! let storage = sqlite::storage(&pool);
+//! let service = WebhookWorker::new(storage.clone()).service()?;
+//! Monitor::new()
+//!     .register(move |_| {
+//!         WorkerBuilder::new("webhooks")
+//!             .backend(sqlite::polling(storage.clone()))
+//!             .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
+//!             .build(service.clone())
+//!     })
+//!     .run()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! 2. Dispatch an event with one call:
+//!
+//! ```no_run
+//! # async fn example(mut storage: apalis_webhooks::sqlite::SqliteStorage<apalis_webhooks::WebhookJob>) -> Result<(), apalis_webhooks::DispatchError> {
+//! use apalis_webhooks::WebhookSubscription;
+//!
+//! let id = WebhookSubscription::new("https://example.com/hooks", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+//!     .dispatch(&mut storage, "order.created", &serde_json::json!({ "order": 42 }))
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! 3. Verify in the receiver with [`verify::verify`], [`verify::Verifier`] or the axum extractor
+//!    `verify::VerifiedWebhook`.
+//!
+//! The README has the tables of headers sent and of status → outcome.
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod backend;
+mod delivery;
+mod job;
+mod outcome;
+mod policy;
+mod retry;
+mod secret;
+pub mod signing;
+mod subscription;
+pub mod verify;
+mod worker;
+
+#[cfg(feature = "sqlite")]
+pub use backend::sqlite;
+pub use delivery::{
+    ATTEMPT_HEADER, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER, HttpDelivery, RESPONSE_EXCERPT_BYTES,
+    USER_AGENT,
+};
+pub use job::{WebhookId, WebhookJob};
+pub use outcome::{AttemptResult, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
+pub use policy::DeliveryPolicy;
+pub use retry::RetrySchedule;
+pub use secret::{Secret, SecretError, WHSEC_PREFIX};
+pub use signing::{SignatureScheme, SigningLayer, SigningService};
+pub use subscription::{DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, WebhookSubscription};
+pub use worker::{
+    BuildError, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason, DeliveryEvent,
+    DeliveryReport, WebhookService, WebhookWorker,
+};

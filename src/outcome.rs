@@ -1,0 +1,274 @@
+//! What one attempt produced, and what it means for the delivery.
+
+use std::{
+    ops::RangeInclusive,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::DeliveryPolicy;
+
+/// The result of one delivery attempt, as the HTTP service saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AttemptResult {
+    /// The receiver answered with a status line.
+    Response {
+        /// HTTP status code.
+        status: u16,
+        /// `Retry-After`, parsed (seconds or HTTP-date), when present and valid.
+        retry_after: Option<Duration>,
+        /// The start of the response body (capped), lossily decoded as UTF-8.
+        body_excerpt: String,
+        /// Time from sending the request to the end of the capped body read.
+        duration: Duration,
+    },
+    /// No usable answer: connect error, timeout, broken or malformed response.
+    Transport {
+        /// What went wrong.
+        kind: TransportErrorKind,
+        /// A description, without secrets or URL credentials.
+        message: String,
+        /// Time until the failure.
+        duration: Duration,
+    },
+    /// The request was never sent, for a reason that retrying cannot fix (for example a secret
+    /// that yields no key).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Kinds of transport failure; every one of them is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// The connection could not be made.
+    Connect,
+    /// The attempt timed out (connecting, waiting for headers, or reading the body).
+    Timeout,
+    /// Anything else: reset connections, malformed responses, TLS failures.
+    Other,
+}
+
+/// What an attempt means for the delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// 2xx: done.
+    Delivered,
+    /// Worth another attempt (408, 429, 5xx and transport errors by default).
+    Retry {
+        /// The receiver's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// 410 Gone: the endpoint asks not to be called again.
+    Gone,
+    /// Retrying cannot help (3xx, other 4xx, refused requests).
+    Fatal,
+}
+
+impl AttemptResult {
+    /// What this attempt means under `policy`.
+    pub fn classify(&self, policy: &DeliveryPolicy) -> Outcome {
+        match self {
+            Self::Transport { .. } => Outcome::Retry { retry_after: None },
+            Self::Refused { .. } => Outcome::Fatal,
+            Self::Response {
+                status, retry_after, ..
+            } => match *status {
+                200..=299 => Outcome::Delivered,
+                code if policy.retry_statuses.contains(code) => Outcome::Retry {
+                    retry_after: *retry_after,
+                },
+                410 => Outcome::Gone,
+                _ => Outcome::Fatal,
+            },
+        }
+    }
+
+    /// The status code, if the receiver answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Response { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// A one-line description of a failure, `None` for a response.
+    pub fn error(&self) -> Option<String> {
+        match self {
+            Self::Response { .. } => None,
+            Self::Transport { kind, message, .. } => Some(format!("{kind:?}: {message}").to_lowercase()),
+            Self::Refused { reason } => Some(format!("refused: {reason}")),
+        }
+    }
+
+    /// How long the attempt took, when it was made.
+    pub fn duration(&self) -> Option<Duration> {
+        match self {
+            Self::Response { duration, .. } | Self::Transport { duration, .. } => Some(*duration),
+            Self::Refused { .. } => None,
+        }
+    }
+}
+
+/// A set of HTTP status codes, stored as sorted, disjoint inclusive ranges.
+///
+/// The default retry set is 408, 429 and 500–599.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StatusSet(Vec<[u16; 2]>);
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        Self::empty().with(408).with(429).with(500..=599)
+    }
+}
+
+impl StatusSet {
+    /// No codes.
+    pub fn empty() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u16) -> bool {
+        self.0.iter().any(|[lo, hi]| (*lo..=*hi).contains(&code))
+    }
+
+    /// The set with `codes` (one code or an inclusive range) added.
+    pub fn with(self, codes: impl Into<StatusRange>) -> Self {
+        let range = codes.into().0;
+        self.rebuild(|code| range.contains(&code), true)
+    }
+
+    /// The set with `codes` (one code or an inclusive range) removed.
+    pub fn without(self, codes: impl Into<StatusRange>) -> Self {
+        let range = codes.into().0;
+        self.rebuild(|code| range.contains(&code), false)
+    }
+
+    fn rebuild(self, touched: impl Fn(u16) -> bool, present: bool) -> Self {
+        // Status codes are three digits: rebuilding over 100..=999 keeps the ranges canonical.
+        let mut ranges: Vec<[u16; 2]> = Vec::new();
+        for code in 100..=999u16 {
+            let member = if touched(code) { present } else { self.contains(code) };
+            if !member {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some([_, hi]) if *hi + 1 == code => *hi = code,
+                _ => ranges.push([code, code]),
+            }
+        }
+        Self(ranges)
+    }
+}
+
+/// One status code or an inclusive range of them, for [`StatusSet`].
+#[derive(Debug, Clone)]
+pub struct StatusRange(RangeInclusive<u16>);
+
+impl From<u16> for StatusRange {
+    fn from(code: u16) -> Self {
+        Self(code..=code)
+    }
+}
+
+impl From<RangeInclusive<u16>> for StatusRange {
+    fn from(range: RangeInclusive<u16>) -> Self {
+        Self(range)
+    }
+}
+
+impl From<http::StatusCode> for StatusRange {
+    fn from(code: http::StatusCode) -> Self {
+        Self::from(code.as_u16())
+    }
+}
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP-date (a date in the past means now).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16) -> AttemptResult {
+        AttemptResult::Response {
+            status,
+            retry_after: None,
+            body_excerpt: String::new(),
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn default_status_matrix() {
+        let policy = DeliveryPolicy::default();
+        let cases = [
+            (200, Outcome::Delivered),
+            (204, Outcome::Delivered),
+            (299, Outcome::Delivered),
+            (301, Outcome::Fatal),
+            (302, Outcome::Fatal),
+            (400, Outcome::Fatal),
+            (401, Outcome::Fatal),
+            (404, Outcome::Fatal),
+            (408, Outcome::Retry { retry_after: None }),
+            (410, Outcome::Gone),
+            (422, Outcome::Fatal),
+            (429, Outcome::Retry { retry_after: None }),
+            (500, Outcome::Retry { retry_after: None }),
+            (503, Outcome::Retry { retry_after: None }),
+            (599, Outcome::Retry { retry_after: None }),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(response(status).classify(&policy), expected, "status {status}");
+        }
+        let timeout = AttemptResult::Transport {
+            kind: TransportErrorKind::Timeout,
+            message: "t".into(),
+            duration: Duration::ZERO,
+        };
+        assert_eq!(timeout.classify(&policy), Outcome::Retry { retry_after: None });
+        assert_eq!(
+            AttemptResult::Refused { reason: "x".into() }.classify(&policy),
+            Outcome::Fatal
+        );
+    }
+
+    #[test]
+    fn status_set_edits() {
+        let set = StatusSet::default().without(501).with(425);
+        assert!(set.contains(500) && set.contains(502) && set.contains(425));
+        assert!(!set.contains(501) && !set.contains(404));
+        assert_eq!(
+            StatusSet::empty().with(500..=502).without(501).0,
+            vec![[500, 500], [502, 502]]
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+}

@@ -1,0 +1,54 @@
+//! How one delivery is attempted: timeout, attempts, backoff and which statuses retry.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{outcome::StatusSet, retry::RetrySchedule};
+
+/// Per-delivery settings, stored with the job so every attempt uses the ones it was dispatched
+/// with. Set them through [`WebhookSubscription`](crate::WebhookSubscription).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeliveryPolicy {
+    /// Limit of one attempt, from connect to the end of the (capped) response read; ms.
+    pub timeout_ms: u64,
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Wait between attempts.
+    pub retry: RetrySchedule,
+    /// Status codes that are retried.
+    pub retry_statuses: StatusSet,
+    /// Upper bound for a receiver's `Retry-After`; ms.
+    pub max_retry_after_ms: u64,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 15_000,
+            max_attempts: 8,
+            retry: RetrySchedule::default(),
+            retry_statuses: StatusSet::default(),
+            max_retry_after_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl DeliveryPolicy {
+    /// The attempt timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The wait after attempt `attempt` failed: the receiver's `Retry-After` clamped to
+    /// `max_retry_after`, else the schedule. Never less than a second, so that two attempts
+    /// never share a signature timestamp.
+    pub fn next_delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let delay = match retry_after {
+            Some(wait) => wait.min(Duration::from_millis(self.max_retry_after_ms)),
+            None => self.retry.delay_after(attempt),
+        };
+        delay.max(Duration::from_secs(1))
+    }
+}

@@ -1,0 +1,220 @@
+//! Signing secrets that never print.
+
+use std::{fmt, sync::Arc};
+
+use base64::{
+    Engine,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::STANDARD},
+};
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretBox};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The prefix of Standard Webhooks secrets: `whsec_` followed by base64 key bytes.
+pub const WHSEC_PREFIX: &str = "whsec_";
+
+/// Standard base64 that accepts padded and unpadded input, as the official Standard Webhooks
+/// libraries do.
+const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// A webhook signing secret.
+///
+/// A `Secret` keeps the text it was created from (for example `whsec_MfKQ9r8G…`, or any string
+/// a Stripe- or GitHub-style receiver was configured with) or raw key bytes. Each
+/// [`SignatureScheme`](crate::SignatureScheme) derives its HMAC key from it the way that scheme's
+/// own libraries do:
+///
+/// * Standard Webhooks: the base64 after the `whsec_` prefix, decoded (raw bytes: used as is);
+/// * Stripe and GitHub styles: the bytes of the secret string itself.
+///
+/// `Debug` and `Display` print `Secret([REDACTED])`; the material is zeroed when dropped. Cloning is
+/// cheap (the material is shared).
+#[derive(Clone)]
+pub struct Secret(Arc<Material>);
+
+enum Material {
+    Text(SecretBox<str>),
+    Bytes(SecretBox<[u8]>),
+}
+
+/// A secret that cannot be used with the scheme it was given to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// The secret is empty.
+    #[error("the secret is empty")]
+    Empty,
+    /// A Standard Webhooks secret must be base64 (after an optional `whsec_` prefix).
+    #[error("the secret is not valid base64 after the `whsec_` prefix")]
+    NotBase64,
+}
+
+impl Secret {
+    /// A secret from its text form: a `whsec_…` Standard Webhooks secret, or the shared string a
+    /// Stripe- or GitHub-style receiver is configured with.
+    pub fn new(text: impl Into<String>) -> Self {
+        let text: String = text.into();
+        Self(Arc::new(Material::Text(SecretBox::new(text.into_boxed_str()))))
+    }
+
+    /// A secret from raw key bytes.
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        let bytes: Vec<u8> = bytes.into();
+        Self(Arc::new(Material::Bytes(SecretBox::new(bytes.into_boxed_slice()))))
+    }
+
+    /// A fresh Standard Webhooks secret: `whsec_` and the base64 of 32 bytes from the operating
+    /// system's CSPRNG.
+    pub fn generate() -> Self {
+        let mut key = [0u8; 32];
+        // ThreadRng is a CSPRNG (ChaCha12) seeded and reseeded from the operating system.
+        rand::rng().fill_bytes(&mut key);
+        let secret = Self::new(format!("{WHSEC_PREFIX}{}", STANDARD.encode(key)));
+        zeroize::Zeroize::zeroize(&mut key);
+        secret
+    }
+
+    /// The HMAC key for Standard Webhooks: the decoded base64 after `whsec_`.
+    pub(crate) fn standard_key(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
+        let key = match &*self.0 {
+            Material::Bytes(bytes) => bytes.expose_secret().to_vec(),
+            Material::Text(text) => {
+                let text = text.expose_secret();
+                let encoded = text.strip_prefix(WHSEC_PREFIX).unwrap_or(text);
+                LENIENT_BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?
+            }
+        };
+        let key = zeroize::Zeroizing::new(key);
+        if key.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        Ok(key)
+    }
+
+    /// The HMAC key for the Stripe and GitHub styles: the secret's own bytes.
+    pub(crate) fn literal_key(&self) -> Result<&[u8], SecretError> {
+        let key = match &*self.0 {
+            Material::Bytes(bytes) => bytes.expose_secret(),
+            Material::Text(text) => text.expose_secret().as_bytes(),
+        };
+        if key.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        Ok(key)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([REDACTED])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Self::new(text)
+    }
+}
+
+/// How a secret is written into a stored job. The job must be able to sign later, on another
+/// process, so the material is stored; `Debug` of the job still redacts it.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredSecret {
+    Text(String),
+    Base64(String),
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let stored = match &*self.0 {
+            Material::Text(text) => StoredSecret::Text(text.expose_secret().to_owned()),
+            Material::Bytes(bytes) => StoredSecret::Base64(STANDARD.encode(bytes.expose_secret())),
+        };
+        let result = stored.serialize(serializer);
+        // Scrub the temporary copy of the material.
+        match stored {
+            StoredSecret::Text(mut s) | StoredSecret::Base64(mut s) => zeroize::Zeroize::zeroize(&mut s),
+        }
+        result
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match StoredSecret::deserialize(deserializer)? {
+            StoredSecret::Text(text) => Ok(Self::new(text)),
+            StoredSecret::Base64(encoded) => STANDARD
+                .decode(encoded)
+                .map(Self::from_bytes)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_redact() {
+        let secret = Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        assert_eq!(format!("{secret:?}"), "Secret([REDACTED])");
+        assert_eq!(secret.to_string(), "[REDACTED]");
+        assert!(!format!("{:?}", Some(secret)).contains("MfKQ"));
+    }
+
+    #[test]
+    fn generated_secrets_are_standard_and_distinct() {
+        let a = Secret::generate();
+        let b = Secret::generate();
+        assert_eq!(a.standard_key().unwrap().len(), 32);
+        assert_ne!(*a.standard_key().unwrap(), *b.standard_key().unwrap());
+    }
+
+    #[test]
+    fn standard_key_accepts_unpadded_base64() {
+        // 31 bytes: padded base64 ends in '='.
+        let padded = format!("whsec_{}", STANDARD.encode([7u8; 31]));
+        let unpadded = padded.trim_end_matches('=').to_owned();
+        assert_ne!(padded, unpadded);
+        assert_eq!(*Secret::new(unpadded).standard_key().unwrap(), vec![7u8; 31]);
+        assert_eq!(*Secret::new(padded).standard_key().unwrap(), vec![7u8; 31]);
+    }
+
+    #[test]
+    fn standard_key_rejects_non_base64() {
+        assert_eq!(
+            Secret::new("whsec_not base64!").standard_key().unwrap_err(),
+            SecretError::NotBase64
+        );
+        assert_eq!(Secret::new("").literal_key().unwrap_err(), SecretError::Empty);
+    }
+
+    #[test]
+    fn serde_round_trip_keeps_material() {
+        for secret in [
+            Secret::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"),
+            Secret::from_bytes(vec![1, 2, 3]),
+        ] {
+            let json = serde_json::to_string(&secret).unwrap();
+            let back: Secret = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.literal_key().unwrap(), secret.literal_key().unwrap());
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! [`WebhookSubscription`]: where and how to deliver, and `dispatch` to enqueue one event.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use apalis_core::{backend::TaskSink, error::BoxDynError, task::builder::TaskBuilder};
+use serde::Serialize;
+
+use crate::{
+    delivery::{ATTEMPT_HEADER, EVENT_HEADER},
+    job::{WebhookId, WebhookJob},
+    outcome::StatusSet,
+    policy::DeliveryPolicy,
+    retry::RetrySchedule,
+    secret::{Secret, SecretError},
+    signing::SignatureScheme,
+};
+
+/// Default limit of a serialized payload: 256 KiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// Longest accepted event type.
+pub const MAX_EVENT_TYPE_LEN: usize = 128;
+
+/// Headers that a subscription may not set: the transport owns them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "user-agent",
+    EVENT_HEADER,
+    ATTEMPT_HEADER,
+    // All Standard Webhooks headers, whatever the scheme, so a receiver never sees a forged one.
+    crate::signing::WEBHOOK_ID,
+    crate::signing::WEBHOOK_TIMESTAMP,
+    crate::signing::WEBHOOK_SIGNATURE,
+];
+
+/// A target endpoint with its secret(s), signature scheme and delivery policy.
+///
+/// ```no_run
+/// # async fn example(mut storage: apalis_sqlite::SqliteStorage<apalis_webhooks::WebhookJob>) -> Result<(), apalis_webhooks::DispatchError> {
+/// use apalis_webhooks::WebhookSubscription;
+/// use std::time::Duration;
+///
+/// let id = WebhookSubscription::new("https://example.com/hooks", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+///     .header("x-tenant", "acme")
+///     .timeout(Duration::from_secs(10))
+///     .dispatch(&mut storage, "order.created", &serde_json::json!({ "order": 42 }))
+///     .await?;
+/// println!("enqueued {id}");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct WebhookSubscription {
+    url: String,
+    secrets: Vec<Secret>,
+    scheme: SignatureScheme,
+    headers: Vec<(String, String)>,
+    policy: DeliveryPolicy,
+    max_payload_bytes: usize,
+}
+
+/// Why a dispatch was rejected. Nothing was enqueued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// The URL does not parse, is not http(s), has no host, or carries credentials.
+    #[error("invalid webhook URL: {0}")]
+    InvalidUrl(&'static str),
+    /// An extra header has an invalid name or value, or is one the transport owns.
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// The header name as given (values are not repeated: they may be credentials).
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The event type is empty, too long, or has characters outside `A-Z a-z 0-9 . _ - : /`.
+    #[error("invalid event type: {0}")]
+    InvalidEventType(&'static str),
+    /// The payload could not be serialized.
+    #[error("payload could not be serialized: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// The serialized payload is over the limit.
+    #[error("payload is {size} bytes; the limit is {limit}")]
+    PayloadTooLarge {
+        /// Serialized size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// A secret yields no key for the chosen scheme.
+    #[error("invalid secret: {0}")]
+    InvalidSecret(#[from] SecretError),
+    /// The backend refused or failed the push.
+    #[error("backend push failed: {0}")]
+    Backend(#[source] BoxDynError),
+}
+
+impl WebhookSubscription {
+    /// A subscription for `url`, signed with `secret` under Standard Webhooks.
+    pub fn new(url: impl Into<String>, secret: impl Into<Secret>) -> Self {
+        Self {
+            url: url.into(),
+            secrets: vec![secret.into()],
+            scheme: SignatureScheme::default(),
+            headers: Vec::new(),
+            policy: DeliveryPolicy::default(),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// Adds another active secret (rotation): every attempt carries a signature per secret
+    /// (GitHub style: the first secret only).
+    pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.secrets.push(secret.into());
+        self
+    }
+
+    /// The signature scheme (Standard Webhooks by default).
+    pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
+    /// Adds a header to every attempt.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Limit of one attempt, connect to end of response read (15 s by default).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.policy.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self
+    }
+
+    /// Attempts in all, the first included (8 by default, at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.policy.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Wait between attempts (see [`RetrySchedule`]).
+    pub fn retry_schedule(mut self, schedule: RetrySchedule) -> Self {
+        self.policy.retry = schedule;
+        self
+    }
+
+    /// Status codes that are retried (408, 429, 5xx by default).
+    pub fn retry_statuses(mut self, statuses: StatusSet) -> Self {
+        self.policy.retry_statuses = statuses;
+        self
+    }
+
+    /// Upper bound for a receiver's `Retry-After` (24 h by default).
+    pub fn max_retry_after(mut self, limit: Duration) -> Self {
+        self.policy.max_retry_after_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Largest accepted serialized payload (256 KiB by default).
+    pub fn max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload_bytes = limit;
+        self
+    }
+
+    /// Validates and serializes, returning the job that [`dispatch`](Self::dispatch) would
+    /// enqueue. Useful to push with your own `TaskBuilder` options.
+    pub fn job<T: Serialize + ?Sized>(&self, event_type: &str, payload: &T) -> Result<WebhookJob, DispatchError> {
+        validate_url(&self.url)?;
+        validate_event_type(event_type)?;
+        self.validate_headers()?;
+        self.scheme.check_secrets(&self.secrets)?;
+        let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
+        if body.len() > self.max_payload_bytes {
+            return Err(DispatchError::PayloadTooLarge {
+                size: body.len(),
+                limit: self.max_payload_bytes,
+            });
+        }
+        Ok(WebhookJob {
+            webhook_id: WebhookId::new(),
+            event_type: event_type.to_owned(),
+            url: self.url.clone(),
+            body,
+            headers: self.headers.clone(),
+            scheme: self.scheme.clone(),
+            secrets: self.secrets.clone(),
+            policy: self.policy.clone(),
+            attempt: 1,
+            dispatched_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        })
+    }
+
+    /// Validates, serializes the payload once, and pushes the delivery onto `sink` (any apalis
+    /// backend holding [`WebhookJob`]s). Returns the delivery's webhook id.
+    ///
+    /// On any error nothing is enqueued.
+    pub async fn dispatch<S, K, T>(
+        &self,
+        sink: &mut S,
+        event_type: &str,
+        payload: &T,
+    ) -> Result<WebhookId, DispatchError>
+    where
+        S: TaskSink<WebhookJob, K>,
+        S::Error: std::error::Error + Send + Sync + 'static,
+        T: Serialize + ?Sized,
+    {
+        let job = self.job(event_type, payload)?;
+        let id = job.webhook_id.clone();
+        let key = job.idempotency_key();
+        let task = TaskBuilder::new(job).idempotency_key(key).build();
+        sink.push_task(task)
+            .await
+            .map_err(|e| DispatchError::Backend(Box::new(e)))?;
+        Ok(id)
+    }
+
+    fn validate_headers(&self) -> Result<(), DispatchError> {
+        let signature_headers = self.scheme.header_names();
+        for (name, value) in &self.headers {
+            let invalid = |reason| DispatchError::InvalidHeader {
+                name: name.clone(),
+                reason,
+            };
+            let parsed =
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid("not a valid header name"))?;
+            let lower = parsed.as_str();
+            if RESERVED_HEADERS.contains(&lower) || signature_headers.iter().any(|h| h.eq_ignore_ascii_case(lower)) {
+                return Err(invalid("reserved: set by apalis-webhooks"));
+            }
+            // HeaderValue refuses CR, LF, NUL and other control characters (tab is allowed).
+            http::HeaderValue::from_str(value)
+                .map_err(|_| invalid("value has control characters or non-visible bytes"))?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_url(raw: &str) -> Result<(), DispatchError> {
+    let url = url::Url::parse(raw).map_err(|_| DispatchError::InvalidUrl("does not parse"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(DispatchError::InvalidUrl("scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(DispatchError::InvalidUrl("no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Credentials in URLs end up in logs and job tables; use a header instead.
+        return Err(DispatchError::InvalidUrl(
+            "credentials in the URL are not accepted; send them in a header",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_event_type(event_type: &str) -> Result<(), DispatchError> {
+    if event_type.is_empty() {
+        return Err(DispatchError::InvalidEventType("empty"));
+    }
+    if event_type.len() > MAX_EVENT_TYPE_LEN {
+        return Err(DispatchError::InvalidEventType("longer than 128 bytes"));
+    }
+    if !event_type
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
+    {
+        return Err(DispatchError::InvalidEventType(
+            "only A-Z a-z 0-9 . _ - : / are allowed",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn sub(url: &str) -> WebhookSubscription {
+        WebhookSubscription::new(url, SECRET)
+    }
+
+    #[test]
+    fn rejects_bad_urls() {
+        for url in [
+            "not a url",
+            "ftp://example.com/x",
+            "file:///etc/passwd",
+            "https://user:pw@example.com/",
+            "https://",
+        ] {
+            assert!(
+                matches!(sub(url).job("a.b", &1), Err(DispatchError::InvalidUrl(_))),
+                "{url}"
+            );
+        }
+        assert!(sub("https://example.com/hook?x=1").job("a.b", &1).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_headers() {
+        for (name, value) in [
+            ("x-ok", "bad\r\nx-injected: 1"),
+            ("x-ok", "nul\0"),
+            ("bad name", "v"),
+            ("bad\nname", "v"),
+            ("Content-Length", "1"),
+            ("host", "evil"),
+            ("Webhook-Signature", "v1,forged"),
+            ("webhook-id", "x"),
+        ] {
+            let err = sub("https://example.com")
+                .header(name, value)
+                .job("a.b", &1)
+                .unwrap_err();
+            assert!(matches!(err, DispatchError::InvalidHeader { .. }), "{name:?}");
+            assert!(!err.to_string().contains("injected"), "values are not echoed");
+        }
+        let stripe = sub("https://example.com")
+            .scheme(SignatureScheme::stripe())
+            .header("Stripe-Signature", "x");
+        assert!(matches!(
+            stripe.job("a.b", &1),
+            Err(DispatchError::InvalidHeader { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_event_types_and_sizes() {
+        for event in ["", "has space", "new\nline", &"x".repeat(129)] {
+            assert!(matches!(
+                sub("https://e.com").job(event, &1),
+                Err(DispatchError::InvalidEventType(_))
+            ));
+        }
+        let big = "x".repeat(300 * 1024);
+        assert!(matches!(
+            sub("https://e.com").job("a", &big),
+            Err(DispatchError::PayloadTooLarge { .. })
+        ));
+        assert!(
+            sub("https://e.com")
+                .max_payload_bytes(400 * 1024)
+                .job("a", &big)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn rejects_secrets_the_scheme_cannot_use() {
+        let err = WebhookSubscription::new("https://e.com", "whsec_@@@")
+            .job("a", &1)
+            .unwrap_err();
+        assert!(matches!(err, DispatchError::InvalidSecret(SecretError::NotBase64)));
+        // The same text is a fine literal key for the Stripe style.
+        assert!(
+            WebhookSubscription::new("https://e.com", "whsec_@@@")
+                .scheme(SignatureScheme::stripe())
+                .job("a", &1)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn errors_and_debug_never_show_secrets() {
+        let s = sub("https://user:pw@e.com");
+        assert!(!format!("{s:?}").contains("MfKQ9r8G"));
+        let err = s.job("a", &1).unwrap_err().to_string();
+        assert!(!err.contains("pw") && !err.contains("MfKQ9r8G"), "{err}");
+    }
+}

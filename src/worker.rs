@@ -1,0 +1,435 @@
+//! The apalis service that runs one attempt and settles its outcome in the backend.
+
+use std::{
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use apalis_core::{
+    backend::TaskSink,
+    error::{AbortError, BoxDynError},
+    task::{Task, builder::TaskBuilder},
+};
+use serde::{Deserialize, Serialize};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::{
+    delivery::{DeliveryRequest, HttpDelivery},
+    job::{WebhookId, WebhookJob},
+    outcome::{AttemptResult, Outcome, TransportErrorKind},
+    signing::{SigningLayer, SigningService},
+};
+
+/// Poll interval that makes an idle worker start a new delivery quickly. apalis workers
+/// otherwise look for new work only on their heartbeat (30 s by default).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Deliveries one worker runs at once, a sensible start for HTTP-bound work.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// What a finished attempt reports to apalis; stored as the task's result.
+///
+/// A task whose delivery continues in a later task ends `Done` with
+/// [`DeliveryReport::RetryScheduled`]: it is superseded, not delivered and not dead.
+/// Dead letters are tasks in the backend's `Killed` state (see [`DeadLetter`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeliveryReport {
+    /// The receiver answered 2xx.
+    Delivered {
+        /// The delivery's id.
+        webhook_id: WebhookId,
+        /// The attempt that succeeded.
+        attempt: u32,
+        /// The 2xx status.
+        status: u16,
+        /// Duration of the attempt in milliseconds.
+        duration_ms: u64,
+    },
+    /// This attempt failed; the next one is stored in the backend.
+    RetryScheduled {
+        /// The delivery's id.
+        webhook_id: WebhookId,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Its status, if the receiver answered.
+        status: Option<u16>,
+        /// Its transport error, if it did not.
+        error: Option<String>,
+        /// Unix seconds at which the next attempt becomes due.
+        next_attempt_at: u64,
+    },
+}
+
+/// Why a delivery became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// The last allowed attempt failed with a retryable outcome.
+    AttemptsExhausted,
+    /// The receiver answered 410 Gone.
+    EndpointGone,
+    /// The outcome cannot be fixed by retrying (3xx, most 4xx, a refused request).
+    Fatal,
+}
+
+/// A delivery that will not be attempted again. Returned to apalis inside an
+/// [`AbortError`], which puts the task in the backend's `Killed` state with this text as its
+/// last result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error(
+    "dead letter {webhook_id}: {reason:?} at attempt {attempt}/{max_attempts}, last status {}, error {}",
+    status.map_or("none".to_owned(), |s| s.to_string()),
+    error.as_deref().unwrap_or("none")
+)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The delivery's id.
+    pub webhook_id: WebhookId,
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The last attempt made.
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// The last status, if the receiver answered.
+    pub status: Option<u16>,
+    /// The last transport error or refusal, if it did not.
+    pub error: Option<String>,
+    /// The start of the last response body.
+    pub response_excerpt: Option<String>,
+}
+
+/// Something that happened to a delivery, passed to [`WebhookWorker::on_event`] hooks.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DeliveryEvent<'a> {
+    /// The receiver answered 2xx.
+    Delivered {
+        /// The job.
+        job: &'a WebhookJob,
+        /// The attempt.
+        result: &'a AttemptResult,
+    },
+    /// The attempt failed and the next one is stored.
+    RetryScheduled {
+        /// The job (the attempt that failed).
+        job: &'a WebhookJob,
+        /// What happened.
+        result: &'a AttemptResult,
+        /// Unix seconds at which the next attempt becomes due.
+        next_attempt_at: u64,
+    },
+    /// The receiver answered 410 Gone: disable this subscription. A
+    /// [`DeliveryEvent::DeadLettered`] follows.
+    EndpointGone {
+        /// The job.
+        job: &'a WebhookJob,
+    },
+    /// The delivery will not be attempted again.
+    DeadLettered {
+        /// The job.
+        job: &'a WebhookJob,
+        /// Why, with the last status or error.
+        dead_letter: &'a DeadLetter,
+    },
+}
+
+type Hook = Arc<dyn Fn(&DeliveryEvent<'_>) + Send + Sync>;
+
+/// Shared so that each attempt clones one `Arc`, not the list.
+#[derive(Clone, Default)]
+struct Hooks(Arc<Vec<Hook>>);
+
+impl Hooks {
+    fn emit(&self, event: &DeliveryEvent<'_>) {
+        for hook in self.0.iter() {
+            hook(event);
+        }
+    }
+}
+
+/// Builds the webhook delivery service for an apalis worker.
+///
+/// `backend` is the storage the webhook jobs live in; the service pushes each retry into it as
+/// a new task with a later `run_at`, so backoff is persisted and holds no worker slot.
+///
+/// ```no_run
+/// # async fn example(pool: apalis_sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
+/// use apalis::prelude::*;
+/// use apalis_webhooks::{WebhookWorker, sqlite};
+///
+/// let storage = sqlite::storage(&pool);
+/// let service = WebhookWorker::new(storage.clone())
+///     .on_endpoint_gone(|job| println!("disable the subscription for {}", job.url()))
+///     .service()?;
+/// Monitor::new()
+///     .register(move |_| {
+///         WorkerBuilder::new("webhooks")
+///             .backend(sqlite::polling(storage.clone()))
+///             .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
+///             .build(service.clone())
+///     })
+///     .run()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct WebhookWorker<B> {
+    backend: B,
+    client: Option<reqwest::Client>,
+    max_response_bytes: Option<usize>,
+    hooks: Hooks,
+}
+
+impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookWorker")
+            .field("backend", &self.backend)
+            .field("hooks", &self.hooks.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Could not build the HTTP client (for example, no TLS roots could be loaded).
+#[derive(Debug, thiserror::Error)]
+#[error("could not build the HTTP client: {0}")]
+pub struct BuildError(#[from] reqwest::Error);
+
+impl<B: Clone> WebhookWorker<B> {
+    /// A builder for the service that delivers the jobs stored in `backend`.
+    pub fn new(backend: B) -> Self {
+        Self {
+            backend,
+            client: None,
+            max_response_bytes: None,
+            hooks: Hooks::default(),
+        }
+    }
+
+    /// Deliver with this client instead of the default one. Keep redirects off on it.
+    pub fn http_client(mut self, client: reqwest::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Cap of the response body read per attempt (64 KiB by default).
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = Some(limit);
+        self
+    }
+
+    /// Calls `hook` for every [`DeliveryEvent`], once the outcome is decided (the backend's
+    /// record of it follows moments later). Hooks run on the worker: keep them quick, and
+    /// do not panic in them.
+    pub fn on_event(mut self, hook: impl Fn(&DeliveryEvent<'_>) + Send + Sync + 'static) -> Self {
+        Arc::make_mut(&mut self.hooks.0).push(Arc::new(hook));
+        self
+    }
+
+    /// Calls `hook` with the job when a receiver answers 410 Gone, so the app can disable the
+    /// subscription. The delivery is dead-lettered, not retried.
+    pub fn on_endpoint_gone(self, hook: impl Fn(&WebhookJob) + Send + Sync + 'static) -> Self {
+        self.on_event(move |event| {
+            if let DeliveryEvent::EndpointGone { job } = event {
+                hook(job);
+            }
+        })
+    }
+
+    /// The service with the default stack: signing around HTTP delivery.
+    pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError> {
+        self.service_with(SigningLayer::new())
+    }
+
+    /// The service with your own `layer` around HTTP delivery (it should include
+    /// [`SigningLayer`] unless deliveries are meant to go out unsigned).
+    pub fn service_with<L, K>(&self, layer: L) -> Result<WebhookService<L::Service, B, K>, BuildError>
+    where
+        L: Layer<HttpDelivery>,
+    {
+        let mut delivery = match &self.client {
+            Some(client) => HttpDelivery::with_client(client.clone()),
+            None => HttpDelivery::new()?,
+        };
+        if let Some(limit) = self.max_response_bytes {
+            delivery = delivery.max_response_bytes(limit);
+        }
+        let inner = layer.layer(delivery);
+        Ok(WebhookService {
+            inner,
+            backend: self.backend.clone(),
+            hooks: self.hooks.clone(),
+            _kind: PhantomData,
+        })
+    }
+}
+
+/// The apalis service of webhook jobs: runs the attempt through the delivery stack, then marks
+/// it delivered, stores the next attempt, or dead-letters it. Made by [`WebhookWorker`].
+pub struct WebhookService<S, B, K> {
+    inner: S,
+    backend: B,
+    hooks: Hooks,
+    _kind: PhantomData<fn() -> K>,
+}
+
+impl<S: Clone, B: Clone, K> Clone for WebhookService<S, B, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            backend: self.backend.clone(),
+            hooks: self.hooks.clone(),
+            _kind: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, B, K> fmt::Debug for WebhookService<S, B, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B, K> Service<Task<WebhookJob>> for WebhookService<S, B, K>
+where
+    S: Service<DeliveryRequest, Response = AttemptResult>,
+    S::Error: Into<BoxDynError>,
+    S::Future: Send + 'static,
+    B: TaskSink<WebhookJob, K> + Clone + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = DeliveryReport;
+    type Error = BoxDynError;
+    type Future = Pin<Box<dyn Future<Output = Result<DeliveryReport, BoxDynError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<WebhookJob>) -> Self::Future {
+        let job = Arc::new(task.args);
+        let span = tracing::info_span!(
+            "webhook.attempt",
+            webhook.id = %job.webhook_id(),
+            webhook.event = job.event_type(),
+            webhook.attempt = job.attempt(),
+            endpoint.host = %job.endpoint_host(),
+        );
+        let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
+        let backend = self.backend.clone();
+        let hooks = self.hooks.clone();
+        Box::pin(
+            async move {
+                let result = attempt.await.unwrap_or_else(|error| {
+                    // A layer failed instead of answering: count it as a transport failure.
+                    let message = Into::<BoxDynError>::into(error).to_string();
+                    AttemptResult::Transport {
+                        kind: TransportErrorKind::Other,
+                        message,
+                        duration: Duration::ZERO,
+                    }
+                });
+                settle(&job, result, backend, &hooks).await
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Applies the outcome of one attempt.
+async fn settle<B, K>(
+    job: &WebhookJob,
+    result: AttemptResult,
+    mut backend: B,
+    hooks: &Hooks,
+) -> Result<DeliveryReport, BoxDynError>
+where
+    B: TaskSink<WebhookJob, K>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let policy = job.policy();
+    let reason = match result.classify(policy) {
+        Outcome::Delivered => {
+            tracing::debug!(status = result.status(), "delivered");
+            hooks.emit(&DeliveryEvent::Delivered { job, result: &result });
+            return Ok(DeliveryReport::Delivered {
+                webhook_id: job.webhook_id().clone(),
+                attempt: job.attempt(),
+                status: result.status().unwrap_or_default(),
+                duration_ms: result.duration().map_or(0, |d| d.as_millis() as u64),
+            });
+        }
+        Outcome::Retry { retry_after } if job.attempt() < policy.max_attempts => {
+            let delay = policy.next_delay(job.attempt(), retry_after);
+            let next_attempt_at = unix_seconds_after(delay);
+            let next = job.next_attempt();
+            let key = next.idempotency_key();
+            let task = TaskBuilder::new(next)
+                .run_at_timestamp(next_attempt_at)
+                .idempotency_key(key)
+                .build();
+            // If this push fails the error goes back to apalis, which runs this same attempt
+            // again: the delivery is repeated, never lost.
+            backend.push_task(task).await.map_err(|e| Box::new(e) as BoxDynError)?;
+            tracing::info!(
+                status = result.status(),
+                error = result.error(),
+                next_attempt_at,
+                "retry scheduled"
+            );
+            hooks.emit(&DeliveryEvent::RetryScheduled {
+                job,
+                result: &result,
+                next_attempt_at,
+            });
+            return Ok(DeliveryReport::RetryScheduled {
+                webhook_id: job.webhook_id().clone(),
+                attempt: job.attempt(),
+                status: result.status(),
+                error: result.error(),
+                next_attempt_at,
+            });
+        }
+        Outcome::Retry { .. } => DeadLetterReason::AttemptsExhausted,
+        Outcome::Gone => {
+            hooks.emit(&DeliveryEvent::EndpointGone { job });
+            DeadLetterReason::EndpointGone
+        }
+        Outcome::Fatal => DeadLetterReason::Fatal,
+    };
+    let dead_letter = DeadLetter {
+        webhook_id: job.webhook_id().clone(),
+        reason,
+        attempt: job.attempt(),
+        max_attempts: policy.max_attempts,
+        status: result.status(),
+        error: result.error(),
+        response_excerpt: match &result {
+            AttemptResult::Response { body_excerpt, .. } if !body_excerpt.is_empty() => Some(body_excerpt.clone()),
+            _ => None,
+        },
+    };
+    tracing::warn!(status = result.status(), error = result.error(), ?reason, "dead letter");
+    hooks.emit(&DeliveryEvent::DeadLettered {
+        job,
+        dead_letter: &dead_letter,
+    });
+    Err(Box::new(AbortError::new(dead_letter)))
+}
+
+fn unix_seconds_after(delay: Duration) -> u64 {
+    let due = SystemTime::now() + delay;
+    let since_epoch = due.duration_since(UNIX_EPOCH).unwrap_or_default();
+    // Round up: a task must never become due before its delay has passed.
+    since_epoch.as_secs() + u64::from(since_epoch.subsec_nanos() > 0)
+}
