@@ -60,6 +60,9 @@ pub struct WebhookJob {
     pub(crate) attempt: u32,
     /// Unix seconds of the dispatch.
     pub(crate) dispatched_at: u64,
+    /// 0 for the original delivery, n for its n-th replay from the dead letters.
+    #[serde(default)]
+    pub(crate) replay: u32,
 }
 
 impl WebhookJob {
@@ -108,6 +111,11 @@ impl WebhookJob {
         self.dispatched_at
     }
 
+    /// 0 for the original delivery, n for its n-th replay from the dead letters.
+    pub fn replay(&self) -> u32 {
+        self.replay
+    }
+
     /// The host of the target URL, for logs and spans (never the path, query or credentials).
     pub fn endpoint_host(&self) -> String {
         url::Url::parse(&self.url)
@@ -132,6 +140,19 @@ impl WebhookJob {
     /// worker killed between storing the next attempt and acknowledging this one) stores it once
     /// on backends that honour idempotency keys.
     pub(crate) fn idempotency_key(&self) -> String {
-        format!("{}:{}", self.webhook_id, self.attempt)
+        match self.replay {
+            0 => format!("{}:{}", self.webhook_id, self.attempt),
+            replay => format!("{}:r{replay}:{}", self.webhook_id, self.attempt),
+        }
+    }
+
+    /// The first attempt of this delivery's next replay.
+    #[allow(dead_code)] // used by the dead-letter stores
+    pub(crate) fn replayed(&self) -> Self {
+        Self {
+            attempt: 1,
+            replay: self.replay + 1,
+            ..self.clone()
+        }
     }
 }

@@ -49,9 +49,11 @@ mod delivery;
 mod job;
 mod outcome;
 mod policy;
+mod record;
 mod retry;
 mod secret;
 pub mod signing;
+mod sink;
 mod subscription;
 pub mod verify;
 mod worker;
@@ -65,11 +67,13 @@ pub use delivery::{
 pub use job::{WebhookId, WebhookJob};
 pub use outcome::{AttemptResult, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
 pub use policy::DeliveryPolicy;
+pub use record::AttemptRecord;
 pub use retry::RetrySchedule;
 pub use secret::{Secret, SecretError, WHSEC_PREFIX};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
+pub use sink::WebhookSink;
 pub use subscription::{DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, WebhookSubscription};
 pub use worker::{
-    BuildError, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason, DeliveryEvent,
-    DeliveryReport, WebhookService, WebhookWorker,
+    BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,
+    DeliveryEvent, DeliveryReport, WebhookService, WebhookWorker,
 };

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apalis_core::{backend::TaskSink, error::BoxDynError, task::builder::TaskBuilder};
+use apalis_core::error::BoxDynError;
 use serde::Serialize;
 
 use crate::{
@@ -13,6 +13,7 @@ use crate::{
     retry::RetrySchedule,
     secret::{Secret, SecretError},
     signing::SignatureScheme,
+    sink::WebhookSink,
 };
 
 /// Default limit of a serialized payload: 256 KiB.
@@ -195,11 +196,12 @@ impl WebhookSubscription {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            replay: 0,
         })
     }
 
     /// Validates, serializes the payload once, and pushes the delivery onto `sink` (any apalis
-    /// backend holding [`WebhookJob`]s). Returns the delivery's webhook id.
+    /// backend holding [`WebhookJob`]s, see [`WebhookSink`]). Returns the delivery's webhook id.
     ///
     /// On any error nothing is enqueued.
     pub async fn dispatch<S, K, T>(
@@ -209,15 +211,12 @@ impl WebhookSubscription {
         payload: &T,
     ) -> Result<WebhookId, DispatchError>
     where
-        S: TaskSink<WebhookJob, K>,
-        S::Error: std::error::Error + Send + Sync + 'static,
+        S: WebhookSink<K>,
         T: Serialize + ?Sized,
     {
         let job = self.job(event_type, payload)?;
         let id = job.webhook_id.clone();
-        let key = job.idempotency_key();
-        let task = TaskBuilder::new(job).idempotency_key(key).build();
-        sink.push_task(task)
+        sink.push_job(job, None)
             .await
             .map_err(|e| DispatchError::Backend(Box::new(e)))?;
         Ok(id)

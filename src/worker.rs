@@ -11,9 +11,8 @@ use std::{
 };
 
 use apalis_core::{
-    backend::TaskSink,
     error::{AbortError, BoxDynError},
-    task::{Task, builder::TaskBuilder},
+    task::Task,
 };
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service};
@@ -21,9 +20,11 @@ use tracing::Instrument;
 
 use crate::{
     delivery::{DeliveryRequest, HttpDelivery},
-    job::{WebhookId, WebhookJob},
+    job::WebhookJob,
     outcome::{AttemptResult, Outcome, TransportErrorKind},
+    record::AttemptRecord,
     signing::{SigningLayer, SigningService},
+    sink::WebhookSink,
 };
 
 /// Poll interval that makes an idle worker start a new delivery quickly. apalis workers
@@ -44,28 +45,35 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub enum DeliveryReport {
     /// The receiver answered 2xx.
     Delivered {
-        /// The delivery's id.
-        webhook_id: WebhookId,
-        /// The attempt that succeeded.
-        attempt: u32,
-        /// The 2xx status.
-        status: u16,
-        /// Duration of the attempt in milliseconds.
-        duration_ms: u64,
+        /// The attempt.
+        #[serde(flatten)]
+        record: AttemptRecord,
     },
     /// This attempt failed; the next one is stored in the backend.
     RetryScheduled {
-        /// The delivery's id.
-        webhook_id: WebhookId,
         /// The attempt that failed.
-        attempt: u32,
-        /// Its status, if the receiver answered.
-        status: Option<u16>,
-        /// Its transport error, if it did not.
-        error: Option<String>,
+        #[serde(flatten)]
+        record: AttemptRecord,
         /// Unix seconds at which the next attempt becomes due.
         next_attempt_at: u64,
     },
+    /// This dead letter was replayed: the delivery goes on under the same webhook id.
+    Replayed {
+        /// The last attempt before the delivery died.
+        #[serde(flatten)]
+        record: AttemptRecord,
+        /// Why it had died.
+        reason: DeadLetterReason,
+    },
+}
+
+impl DeliveryReport {
+    /// The attempt this report is about.
+    pub fn record(&self) -> &AttemptRecord {
+        match self {
+            Self::Delivered { record } | Self::RetryScheduled { record, .. } | Self::Replayed { record, .. } => record,
+        }
+    }
 }
 
 /// Why a delivery became a dead letter.
@@ -84,28 +92,38 @@ pub enum DeadLetterReason {
 /// A delivery that will not be attempted again. Returned to apalis inside an
 /// [`AbortError`], which puts the task in the backend's `Killed` state with this text as its
 /// last result.
+///
+/// Displays as [`DEAD_LETTER_PREFIX`] followed by the record as JSON, so that the backend's
+/// stored error text is both readable in logs and parsed back by the dead-letter listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error(
-    "dead letter {webhook_id}: {reason:?} at attempt {attempt}/{max_attempts}, last status {}, error {}",
-    status.map_or("none".to_owned(), |s| s.to_string()),
-    error.as_deref().unwrap_or("none")
-)]
 #[non_exhaustive]
 pub struct DeadLetter {
-    /// The delivery's id.
-    pub webhook_id: WebhookId,
     /// Why.
     pub reason: DeadLetterReason,
-    /// The last attempt made.
-    pub attempt: u32,
     /// Attempts allowed.
     pub max_attempts: u32,
-    /// The last status, if the receiver answered.
-    pub status: Option<u16>,
-    /// The last transport error or refusal, if it did not.
-    pub error: Option<String>,
-    /// The start of the last response body.
-    pub response_excerpt: Option<String>,
+    /// The last attempt made.
+    #[serde(flatten)]
+    pub record: AttemptRecord,
+}
+
+/// How the text of a [`DeadLetter`] starts.
+pub const DEAD_LETTER_PREFIX: &str = "webhook dead-lettered: ";
+
+impl fmt::Display for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let json = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        write!(f, "{DEAD_LETTER_PREFIX}{json}")
+    }
+}
+
+impl DeadLetter {
+    /// Reads a dead letter back from the error text a backend stored (the text may carry
+    /// apalis's own prefix, such as `AbortError: `).
+    pub fn from_stored_error(text: &str) -> Option<Self> {
+        let start = text.find(DEAD_LETTER_PREFIX)? + DEAD_LETTER_PREFIX.len();
+        serde_json::from_str(&text[start..]).ok()
+    }
 }
 
 /// Something that happened to a delivery, passed to [`WebhookWorker::on_event`] hooks.
@@ -305,8 +323,7 @@ where
     S: Service<DeliveryRequest, Response = AttemptResult>,
     S::Error: Into<BoxDynError>,
     S::Future: Send + 'static,
-    B: TaskSink<WebhookJob, K> + Clone + Send + 'static,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B: WebhookSink<K> + Clone + 'static,
 {
     type Response = DeliveryReport;
     type Error = BoxDynError;
@@ -325,6 +342,7 @@ where
             webhook.attempt = job.attempt(),
             endpoint.host = %job.endpoint_host(),
         );
+        let started_at_ms = unix_millis();
         let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
         let backend = self.backend.clone();
         let hooks = self.hooks.clone();
@@ -339,7 +357,7 @@ where
                         duration: Duration::ZERO,
                     }
                 });
-                settle(&job, result, backend, &hooks).await
+                settle(&job, started_at_ms, result, backend, &hooks).await
             }
             .instrument(span),
         )
@@ -349,38 +367,31 @@ where
 /// Applies the outcome of one attempt.
 async fn settle<B, K>(
     job: &WebhookJob,
+    started_at_ms: u64,
     result: AttemptResult,
     mut backend: B,
     hooks: &Hooks,
 ) -> Result<DeliveryReport, BoxDynError>
 where
-    B: TaskSink<WebhookJob, K>,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B: WebhookSink<K>,
 {
     let policy = job.policy();
+    let record = AttemptRecord::new(job, started_at_ms, &result);
     let reason = match result.classify(policy) {
         Outcome::Delivered => {
             tracing::debug!(status = result.status(), "delivered");
             hooks.emit(&DeliveryEvent::Delivered { job, result: &result });
-            return Ok(DeliveryReport::Delivered {
-                webhook_id: job.webhook_id().clone(),
-                attempt: job.attempt(),
-                status: result.status().unwrap_or_default(),
-                duration_ms: result.duration().map_or(0, |d| d.as_millis() as u64),
-            });
+            return Ok(DeliveryReport::Delivered { record });
         }
         Outcome::Retry { retry_after } if job.attempt() < policy.max_attempts => {
             let delay = policy.next_delay(job.attempt(), retry_after);
             let next_attempt_at = unix_seconds_after(delay);
-            let next = job.next_attempt();
-            let key = next.idempotency_key();
-            let task = TaskBuilder::new(next)
-                .run_at_timestamp(next_attempt_at)
-                .idempotency_key(key)
-                .build();
             // If this push fails the error goes back to apalis, which runs this same attempt
             // again: the delivery is repeated, never lost.
-            backend.push_task(task).await.map_err(|e| Box::new(e) as BoxDynError)?;
+            backend
+                .push_job(job.next_attempt(), Some(next_attempt_at))
+                .await
+                .map_err(|e| Box::new(e) as BoxDynError)?;
             tracing::info!(
                 status = result.status(),
                 error = result.error(),
@@ -393,10 +404,7 @@ where
                 next_attempt_at,
             });
             return Ok(DeliveryReport::RetryScheduled {
-                webhook_id: job.webhook_id().clone(),
-                attempt: job.attempt(),
-                status: result.status(),
-                error: result.error(),
+                record,
                 next_attempt_at,
             });
         }
@@ -408,16 +416,9 @@ where
         Outcome::Fatal => DeadLetterReason::Fatal,
     };
     let dead_letter = DeadLetter {
-        webhook_id: job.webhook_id().clone(),
         reason,
-        attempt: job.attempt(),
         max_attempts: policy.max_attempts,
-        status: result.status(),
-        error: result.error(),
-        response_excerpt: match &result {
-            AttemptResult::Response { body_excerpt, .. } if !body_excerpt.is_empty() => Some(body_excerpt.clone()),
-            _ => None,
-        },
+        record,
     };
     tracing::warn!(status = result.status(), error = result.error(), ?reason, "dead letter");
     hooks.emit(&DeliveryEvent::DeadLettered {
@@ -425,6 +426,12 @@ where
         dead_letter: &dead_letter,
     });
     Err(Box::new(AbortError::new(dead_letter)))
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn unix_seconds_after(delay: Duration) -> u64 {

@@ -4,7 +4,9 @@ mod common;
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use apalis_webhooks::{DeadLetterReason, DispatchError, RetrySchedule, Secret, WebhookSubscription, verify::Verifier};
+use apalis_webhooks::{
+    DeadLetter, DeadLetterReason, DispatchError, RetrySchedule, Secret, WebhookSubscription, verify::Verifier,
+};
 use common::{Db, Receiver, RunningWorker, Seen};
 
 fn subscription(receiver: &Receiver, secret: &Secret) -> WebhookSubscription {
@@ -100,7 +102,7 @@ async fn status_matrix() {
             }
             Seen::Dead { dead_letter, .. } => {
                 assert_eq!(dead_letter.reason, DeadLetterReason::Fatal);
-                assert_eq!(dead_letter.status, Some(status));
+                assert_eq!(dead_letter.record.status, Some(status));
                 "fatal"
             }
         };
@@ -246,8 +248,8 @@ async fn exhausted_attempts_become_a_dead_letter_with_the_last_status() {
         panic!("expected a dead letter")
     };
     assert_eq!(dead_letter.reason, DeadLetterReason::AttemptsExhausted);
-    assert_eq!((dead_letter.attempt, dead_letter.status), (2, Some(500)));
-    assert_eq!(dead_letter.response_excerpt.as_deref(), Some("receiver says hi"));
+    assert_eq!((dead_letter.record.attempt, dead_letter.record.status), (2, Some(500)));
+    assert_eq!(dead_letter.record.response_excerpt.as_deref(), Some("receiver says hi"));
     worker.stop().await;
 
     let rows = db.rows().await;
@@ -255,11 +257,10 @@ async fn exhausted_attempts_become_a_dead_letter_with_the_last_status() {
     // The superseded attempt is Done (retry scheduled), never Killed: only the dead letter is.
     assert_eq!(rows[0].status, "Done");
     assert_eq!(rows[1].status, "Killed");
-    let last = rows[1].last_result.as_deref().unwrap();
-    assert!(
-        last.contains(id.as_str()) && last.contains("AttemptsExhausted") && last.contains("last status 500"),
-        "{last}"
-    );
+    let last: serde_json::Value = serde_json::from_str(rows[1].last_result.as_deref().unwrap()).unwrap();
+    let stored = DeadLetter::from_stored_error(last["Err"].as_str().unwrap()).unwrap();
+    assert_eq!(stored, dead_letter);
+    assert_eq!(stored.record.webhook_id, id);
 }
 
 #[tokio::test]
@@ -417,5 +418,8 @@ async fn gone_endpoints_reach_the_hook_and_are_not_retried() {
     let rows = db.rows().await;
     assert_eq!(rows.len(), 1, "no retry stored");
     assert_eq!(rows[0].status, "Killed");
-    assert!(rows[0].last_result.as_deref().unwrap().contains("EndpointGone"));
+    let last: serde_json::Value = serde_json::from_str(rows[0].last_result.as_deref().unwrap()).unwrap();
+    let stored = DeadLetter::from_stored_error(last["Err"].as_str().unwrap()).unwrap();
+    assert_eq!(stored.reason, DeadLetterReason::EndpointGone);
+    assert_eq!(stored.record.status, Some(410));
 }

@@ -1,5 +1,6 @@
 //! Ready-made storage settings per apalis backend.
 
+pub mod memory;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

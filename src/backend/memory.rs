@@ -1,0 +1,85 @@
+//! In-process storage (apalis's `MemoryStorage`), for tests and demos: nothing survives a
+//! restart.
+//!
+//! apalis's memory backend hands every pushed task to the worker at once and ignores `run_at`,
+//! so a retry pushed into it directly would not wait. [`MemorySink`] keeps a scheduled attempt
+//! in a timer task until it is due, then pushes it: the wait still holds no worker slot.
+//!
+//! ```
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use apalis::prelude::*;
+//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::memory};
+//!
+//! let (storage, sink) = memory::storage();
+//! let service = WebhookWorker::new(sink.clone()).service()?;
+//! let worker = WorkerBuilder::new("webhooks").backend(storage).build(service);
+//! WebhookSubscription::new("http://127.0.0.1:9/hook", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+//!     .dispatch(&mut sink.clone(), "order.created", &serde_json::json!({ "order": 1 }))
+//!     .await?;
+//! # drop(worker); Ok(()) }
+//! ```
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use apalis_core::{
+    backend::memory::{self as core_memory, MemoryStorage, MemoryStorageError},
+    task::{Task, builder::TaskBuilder},
+};
+use futures::{SinkExt, StreamExt, lock::Mutex};
+
+use crate::{job::WebhookJob, sink::WebhookSink};
+
+/// The worker's side of an in-process webhook queue, and the [`MemorySink`] that feeds it.
+pub fn storage() -> (MemoryStorage<WebhookJob>, MemorySink) {
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Task<WebhookJob>>();
+    let tx = tx.sink_map_err(MemoryStorageError::from);
+    let inner = core_memory::MemorySink::new(Arc::new(Mutex::new(Box::new(tx))));
+    let storage = MemoryStorage::new_with(inner.clone(), rx.boxed());
+    (storage, MemorySink { inner })
+}
+
+/// Pushes deliveries into the in-process queue made by [`storage`]; holds an attempt scheduled
+/// for later in a timer until it is due. Cheap to clone.
+#[derive(Clone)]
+pub struct MemorySink {
+    inner: core_memory::MemorySink<WebhookJob>,
+}
+
+impl fmt::Debug for MemorySink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySink").finish_non_exhaustive()
+    }
+}
+
+/// Marker for [`WebhookSink`] on [`MemorySink`].
+#[derive(Debug, Clone, Copy)]
+pub enum InProcess {}
+
+impl WebhookSink<InProcess> for MemorySink {
+    type Error = MemoryStorageError;
+
+    async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Self::Error> {
+        let task = TaskBuilder::new(job).build();
+        let wait = run_at.map(until).unwrap_or_default();
+        if wait.is_zero() {
+            return self.inner.send(task).await;
+        }
+        let mut inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            // Fails only when the worker side is gone, and with it everything in memory.
+            let _ = inner.send(task).await;
+        });
+        Ok(())
+    }
+}
+
+fn until(unix_seconds: u64) -> Duration {
+    (UNIX_EPOCH + Duration::from_secs(unix_seconds))
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+}

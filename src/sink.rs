@@ -1,0 +1,50 @@
+//! [`WebhookSink`]: where deliveries and their next attempts are stored.
+
+use std::future::Future;
+
+use apalis_core::{
+    backend::{TaskSink, TaskSinkError},
+    task::builder::TaskBuilder,
+};
+
+use crate::job::WebhookJob;
+
+/// Somewhere webhook jobs can be pushed: every apalis backend that stores [`WebhookJob`]s (through
+/// its [`TaskSink`]), and [`memory::MemorySink`](crate::backend::memory::MemorySink).
+///
+/// [`WebhookSubscription::dispatch`](crate::WebhookSubscription::dispatch) pushes the first attempt
+/// through it, and the worker the next attempt after a retryable failure. `K` is the backend's
+/// kind marker; it is inferred.
+pub trait WebhookSink<K>: Send {
+    /// The backend's push error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Stores `job`, due at `run_at` (Unix seconds) or now. Pushing the same job attempt twice
+    /// stores it once on backends that honour idempotency keys.
+    fn push_job(
+        &mut self,
+        job: WebhookJob,
+        run_at: Option<u64>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl<S, K> WebhookSink<K> for S
+where
+    S: TaskSink<WebhookJob, K> + Send,
+    S::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Error = TaskSinkError<S::Error>;
+
+    fn push_job(
+        &mut self,
+        job: WebhookJob,
+        run_at: Option<u64>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let key = job.idempotency_key();
+        let mut task = TaskBuilder::new(job).idempotency_key(key);
+        if let Some(run_at) = run_at {
+            task = task.run_at_timestamp(run_at);
+        }
+        self.push_task(task.build())
+    }
+}
