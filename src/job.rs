@@ -140,19 +140,24 @@ impl WebhookJob {
     /// worker killed between storing the next attempt and acknowledging this one) stores it once
     /// on backends that honour idempotency keys.
     pub(crate) fn idempotency_key(&self) -> String {
-        match self.replay {
-            0 => format!("{}:{}", self.webhook_id, self.attempt),
-            replay => format!("{}:r{replay}:{}", self.webhook_id, self.attempt),
-        }
+        attempt_key(&self.webhook_id, self.replay, self.attempt)
     }
 
     /// The first attempt of this delivery's next replay.
-    #[allow(dead_code)] // used by the dead-letter stores
     pub(crate) fn replayed(&self) -> Self {
         Self {
             attempt: 1,
             replay: self.replay + 1,
             ..self.clone()
         }
+    }
+}
+
+/// The idempotency key of attempt `attempt` of replay `replay` of delivery `webhook_id`. Every
+/// key of a delivery starts with `{webhook_id}:`, which the stores use to find its tasks.
+pub(crate) fn attempt_key(webhook_id: &WebhookId, replay: u32, attempt: u32) -> String {
+    match replay {
+        0 => format!("{webhook_id}:{attempt}"),
+        replay => format!("{webhook_id}:r{replay}:{attempt}"),
     }
 }

@@ -54,6 +54,7 @@ mod retry;
 mod secret;
 pub mod signing;
 mod sink;
+mod store;
 mod subscription;
 pub mod verify;
 mod worker;
@@ -66,12 +67,15 @@ pub use delivery::{
 };
 pub use job::{WebhookId, WebhookJob};
 pub use outcome::{AttemptResult, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
-pub use policy::DeliveryPolicy;
+pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
 pub use record::AttemptRecord;
 pub use retry::RetrySchedule;
 pub use secret::{Secret, SecretError, WHSEC_PREFIX};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
 pub use sink::WebhookSink;
+pub use store::{
+    Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
+};
 pub use subscription::{DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, WebhookSubscription};
 pub use worker::{
     BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{outcome::StatusSet, retry::RetrySchedule};
 
+/// The most attempts a delivery may have, the first included.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
 /// Per-delivery settings, stored with the job so every attempt uses the ones it was dispatched
 /// with. Set them through [`WebhookSubscription`](crate::WebhookSubscription).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,6 +9,11 @@ use apalis_core::{
 
 use crate::job::WebhookJob;
 
+/// How often apalis itself runs one delivery attempt whose handling failed for a reason of the
+/// infrastructure (the next attempt could not be stored, say). Delivery failures are counted by
+/// the webhook's own [`DeliveryPolicy`](crate::DeliveryPolicy), not by this.
+pub(crate) const INFRA_MAX_ATTEMPTS: u32 = 25;
+
 /// Somewhere webhook jobs can be pushed: every apalis backend that stores [`WebhookJob`]s (through
 /// its [`TaskSink`]), and [`memory::MemorySink`](crate::backend::memory::MemorySink).
 ///
@@ -41,7 +46,9 @@ where
         run_at: Option<u64>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         let key = job.idempotency_key();
-        let mut task = TaskBuilder::new(job).idempotency_key(key);
+        let mut task = TaskBuilder::new(job)
+            .idempotency_key(key)
+            .max_attempts(INFRA_MAX_ATTEMPTS as usize);
         if let Some(run_at) = run_at {
             task = task.run_at_timestamp(run_at);
         }

@@ -138,9 +138,10 @@ impl WebhookSubscription {
         self
     }
 
-    /// Attempts in all, the first included (8 by default, at least 1).
+    /// Attempts in all, the first included (8 by default, at least 1, at most
+    /// [`MAX_ATTEMPTS_LIMIT`](crate::MAX_ATTEMPTS_LIMIT)).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.policy.max_attempts = attempts.max(1);
+        self.policy.max_attempts = attempts.clamp(1, crate::policy::MAX_ATTEMPTS_LIMIT);
         self
     }
 

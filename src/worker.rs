@@ -57,6 +57,14 @@ pub enum DeliveryReport {
         /// Unix seconds at which the next attempt becomes due.
         next_attempt_at: u64,
     },
+    /// This dead letter was discarded from the dead letters.
+    Discarded {
+        /// The last attempt before the delivery died.
+        #[serde(flatten)]
+        record: AttemptRecord,
+        /// Why it had died.
+        reason: DeadLetterReason,
+    },
     /// This dead letter was replayed: the delivery goes on under the same webhook id.
     Replayed {
         /// The last attempt before the delivery died.
@@ -71,7 +79,10 @@ impl DeliveryReport {
     /// The attempt this report is about.
     pub fn record(&self) -> &AttemptRecord {
         match self {
-            Self::Delivered { record } | Self::RetryScheduled { record, .. } | Self::Replayed { record, .. } => record,
+            Self::Delivered { record }
+            | Self::RetryScheduled { record, .. }
+            | Self::Replayed { record, .. }
+            | Self::Discarded { record, .. } => record,
         }
     }
 }

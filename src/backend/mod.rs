@@ -1,9 +1,23 @@
 //! Ready-made storage settings per apalis backend.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 /// The queue webhook jobs live in. apalis would otherwise name the queue after the Rust type,
 /// which changes when the type moves.
 pub const QUEUE: &str = "apalis-webhooks";
+
+/// A worker name unique to this process: `{prefix}-{pid}-{random}`.
+///
+/// The durable backends recover a dead worker's in-flight deliveries once its name stops sending
+/// heartbeats. A restarted process that reused the name would, on Postgres, keep the old name
+/// alive and its predecessor's deliveries locked for good, and on Redis be refused as "still
+/// active".
+pub fn worker_name(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), ulid::Ulid::new())
+}

@@ -1,0 +1,298 @@
+//! Redis (apalis-redis), for high throughput and fleets without a relational database.
+//!
+//! apalis-redis 1.0 stores every pushed task in its scheduled set, and its fetch script moves
+//! *all* due tasks to the active list with one Lua `unpack`, which Redis refuses from 8,000
+//! items on ("too many results to unpack"): a backlog of 8,000 webhooks would stop every worker.
+//! Its lock script also scans the active list once per task (`LREM`), so each delivery costs
+//! time proportional to the backlog. This module works around both without patching apalis:
+//!
+//! - [`RedisSink`] writes a due delivery straight into apalis's active list (same keys and
+//!   fields as apalis's own push script), and a delivery for later (a retry's backoff) into a
+//!   scheduled set of this crate that apalis's fetch never reads;
+//! - [`listening`] wakes the worker every [`DEFAULT_POLL_INTERVAL`] and, before it does,
+//!   moves due retries from that set to the active list, at most [`PROMOTE_CHUNK`] per script;
+//! - [`config`] turns apalis's per-task lock off (the `LREM`); a task still belongs to the
+//!   worker that fetched it, through apalis's in-flight set.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use apalis::prelude::*;
+//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::{redis, worker_name}};
+//!
+//! let conn = redis::connect("redis://127.0.0.1/").await?;
+//! let storage = redis::storage(conn);
+//! let sink = redis::RedisSink::new(&storage);
+//! let worker = WorkerBuilder::new(worker_name("webhooks"))
+//!     .backend(redis::listening(storage))
+//!     .build(WebhookWorker::new(sink.clone()).service()?);
+//! WebhookSubscription::new("https://example.com/hook", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+//!     .dispatch(&mut sink.clone(), "order.created", &1)
+//!     .await?;
+//! # drop(worker); Ok(()) }
+//! ```
+
+use std::{
+    fmt,
+    pin::Pin,
+    sync::LazyLock,
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ::redis::Script;
+use apalis_core::backend::ext::{
+    BackendExt,
+    poll_strategy::{PollWith, StreamStrategy},
+};
+pub use apalis_redis::{Config, ConnectionManager, Error, RedisStorage};
+
+use crate::{job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
+
+/// Tasks fetched per script. apalis's default of 10 costs a round trip per ten deliveries.
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+
+/// Due retries moved to the active list per script: well under Lua's `unpack` limit of 8,000.
+pub const PROMOTE_CHUNK: usize = 1000;
+
+/// Heartbeat of a worker. A worker that misses [`MISSED_HEARTBEATS`] in a row is presumed dead
+/// and another worker puts its in-flight deliveries back in the queue (apalis's default is
+/// 30 s × 10: five minutes).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// See [`HEARTBEAT_INTERVAL`].
+pub const MISSED_HEARTBEATS: usize = 3;
+
+/// How long the marker that makes a push idempotent lives. It only has to outlast the gap
+/// between a worker storing the next attempt and acknowledging this one.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Opens a connection manager on `url` (for example `redis://127.0.0.1/`) that reconnects on
+/// its own. Replies may take up to 10 s, not redis-rs's default of 0.5 s, so a large script
+/// under load is not reported as failed after it ran.
+pub async fn connect(url: &str) -> Result<ConnectionManager, Error> {
+    let config = ::redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    Ok(::redis::Client::open(url)?
+        .get_connection_manager_with_config(config)
+        .await?)
+}
+
+/// The storage config for webhook jobs: queue [`QUEUE`](crate::backend::QUEUE), batch size
+/// [`DEFAULT_BATCH_SIZE`], heartbeat [`HEARTBEAT_INTERVAL`] × [`MISSED_HEARTBEATS`], no
+/// per-task lock (see the module docs).
+pub fn config() -> Config {
+    Config::default()
+        .queue(super::QUEUE)
+        .batch_size(DEFAULT_BATCH_SIZE)
+        .heartbeat_interval(HEARTBEAT_INTERVAL)
+        .missed_heartbeats(MISSED_HEARTBEATS)
+        .lock_tasks(false)
+}
+
+/// Webhook storage on `conn` with [`config`].
+pub fn storage(conn: ConnectionManager) -> RedisStorage<WebhookJob> {
+    RedisStorage::new(conn).with_config(config())
+}
+
+/// `storage` woken every [`DEFAULT_POLL_INTERVAL`], after due retries have been moved to the
+/// active list. Spawns the task that moves them; it ends when the worker drops the backend.
+pub fn listening(mut storage: RedisStorage<WebhookJob>) -> PollWith<RedisStorage<WebhookJob>, StreamStrategy<Ticks>> {
+    let keys = Keys::new(storage.get_config());
+    let mut conn = storage.get_connection().clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(DEFAULT_POLL_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = promote_due(&mut conn, &keys).await {
+                tracing::warn!(%error, "could not move due webhook retries to the active list");
+            }
+            match tx.try_send(()) {
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(())) => return,
+                _ => continue,
+            }
+        }
+    });
+    storage.poll_with_strategy(StreamStrategy::new(Ticks(rx)))
+}
+
+/// Wake-ups for the worker from [`listening`].
+#[derive(Debug)]
+pub struct Ticks(tokio::sync::mpsc::Receiver<()>);
+
+impl futures::Stream for Ticks {
+    type Item = ();
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Moves every due retry to the active list, [`PROMOTE_CHUNK`] at a time.
+async fn promote_due(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), Error> {
+    loop {
+        let moved: usize = PROMOTE_SCRIPT
+            .key(&keys.scheduled)
+            .key(&keys.active)
+            .key(&keys.signal)
+            .arg(unix_now())
+            .arg(PROMOTE_CHUNK)
+            .invoke_async(conn)
+            .await?;
+        if moved < PROMOTE_CHUNK {
+            return Ok(());
+        }
+    }
+}
+
+/// The Redis keys of one queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub(crate) queue: String,
+    pub(crate) data: String,
+    pub(crate) meta: String,
+    pub(crate) active: String,
+    pub(crate) signal: String,
+    pub(crate) idempotency: String,
+    pub(crate) dead: String,
+    /// This crate's own set of deliveries waiting for a later time (see the module docs).
+    pub(crate) scheduled: String,
+}
+
+impl Keys {
+    pub(crate) fn new(config: &Config) -> Self {
+        let queue = config.queue.to_string();
+        Self {
+            data: config.job_data_hash(),
+            meta: config.job_meta_hash(),
+            active: config.active_jobs_list(),
+            signal: config.signal_list(),
+            idempotency: config.idempotency_key_set(),
+            dead: config.dead_jobs_set(),
+            scheduled: format!("{queue}:webhooks:scheduled"),
+            queue,
+        }
+    }
+
+    /// The list of task ids of every attempt of one delivery, oldest first.
+    pub(crate) fn history(&self, webhook_id: &str) -> String {
+        format!("{}:webhooks:history:{webhook_id}", self.queue)
+    }
+}
+
+/// Pushes webhook jobs into the queue of a [`RedisStorage`], idempotently. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisSink {
+    conn: ConnectionManager,
+    keys: Keys,
+}
+
+impl RedisSink {
+    /// A sink into the same server and queue as `storage`.
+    pub fn new(storage: &RedisStorage<WebhookJob>) -> Self {
+        let mut storage = storage.clone();
+        Self {
+            keys: Keys::new(storage.get_config()),
+            conn: storage.get_connection().clone(),
+        }
+    }
+
+    /// The queue this sink pushes into.
+    pub fn queue(&self) -> &str {
+        &self.keys.queue
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+impl fmt::Debug for RedisSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSink")
+            .field("queue", &self.keys.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marker for [`WebhookSink`] on [`RedisSink`].
+#[derive(Debug, Clone, Copy)]
+pub enum Redis {}
+
+impl WebhookSink<Redis> for RedisSink {
+    type Error = Error;
+
+    async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Error> {
+        let body = serde_json::to_string(&job).map_err(Error::Json)?;
+        let due_later = run_at.filter(|&t| t > unix_now()).unwrap_or(0);
+        let _stored: bool = PUSH_SCRIPT
+            .key(&self.keys.data)
+            .key(&self.keys.meta)
+            .key(&self.keys.active)
+            .key(&self.keys.signal)
+            .key(&self.keys.scheduled)
+            .key(&self.keys.idempotency)
+            .key(self.keys.history(job.webhook_id().as_str()))
+            .arg(ulid::Ulid::new().to_string())
+            .arg(body)
+            .arg(crate::sink::INFRA_MAX_ATTEMPTS)
+            .arg(due_later)
+            .arg(job.idempotency_key())
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// One task as apalis-redis's `batch_push.lua` stores it (data hash, meta hash), placed in the
+/// active list when due and in this crate's scheduled set otherwise. Returns whether it was new.
+static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: data, meta prefix, active, signal, scheduled, idempotency prefix, history
+-- ARGV: task id, job, max attempts, due at (0: now), idempotency key, idempotency ttl
+if not redis.call("set", KEYS[6] .. ":" .. ARGV[5], ARGV[1], "NX", "EX", ARGV[6]) then
+    return 0
+end
+redis.call("hset", KEYS[1], ARGV[1], ARGV[2])
+redis.call("hset", KEYS[2] .. ":" .. ARGV[1], "attempts", 0, "max_attempts", ARGV[3],
+    "status", "Pending", "idempotency_key", ARGV[5])
+redis.call("rpush", KEYS[7], ARGV[1])
+if tonumber(ARGV[4]) > 0 then
+    redis.call("zadd", KEYS[5], ARGV[4], ARGV[1])
+else
+    redis.call("rpush", KEYS[3], ARGV[1])
+    redis.call("del", KEYS[4])
+    redis.call("lpush", KEYS[4], 1)
+end
+return 1
+"#,
+    )
+});
+
+/// Moves up to ARGV[2] tasks due by ARGV[1] from this crate's scheduled set to the active list.
+static PROMOTE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: scheduled, active, signal; ARGV: now, limit
+local ids = redis.call("zrangebyscore", KEYS[1], "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
+if #ids == 0 then
+    return 0
+end
+redis.call("rpush", KEYS[2], unpack(ids))
+redis.call("zrem", KEYS[1], unpack(ids))
+redis.call("del", KEYS[3])
+redis.call("lpush", KEYS[3], 1)
+return #ids
+"#,
+    )
+});
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

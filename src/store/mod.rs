@@ -1,0 +1,366 @@
+//! [`WebhookStore`]: delivery history and dead letters, read from the backend the deliveries
+//! live in.
+//!
+//! Nothing is kept beside apalis's own tables and keys: every attempt is an apalis task whose
+//! result holds its [`AttemptRecord`], and a dead letter is a task apalis marked `Killed`. A
+//! replay pushes the delivery again (same webhook id, attempts from 1, its replay count raised)
+//! and marks the dead task as replayed, in that order and idempotently, so a crash between the
+//! two steps replays once.
+//!
+//! ```no_run
+//! # async fn example(pool: apalis_webhooks::backend::sqlite::SqlitePool) -> Result<(), apalis_webhooks::StoreError> {
+//! use apalis_webhooks::{DeadLetterFilter, WebhookStore};
+//!
+//! let store = WebhookStore::sqlite(&pool);
+//! let filter = DeadLetterFilter::new().event_type("order.created").endpoint_host("example.com");
+//! let page = store.dead_letters(&filter, None, 50).await?;
+//! for entry in &page.items {
+//!     println!("{} died: {:?}", entry.webhook_id, entry.dead_letter.reason);
+//! }
+//! let replayed = store.replay_matching(&filter).await?;
+//! # Ok(()) }
+//! ```
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
+mod rows;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::rows::{DeliveryHistory, DeliveryStatus};
+use self::rows::{TaskRow, history_from_rows};
+use crate::{
+    job::{WebhookId, WebhookJob},
+    worker::{DeadLetter, DeliveryReport},
+};
+
+/// Tasks read per backend query while a dead-letter page is being filled.
+const SCAN_CHUNK: usize = 500;
+
+/// Errors of a [`WebhookStore`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend failed.
+    #[error("webhook store backend error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored task could not be read.
+    #[error("webhook store found an unreadable task {task_id}: {reason}")]
+    Corrupt {
+        /// The apalis task id.
+        task_id: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The cursor was not made by this store.
+    #[error("invalid dead-letter cursor")]
+    InvalidCursor,
+}
+
+impl StoreError {
+    pub(crate) fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Backend(Box::new(error))
+    }
+
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub(crate) fn backend_column(name: &str) -> Self {
+        Self::Corrupt {
+            task_id: String::new(),
+            reason: format!("column {name} missing or of an unexpected type"),
+        }
+    }
+}
+
+/// Which dead letters to list or replay. Every criterion set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetterFilter {
+    /// Exact event type.
+    pub event_type: Option<String>,
+    /// Exact host of the endpoint URL (case-insensitive).
+    pub endpoint_host: Option<String>,
+    /// Died at or after this Unix second.
+    pub since: Option<u64>,
+    /// Died before this Unix second.
+    pub until: Option<u64>,
+}
+
+impl DeadLetterFilter {
+    /// Every dead letter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only this event type.
+    pub fn event_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+
+    /// Only endpoints on this host.
+    pub fn endpoint_host(mut self, host: impl Into<String>) -> Self {
+        self.endpoint_host = Some(host.into().to_ascii_lowercase());
+        self
+    }
+
+    /// Only deliveries that died at or after `unix_seconds`.
+    pub fn since(mut self, unix_seconds: u64) -> Self {
+        self.since = Some(unix_seconds);
+        self
+    }
+
+    /// Only deliveries that died before `unix_seconds`.
+    pub fn until(mut self, unix_seconds: u64) -> Self {
+        self.until = Some(unix_seconds);
+        self
+    }
+
+    fn matches(&self, job: &WebhookJob, died_at: u64) -> bool {
+        self.event_type.as_ref().is_none_or(|t| t == job.event_type())
+            && self.endpoint_host.as_ref().is_none_or(|h| *h == job.endpoint_host())
+            && self.since.is_none_or(|s| died_at >= s)
+            && self.until.is_none_or(|u| died_at < u)
+    }
+}
+
+/// One dead letter in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeadLetterEntry {
+    /// The delivery's id.
+    pub webhook_id: WebhookId,
+    /// Its event type.
+    pub event_type: String,
+    /// Host of its endpoint.
+    pub endpoint_host: String,
+    /// Unix second at which it died.
+    pub died_at: u64,
+    /// Why, and its last attempt.
+    pub dead_letter: DeadLetter,
+}
+
+/// Where a listing goes on: pass it back to get the next page. Opaque.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cursor(String);
+
+/// A position in the order of dead letters: when they died, then apalis's task id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Position {
+    pub(crate) died_at: u64,
+    pub(crate) task_id: String,
+}
+
+impl Cursor {
+    fn new(position: &Position) -> Self {
+        Self(format!("{}.{}", position.died_at, position.task_id))
+    }
+
+    fn position(&self) -> Result<Position, StoreError> {
+        let (died_at, task_id) = self.0.split_once('.').ok_or(StoreError::InvalidCursor)?;
+        Ok(Position {
+            died_at: died_at.parse().map_err(|_| StoreError::InvalidCursor)?,
+            task_id: task_id.to_owned(),
+        })
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Page<T> {
+    /// The items, oldest first.
+    pub items: Vec<T>,
+    /// Pass to the next call for the following page; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// Delivery history and dead letters of one webhook queue. Cheap to clone.
+#[derive(Clone)]
+pub struct WebhookStore {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    #[cfg(feature = "sqlite")]
+    Sqlite(sqlite::SqliteBackend),
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PostgresBackend),
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisBackend),
+}
+
+impl fmt::Debug for WebhookStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(_) => "sqlite",
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(_) => "postgres",
+            #[cfg(feature = "redis")]
+            Backend::Redis(_) => "redis",
+        };
+        f.debug_struct("WebhookStore")
+            .field("backend", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Dispatches a call to the backend in use.
+macro_rules! on_backend {
+    ($self:expr, $b:ident => $call:expr) => {
+        match &$self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite($b) => $call,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres($b) => $call,
+            #[cfg(feature = "redis")]
+            Backend::Redis($b) => $call,
+        }
+    };
+}
+
+impl WebhookStore {
+    /// The store of the webhook queue ([`QUEUE`](crate::backend::QUEUE)) in a SQLite pool.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(pool: &crate::backend::sqlite::SqlitePool) -> Self {
+        Self::sqlite_queue(pool, crate::backend::QUEUE)
+    }
+
+    /// The store of webhook queue `queue` in a SQLite pool.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite_queue(pool: &crate::backend::sqlite::SqlitePool, queue: &str) -> Self {
+        Self {
+            backend: Backend::Sqlite(sqlite::SqliteBackend::new(pool.clone(), queue)),
+        }
+    }
+
+    /// The store of the queue `sink` pushes into.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(sink: &crate::backend::postgres::PostgresSink) -> Self {
+        Self {
+            backend: Backend::Postgres(postgres::PostgresBackend::new(sink.clone())),
+        }
+    }
+
+    /// The store of the queue `sink` pushes into.
+    #[cfg(feature = "redis")]
+    pub fn redis(sink: &crate::backend::redis::RedisSink) -> Self {
+        Self {
+            backend: Backend::Redis(redis::RedisBackend::new(sink.clone())),
+        }
+    }
+
+    /// Status and every attempt of delivery `webhook_id`, or `None` if the queue has no such
+    /// delivery.
+    pub async fn history(&self, webhook_id: &WebhookId) -> Result<Option<DeliveryHistory>, StoreError> {
+        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
+        Ok(history_from_rows(rows))
+    }
+
+    /// Up to `limit` dead letters matching `filter`, oldest first, starting after `after` (the
+    /// `next` of the previous page).
+    pub async fn dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<DeadLetterEntry>, StoreError> {
+        let mut position = after.map(Cursor::position).transpose()?;
+        let mut items = Vec::new();
+        let mut last = None;
+        while items.len() < limit {
+            let rows = on_backend!(self, b => b.dead_rows(position.as_ref(), filter, SCAN_CHUNK).await)?;
+            let exhausted = rows.len() < SCAN_CHUNK;
+            for (at, row) in rows {
+                position = Some(at.clone());
+                if let Some(entry) = dead_entry(&row, at.died_at).filter(|_| filter.matches(&row.job, at.died_at)) {
+                    items.push(entry);
+                    last = Some(at);
+                    if items.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if exhausted {
+                last = None;
+                break;
+            }
+        }
+        // A full page may be followed by more; an exhausted scan is not.
+        let next = if items.len() == limit {
+            last.as_ref().map(Cursor::new)
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Delivers dead letter `webhook_id` again: same id, attempts from 1. Returns `false` if
+    /// the delivery is not dead (already replayed, delivered, pending, or unknown).
+    pub async fn replay(&self, webhook_id: &WebhookId) -> Result<bool, StoreError> {
+        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
+        let Some(last) = rows.into_iter().last().filter(TaskRow::is_dead) else {
+            return Ok(false);
+        };
+        let Some(dead) = last.dead_letter() else {
+            return Ok(false);
+        };
+        on_backend!(self, b => b.push(last.job.replayed()).await)?;
+        let replayed = DeliveryReport::Replayed {
+            record: dead.record,
+            reason: dead.reason,
+        };
+        on_backend!(self, b => b.settle_dead(&last.task_id, &replayed).await)
+    }
+
+    /// Replays every dead letter matching `filter`; returns how many.
+    pub async fn replay_matching(&self, filter: &DeadLetterFilter) -> Result<usize, StoreError> {
+        let mut replayed = 0;
+        let mut after = None;
+        loop {
+            let page = self.dead_letters(filter, after.as_ref(), SCAN_CHUNK).await?;
+            for entry in &page.items {
+                replayed += usize::from(self.replay(&entry.webhook_id).await?);
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(replayed),
+            }
+        }
+    }
+
+    /// Removes dead letter `webhook_id` from the dead letters, keeping its history. Returns
+    /// `false` if the delivery is not dead.
+    pub async fn discard(&self, webhook_id: &WebhookId) -> Result<bool, StoreError> {
+        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
+        let Some(last) = rows.into_iter().last().filter(TaskRow::is_dead) else {
+            return Ok(false);
+        };
+        let Some(dead) = last.dead_letter() else {
+            return Ok(false);
+        };
+        let discarded = DeliveryReport::Discarded {
+            record: dead.record,
+            reason: dead.reason,
+        };
+        on_backend!(self, b => b.settle_dead(&last.task_id, &discarded).await)
+    }
+}
+
+fn dead_entry(row: &TaskRow, died_at: u64) -> Option<DeadLetterEntry> {
+    Some(DeadLetterEntry {
+        webhook_id: row.job.webhook_id().clone(),
+        event_type: row.job.event_type().to_owned(),
+        endpoint_host: row.job.endpoint_host(),
+        died_at,
+        dead_letter: row.dead_letter()?,
+    })
+}

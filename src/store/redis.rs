@@ -1,0 +1,161 @@
+//! [`WebhookStore`](super::WebhookStore) on apalis-redis's keys.
+//!
+//! apalis keeps dead tasks in a set without times, so a listing reads the metadata of every
+//! dead task of the queue (pipelined) and sorts it here: O(dead letters) per page.
+
+use std::{collections::HashMap, sync::LazyLock};
+
+use redis::{AsyncCommands, Script};
+
+use super::{DeadLetterFilter, Position, StoreError, rows::TaskRow};
+use crate::{
+    backend::redis::{Keys, RedisSink},
+    job::{WebhookId, WebhookJob},
+    sink::WebhookSink,
+    worker::DeliveryReport,
+};
+
+#[derive(Clone)]
+pub(super) struct RedisBackend {
+    sink: RedisSink,
+}
+
+impl RedisBackend {
+    pub(super) fn new(sink: RedisSink) -> Self {
+        Self { sink }
+    }
+
+    fn keys(&self) -> &Keys {
+        self.sink.keys()
+    }
+
+    /// Every task of one delivery, from the per-delivery list the push script keeps.
+    pub(super) async fn task_rows(&self, webhook_id: &WebhookId) -> Result<Vec<TaskRow>, StoreError> {
+        let mut conn = self.sink.connection();
+        let ids: Vec<String> = conn
+            .lrange(self.keys().history(webhook_id.as_str()), 0, -1)
+            .await
+            .map_err(StoreError::backend)?;
+        let metas = self.metas(&ids).await?;
+        let rows = self.rows(ids.into_iter().zip(metas).collect()).await?;
+        Ok(rows.into_iter().map(|(_, row)| row).collect())
+    }
+
+    pub(super) async fn dead_rows(
+        &self,
+        after: Option<&Position>,
+        filter: &DeadLetterFilter,
+        limit: usize,
+    ) -> Result<Vec<(Position, TaskRow)>, StoreError> {
+        let mut conn = self.sink.connection();
+        let ids: Vec<String> = conn.smembers(&self.keys().dead).await.map_err(StoreError::backend)?;
+        let metas = self.metas(&ids).await?;
+        let mut dead: Vec<(Position, HashMap<String, String>)> = ids
+            .into_iter()
+            .zip(metas)
+            .filter(|(_, meta)| meta.get("status").is_some_and(|s| s == "Killed"))
+            .map(|(task_id, meta)| {
+                let died_at = meta.get("done_at").and_then(|t| t.parse().ok()).unwrap_or(0);
+                (Position { died_at, task_id }, meta)
+            })
+            .filter(|(at, _)| after.is_none_or(|after| at > after))
+            .filter(|(at, _)| {
+                filter.since.is_none_or(|s| at.died_at >= s) && filter.until.is_none_or(|u| at.died_at < u)
+            })
+            .collect();
+        dead.sort_by(|a, b| a.0.cmp(&b.0));
+        dead.truncate(limit);
+        let tasks = dead.into_iter().map(|(at, meta)| (at.task_id, meta)).collect();
+        self.rows(tasks).await
+    }
+
+    pub(super) async fn push(&self, job: WebhookJob) -> Result<(), StoreError> {
+        self.sink.clone().push_job(job, None).await.map_err(StoreError::backend)
+    }
+
+    /// Marks dead task `task_id` as settled with `report`, if it is still dead.
+    pub(super) async fn settle_dead(&self, task_id: &str, report: &DeliveryReport) -> Result<bool, StoreError> {
+        let result = serde_json::json!({ "Ok": report }).to_string();
+        let done: bool = SETTLE_DEAD_SCRIPT
+            .key(format!("{}:{task_id}", self.keys().meta))
+            .key(&self.keys().dead)
+            .key(format!("{}:done", self.keys().queue))
+            .arg(task_id)
+            .arg(result)
+            .invoke_async(&mut self.sink.connection())
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(done)
+    }
+
+    async fn metas(&self, ids: &[String]) -> Result<Vec<HashMap<String, String>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(format!("{}:{id}", self.keys().meta));
+        }
+        pipe.query_async(&mut self.sink.connection())
+            .await
+            .map_err(StoreError::backend)
+    }
+
+    /// Reads the job and due time of each task and builds its row.
+    async fn rows(
+        &self,
+        tasks: Vec<(String, HashMap<String, String>)>,
+    ) -> Result<Vec<(Position, TaskRow)>, StoreError> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (id, _) in &tasks {
+            pipe.hget(&self.keys().data, id).zscore(&self.keys().scheduled, id);
+        }
+        let fetched: Vec<(Option<Vec<u8>>, Option<f64>)> = {
+            let flat: Vec<redis::Value> = pipe
+                .query_async(&mut self.sink.connection())
+                .await
+                .map_err(StoreError::backend)?;
+            flat.chunks(2)
+                .map(|pair| {
+                    let job = redis::from_redis_value(pair[0].clone()).unwrap_or(None);
+                    let run_at = redis::from_redis_value(pair[1].clone()).unwrap_or(None);
+                    (job, run_at)
+                })
+                .collect()
+        };
+        tasks
+            .into_iter()
+            .zip(fetched)
+            .map(|((task_id, mut meta), (job, run_at))| {
+                let job = job.ok_or_else(|| StoreError::Corrupt {
+                    task_id: task_id.clone(),
+                    reason: "no job data".into(),
+                })?;
+                TaskRow::from_columns(
+                    task_id,
+                    job,
+                    meta.remove("status").unwrap_or_else(|| "Pending".into()),
+                    run_at.map_or(0, |t| t as i64),
+                    meta.remove("result"),
+                    meta.get("done_at").and_then(|t| t.parse().ok()),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Moves a task that is still `Killed` from the dead set to the done set, with a new result.
+static SETTLE_DEAD_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: meta of the task, dead set, done set; ARGV: task id, result
+if redis.call("hget", KEYS[1], "status") ~= "Killed" then
+    return 0
+end
+redis.call("hset", KEYS[1], "status", "Done", "result", ARGV[2])
+redis.call("srem", KEYS[2], ARGV[1])
+redis.call("sadd", KEYS[3], ARGV[1])
+return 1
+"#,
+    )
+});
