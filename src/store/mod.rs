@@ -275,31 +275,28 @@ impl WebhookStore {
     ) -> Result<Page<DeadLetterEntry>, StoreError> {
         let mut position = after.map(Cursor::position).transpose()?;
         let mut items = Vec::new();
-        let mut last = None;
-        while items.len() < limit {
+        let mut more = false;
+        'scan: while items.len() < limit {
             let rows = on_backend!(self, b => b.dead_rows(position.as_ref(), filter, SCAN_CHUNK).await)?;
             let exhausted = rows.len() < SCAN_CHUNK;
-            for (at, row) in rows {
-                position = Some(at.clone());
-                if let Some(entry) = dead_entry(&row, at.died_at).filter(|_| filter.matches(&row.job, at.died_at)) {
+            let mut rows = rows.into_iter();
+            for (at, row) in rows.by_ref() {
+                let entry = dead_entry(&row, at.died_at).filter(|_| filter.matches(&row.job, at.died_at));
+                position = Some(at);
+                if let Some(entry) = entry {
                     items.push(entry);
-                    last = Some(at);
                     if items.len() == limit {
-                        break;
+                        // Possibly more: rows left in this chunk, or chunks left to scan.
+                        more = rows.len() > 0 || !exhausted;
+                        break 'scan;
                     }
                 }
             }
             if exhausted {
-                last = None;
                 break;
             }
         }
-        // A full page may be followed by more; an exhausted scan is not.
-        let next = if items.len() == limit {
-            last.as_ref().map(Cursor::new)
-        } else {
-            None
-        };
+        let next = position.filter(|_| more).as_ref().map(Cursor::new);
         Ok(Page { items, next })
     }
 

@@ -89,6 +89,9 @@ impl RedisBackend {
     }
 
     async fn metas(&self, ids: &[String]) -> Result<Vec<HashMap<String, String>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for id in ids {
             pipe.hgetall(format!("{}:{id}", self.keys().meta));

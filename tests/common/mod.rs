@@ -260,6 +260,26 @@ impl RunningWorker {
         }
     }
 
+    /// A worker pushing retries into `sink`, with an event recorder and `configure` applied, run
+    /// by `run` until stopped.
+    pub fn spawn<S: Clone>(
+        sink: S,
+        configure: impl FnOnce(WebhookWorker<S>) -> WebhookWorker<S>,
+        run: impl FnOnce(WebhookWorker<S>, oneshot::Receiver<()>) -> tokio::task::JoinHandle<()>,
+    ) -> Self {
+        let (tx, events) = mpsc::unbounded_channel();
+        let builder = WebhookWorker::new(sink).on_event(move |event| {
+            let _ = tx.send(Seen::from_event(event));
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = run(configure(builder), stopped);
+        Self {
+            events,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
     pub async fn next(&mut self) -> Seen {
         tokio::time::timeout(PATIENCE, self.events.recv())
             .await

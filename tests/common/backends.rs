@@ -1,0 +1,234 @@
+//! One trait over the backends, so that one test body runs on each (see tests/backends.rs).
+//!
+//! Postgres and Redis tests need `TEST_POSTGRES_URL` / `TEST_REDIS_URL` (`.ci/run` sets them);
+//! without them they print a notice and skip. Every test gets its own queue, hence its own rows
+//! and keys, so tests run in parallel on one server.
+#![allow(dead_code)]
+
+use std::sync::Mutex;
+
+use apalis::prelude::*;
+use apalis_webhooks::{
+    WebhookJob, WebhookSink, WebhookStore, WebhookWorker,
+    backend::{memory, postgres, redis, sqlite, worker_name},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// Runs `worker` until `stop` fires.
+macro_rules! spawn_until {
+    ($worker:expr, $stop:expr) => {{
+        let worker = $worker;
+        let stop = $stop;
+        tokio::spawn(async move {
+            worker
+                .run_until(async move {
+                    let _ = stop.await;
+                    Ok::<_, WorkerError>(())
+                })
+                .await
+                .unwrap()
+        })
+    }};
+}
+
+/// Worker slots of a test worker.
+pub const CONCURRENCY: usize = 8;
+
+/// A backend with a queue of its own.
+pub trait TestBackend: Sized + Send + Sync + 'static {
+    /// Kind marker of the sink.
+    type Marker: Send + 'static;
+    /// Where deliveries are pushed.
+    type Sink: WebhookSink<Self::Marker> + Clone + Send + Sync + 'static;
+
+    /// A fresh queue for test `test`, or `None` (with a printed notice) if the server is not
+    /// configured.
+    async fn open(test: &str) -> Option<Self>;
+
+    fn sink(&self) -> Self::Sink;
+
+    /// Dead letters and history; `None` on the in-memory backend.
+    fn store(&self) -> Option<WebhookStore>;
+
+    /// Runs a webhook worker built from `builder` until `stop` fires.
+    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()>;
+}
+
+fn unique_queue(test: &str) -> String {
+    format!("t-{test}-{}", ulid::Ulid::new())
+}
+
+fn env_or_skip(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("SKIPPED {test}: set {var} to run it (.ci/run does)");
+            None
+        }
+    }
+}
+
+pub struct Sqlite {
+    _dir: tempfile::TempDir,
+    pub pool: sqlite::SqlitePool,
+    queue: String,
+}
+
+impl Sqlite {
+    pub fn storage(&self) -> sqlite::SqliteStorage<WebhookJob> {
+        sqlite::SqliteStorage::new(&self.pool).with_config(sqlite::config().queue(&self.queue))
+    }
+}
+
+impl TestBackend for Sqlite {
+    type Marker = apalis_core::backend::finalize::Durable;
+    type Sink = sqlite::SqliteStorage<WebhookJob>;
+
+    async fn open(test: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sqlite::connect(&format!("sqlite://{}", dir.path().join("jobs.db").display()))
+            .await
+            .unwrap();
+        Some(Self {
+            _dir: dir,
+            pool,
+            queue: unique_queue(test),
+        })
+    }
+
+    fn sink(&self) -> Self::Sink {
+        self.storage()
+    }
+
+    fn store(&self) -> Option<WebhookStore> {
+        Some(WebhookStore::sqlite_queue(&self.pool, &self.queue))
+    }
+
+    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+        let worker = WorkerBuilder::new(worker_name("test"))
+            .backend(sqlite::polling(self.storage()))
+            .concurrency(CONCURRENCY)
+            .build(builder.service().unwrap());
+        spawn_until!(worker, stop)
+    }
+}
+
+pub struct Postgres {
+    pub pool: postgres::PgPool,
+    queue: String,
+}
+
+impl Postgres {
+    pub fn storage(&self) -> postgres::PostgresStorage<WebhookJob> {
+        postgres::PostgresStorage::new(&self.pool).with_config(postgres::config().queue(&self.queue))
+    }
+}
+
+impl TestBackend for Postgres {
+    type Marker = postgres::Postgres;
+    type Sink = postgres::PostgresSink;
+
+    async fn open(test: &str) -> Option<Self> {
+        let url = env_or_skip("TEST_POSTGRES_URL", test)?;
+        Some(Self {
+            pool: postgres::connect(&url).await.unwrap(),
+            queue: unique_queue(test),
+        })
+    }
+
+    fn sink(&self) -> Self::Sink {
+        postgres::PostgresSink::new(&self.storage())
+    }
+
+    fn store(&self) -> Option<WebhookStore> {
+        Some(WebhookStore::postgres(&self.sink()))
+    }
+
+    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+        let worker = WorkerBuilder::new(worker_name("test"))
+            .backend(postgres::listening(self.storage()))
+            .concurrency(CONCURRENCY)
+            .build(builder.service().unwrap());
+        spawn_until!(worker, stop)
+    }
+}
+
+pub struct Redis {
+    pub conn: redis::ConnectionManager,
+    queue: String,
+}
+
+impl Redis {
+    pub fn storage(&self) -> redis::RedisStorage<WebhookJob> {
+        redis::RedisStorage::new(self.conn.clone()).with_config(redis::config().queue(&self.queue))
+    }
+}
+
+impl TestBackend for Redis {
+    type Marker = redis::Redis;
+    type Sink = redis::RedisSink;
+
+    async fn open(test: &str) -> Option<Self> {
+        let url = env_or_skip("TEST_REDIS_URL", test)?;
+        Some(Self {
+            conn: redis::connect(&url).await.unwrap(),
+            queue: unique_queue(test),
+        })
+    }
+
+    fn sink(&self) -> Self::Sink {
+        redis::RedisSink::new(&self.storage())
+    }
+
+    fn store(&self) -> Option<WebhookStore> {
+        Some(WebhookStore::redis(&self.sink()))
+    }
+
+    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+        let worker = WorkerBuilder::new(worker_name("test"))
+            .backend(redis::listening(self.storage()))
+            .concurrency(CONCURRENCY)
+            .build(builder.service().unwrap());
+        spawn_until!(worker, stop)
+    }
+}
+
+pub struct Memory {
+    storage: Mutex<Option<apalis_core::backend::memory::MemoryStorage<WebhookJob>>>,
+    sink: memory::MemorySink,
+}
+
+impl TestBackend for Memory {
+    type Marker = memory::InProcess;
+    type Sink = memory::MemorySink;
+
+    async fn open(_test: &str) -> Option<Self> {
+        let (storage, sink) = memory::storage();
+        Some(Self {
+            storage: Mutex::new(Some(storage)),
+            sink,
+        })
+    }
+
+    fn sink(&self) -> Self::Sink {
+        self.sink.clone()
+    }
+
+    fn store(&self) -> Option<WebhookStore> {
+        None
+    }
+
+    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+        let storage = self
+            .storage
+            .lock()
+            .unwrap()
+            .take()
+            .expect("one worker per in-memory queue");
+        let worker = WorkerBuilder::new(worker_name("test"))
+            .backend(storage)
+            .concurrency(CONCURRENCY)
+            .build(builder.service().unwrap());
+        spawn_until!(worker, stop)
+    }
+}
