@@ -27,7 +27,7 @@ use std::{
 
 use apalis_core::{
     backend::memory::{self as core_memory, MemoryStorage, MemoryStorageError},
-    task::{Task, builder::TaskBuilder},
+    task::{Task, builder::TaskBuilder, task_id::TaskId},
 };
 use futures::{SinkExt, StreamExt, lock::Mutex};
 
@@ -36,17 +36,19 @@ use crate::{job::WebhookJob, sink::WebhookSink};
 /// The worker's side of an in-process webhook queue, and the [`MemorySink`] that feeds it.
 pub fn storage() -> (MemoryStorage<WebhookJob>, MemorySink) {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Task<WebhookJob>>();
-    let tx = tx.sink_map_err(MemoryStorageError::from);
-    let inner = core_memory::MemorySink::new(Arc::new(Mutex::new(Box::new(tx))));
-    let storage = MemoryStorage::new_with(inner.clone(), rx.boxed());
-    (storage, MemorySink { inner })
+    let for_apalis = tx.clone().sink_map_err(MemoryStorageError::from);
+    let inner = core_memory::MemorySink::new(Arc::new(Mutex::new(Box::new(for_apalis))));
+    let storage = MemoryStorage::new_with(inner, rx.boxed());
+    (storage, MemorySink { tx })
 }
 
 /// Pushes deliveries into the in-process queue made by [`storage`]; holds an attempt scheduled
 /// for later in a timer until it is due. Cheap to clone.
 #[derive(Clone)]
 pub struct MemorySink {
-    inner: core_memory::MemorySink<WebhookJob>,
+    // Straight into the channel: apalis's own `MemorySink` panics (`try_lock().unwrap()`) when
+    // clones of it push at the same time.
+    tx: futures::channel::mpsc::UnboundedSender<Task<WebhookJob>>,
 }
 
 impl fmt::Debug for MemorySink {
@@ -63,16 +65,21 @@ impl WebhookSink<InProcess> for MemorySink {
     type Error = MemoryStorageError;
 
     async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Self::Error> {
-        let task = TaskBuilder::new(job).build();
+        let task = TaskBuilder::new(job)
+            .task_id(TaskId::from_string(ulid::Ulid::new().to_string()))
+            .build();
         let wait = run_at.map(until).unwrap_or_default();
         if wait.is_zero() {
-            return self.inner.send(task).await;
+            return self
+                .tx
+                .unbounded_send(task)
+                .map_err(|e| MemoryStorageError::from(e.into_send_error()));
         }
-        let mut inner = self.inner.clone();
+        let tx = self.tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             // Fails only when the worker side is gone, and with it everything in memory.
-            let _ = inner.send(task).await;
+            let _ = tx.unbounded_send(task);
         });
         Ok(())
     }

@@ -155,6 +155,10 @@ pub(crate) struct Keys {
     pub(crate) signal: String,
     pub(crate) idempotency: String,
     pub(crate) dead: String,
+    pub(crate) workers: String,
+    pub(crate) inflight: String,
+    /// apalis's own scheduled set: only retries apalis makes itself (after infrastructure errors).
+    pub(crate) apalis_scheduled: String,
     /// This crate's own set of deliveries waiting for a later time (see the module docs).
     pub(crate) scheduled: String,
 }
@@ -169,6 +173,9 @@ impl Keys {
             signal: config.signal_list(),
             idempotency: config.idempotency_key_set(),
             dead: config.dead_jobs_set(),
+            workers: config.workers_set(),
+            inflight: config.inflight_jobs_set(),
+            apalis_scheduled: config.scheduled_jobs_set(),
             scheduled: format!("{queue}:webhooks:scheduled"),
             queue,
         }

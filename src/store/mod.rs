@@ -194,7 +194,7 @@ enum Backend {
     #[cfg(feature = "postgres")]
     Postgres(postgres::PostgresBackend),
     #[cfg(feature = "redis")]
-    Redis(redis::RedisBackend),
+    Redis(Box<redis::RedisBackend>),
 }
 
 impl fmt::Debug for WebhookStore {
@@ -254,7 +254,7 @@ impl WebhookStore {
     #[cfg(feature = "redis")]
     pub fn redis(sink: &crate::backend::redis::RedisSink) -> Self {
         Self {
-            backend: Backend::Redis(redis::RedisBackend::new(sink.clone())),
+            backend: Backend::Redis(Box::new(redis::RedisBackend::new(sink.clone()))),
         }
     }
 
@@ -263,6 +263,12 @@ impl WebhookStore {
     pub async fn history(&self, webhook_id: &WebhookId) -> Result<Option<DeliveryHistory>, StoreError> {
         let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
         Ok(history_from_rows(rows))
+    }
+
+    /// How many deliveries of the queue are not finished: waiting for an attempt (first or
+    /// retry), fetched, or in flight. Zero means every delivery was delivered or dead-lettered.
+    pub async fn outstanding(&self) -> Result<u64, StoreError> {
+        on_backend!(self, b => b.outstanding().await)
     }
 
     /// Up to `limit` dead letters matching `filter`, oldest first, starting after `after` (the

@@ -88,6 +88,18 @@ impl PostgresBackend {
         rows.iter().map(task_row).collect()
     }
 
+    pub(super) async fn outstanding(&self) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 AND (status IN ('Pending', 'Queued', 'Running') \
+             OR (status = 'Failed' AND attempts < max_attempts))",
+        )
+        .bind(self.sink.queue())
+        .fetch_one(self.sink.pool())
+        .await
+        .map_err(StoreError::backend)?;
+        Ok(count.max(0) as u64)
+    }
+
     pub(super) async fn push(&self, job: WebhookJob) -> Result<(), StoreError> {
         self.sink.clone().push_job(job, None).await.map_err(StoreError::backend)
     }

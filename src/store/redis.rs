@@ -69,6 +69,19 @@ impl RedisBackend {
         self.rows(tasks).await
     }
 
+    pub(super) async fn outstanding(&self) -> Result<u64, StoreError> {
+        let keys = self.keys();
+        OUTSTANDING_SCRIPT
+            .key(&keys.active)
+            .key(&keys.scheduled)
+            .key(&keys.apalis_scheduled)
+            .key(&keys.workers)
+            .key(&keys.inflight)
+            .invoke_async(&mut self.sink.connection())
+            .await
+            .map_err(StoreError::backend)
+    }
+
     pub(super) async fn push(&self, job: WebhookJob) -> Result<(), StoreError> {
         self.sink.clone().push_job(job, None).await.map_err(StoreError::backend)
     }
@@ -159,6 +172,20 @@ redis.call("hset", KEYS[1], "status", "Done", "result", ARGV[2])
 redis.call("srem", KEYS[2], ARGV[1])
 redis.call("sadd", KEYS[3], ARGV[1])
 return 1
+"#,
+    )
+});
+
+/// Active, scheduled (this crate's and apalis's own) and in flight with any registered worker.
+static OUTSTANDING_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: active, scheduled, apalis scheduled, workers, inflight prefix
+local n = redis.call("llen", KEYS[1]) + redis.call("zcard", KEYS[2]) + redis.call("zcard", KEYS[3])
+for _, worker in ipairs(redis.call("zrange", KEYS[4], 0, -1)) do
+    n = n + redis.call("scard", KEYS[5] .. ":" .. worker)
+end
+return n
 "#,
     )
 });

@@ -74,6 +74,18 @@ impl SqliteBackend {
         rows.iter().map(task_row).collect()
     }
 
+    pub(super) async fn outstanding(&self) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM Jobs WHERE job_type = ?1 AND (status IN ('Pending', 'Queued', 'Running') \
+             OR (status = 'Failed' AND attempts < max_attempts))",
+        )
+        .bind(&self.queue)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::backend)?;
+        Ok(count.max(0) as u64)
+    }
+
     pub(super) async fn push(&self, job: WebhookJob) -> Result<(), StoreError> {
         let mut storage = backend::SqliteStorage::new(&self.pool).with_config(backend::config().queue(&self.queue));
         storage.push_job(job, None).await.map_err(StoreError::backend)
