@@ -15,8 +15,8 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, DeliveryStatus, RetrySchedule, Secret, WebhookId, WebhookSubscription,
-    verify::Verifier,
+    DeadLetterFilter, DeadLetterReason, DeliveryStatus, RetrySchedule, Secret, WebhookId, WebhookSink,
+    WebhookSubscription, verify::Verifier,
 };
 use common::{Receiver, RunningWorker, Seen};
 use harness::TestBackend;
@@ -354,6 +354,24 @@ async fn dead_letters_filter_page_discard_and_bulk_replay<B: TestBackend>(test: 
     );
 }
 
+/// A worker killed between storing the next attempt and acknowledging this one stores the
+/// next attempt again when the attempt is repeated: it must exist once.
+async fn pushing_an_attempt_twice_stores_it_once<B: TestBackend>(test: &str) {
+    let Some(backend) = B::open(test).await else { return };
+    let Some(store) = backend.store() else { return };
+    let job = subscription("http://127.0.0.1:9/hook".into(), &Secret::generate())
+        .job("order.created", &1)
+        .unwrap();
+    let mut sink = backend.sink();
+    sink.push_job(job.clone(), None).await.unwrap();
+    sink.push_job(job.clone(), None).await.unwrap();
+    assert_eq!(store.outstanding().await.unwrap(), 1);
+    assert_eq!(
+        store.history(job.webhook_id()).await.unwrap().unwrap().status,
+        DeliveryStatus::Pending
+    );
+}
+
 macro_rules! suite {
     ($($name:ident => $backend:ty),* $(,)?) => {$(
         mod $name {
@@ -380,6 +398,11 @@ macro_rules! suite {
             }
 
             #[tokio::test]
+            async fn pushing_an_attempt_twice_stores_it_once() {
+                super::pushing_an_attempt_twice_stores_it_once::<$backend>("twice").await
+            }
+
+            #[tokio::test]
             async fn dead_letters_filter_page_discard_and_bulk_replay() {
                 super::dead_letters_filter_page_discard_and_bulk_replay::<$backend>("dead-letters").await
             }
@@ -392,4 +415,70 @@ suite! {
     postgres => harness::Postgres,
     redis => harness::Redis,
     memory => harness::Memory,
+}
+
+/// The outbox pattern without an outbox table: a delivery dispatched inside the caller's
+/// transaction exists if and only if that transaction commits.
+#[tokio::test]
+async fn postgres_dispatch_follows_the_callers_transaction() {
+    use apalis_webhooks::backend::postgres::InTransaction;
+
+    let Some(backend) = harness::Postgres::open("outbox").await else {
+        return;
+    };
+    let store = backend.store().unwrap();
+    let sink = backend.sink();
+    let mut receiver = Receiver::answering(200).await;
+    let subscription = subscription(receiver.url(), &Secret::generate());
+    sqlx::query("CREATE TABLE IF NOT EXISTS apalis_webhooks_test_orders (id TEXT PRIMARY KEY)")
+        .execute(&backend.pool)
+        .await
+        .unwrap();
+    let order = |tag: &str| format!("{tag}-{}", WebhookId::new());
+    let (rolled_back_order, committed_order) = (order("rolled-back"), order("committed"));
+
+    let mut tx = backend.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO apalis_webhooks_test_orders (id) VALUES ($1)")
+        .bind(&rolled_back_order)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let rolled_back = subscription
+        .dispatch(&mut InTransaction::new(&mut tx, &sink), "order.created", &1)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+
+    let mut tx = backend.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO apalis_webhooks_test_orders (id) VALUES ($1)")
+        .bind(&committed_order)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let committed = subscription
+        .dispatch(&mut InTransaction::new(&mut tx, &sink), "order.created", &2)
+        .await
+        .unwrap();
+    assert!(
+        store.history(&committed).await.unwrap().is_none(),
+        "invisible before commit"
+    );
+    tx.commit().await.unwrap();
+
+    assert_eq!(store.outstanding().await.unwrap(), 1);
+    assert!(store.history(&rolled_back).await.unwrap().is_none());
+    let mut worker = start(&backend);
+    assert_eq!(receiver.next().await.header("webhook-id"), committed.as_str());
+    assert!(matches!(
+        worker.next_for(committed.as_str()).await,
+        Seen::Delivered { .. }
+    ));
+    worker.stop().await;
+    let orders: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis_webhooks_test_orders WHERE id = ANY($1)")
+        .bind(vec![rolled_back_order, committed_order.clone()])
+        .fetch_all(&backend.pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, [committed_order]);
+    assert_eq!(store.outstanding().await.unwrap(), 0);
 }
