@@ -146,13 +146,16 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 async fn run(args: Args) -> Result<(), Error> {
     let concurrency = args.concurrency;
+    // Tests that run several of these at once give each its own queue.
+    let queue = std::env::var("DISPATCH_QUEUE").unwrap_or_else(|_| apalis_webhooks::backend::QUEUE.to_owned());
     match args.backend.as_str() {
         "sqlite" => {
             let pool = sqlite::connect(&args.database_url).await?;
-            let store = WebhookStore::sqlite(&pool);
-            work(&args, sqlite::storage(&pool), Some(store), |builder, stop| {
+            let storage = || sqlite::SqliteStorage::new(&pool).with_config(sqlite::config().queue(&queue));
+            let store = WebhookStore::sqlite_queue(&pool, &queue);
+            work(&args, storage(), Some(store), |builder, stop| {
                 let worker = WorkerBuilder::new(worker_name("dispatch"))
-                    .backend(sqlite::polling(sqlite::storage(&pool)))
+                    .backend(sqlite::polling(storage()))
                     .concurrency(concurrency)
                     .build(builder.service().expect("HTTP client"));
                 tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
@@ -161,7 +164,7 @@ async fn run(args: Args) -> Result<(), Error> {
         }
         "postgres" => {
             let pool = postgres::connect(&args.database_url).await?;
-            let storage = postgres::storage(&pool);
+            let storage = postgres::PostgresStorage::new(&pool).with_config(postgres::config().queue(&queue));
             let sink = postgres::PostgresSink::new(&storage);
             work(
                 &args,
@@ -178,7 +181,8 @@ async fn run(args: Args) -> Result<(), Error> {
             .await
         }
         "redis" => {
-            let storage = redis::storage(redis::connect(&args.database_url).await?);
+            let conn = redis::connect(&args.database_url).await?;
+            let storage = redis::RedisStorage::new(conn).with_config(redis::config().queue(&queue));
             let sink = redis::RedisSink::new(&storage);
             work(
                 &args,
