@@ -49,7 +49,7 @@ async fn receive(State(receiver): State<Receiver>, body: Bytes) -> StatusCode {
         *seen += 1;
         *seen == 1
     };
-    if first && seq % 7 == 0 {
+    if first && seq.is_multiple_of(7) {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
