@@ -51,7 +51,17 @@ pub trait TestBackend: Sized + Send + Sync + 'static {
     fn store(&self) -> Option<WebhookStore>;
 
     /// Runs a webhook worker built from `builder` until `stop` fires.
-    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()>;
+    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+        self.run_with(builder, CONCURRENCY, stop)
+    }
+
+    /// As `run`, with `concurrency` slots.
+    fn run_with(
+        &self,
+        builder: WebhookWorker<Self::Sink>,
+        concurrency: usize,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()>;
 }
 
 fn unique_queue(test: &str) -> String {
@@ -75,6 +85,10 @@ pub struct Sqlite {
 }
 
 impl Sqlite {
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
     pub fn storage(&self) -> sqlite::SqliteStorage<WebhookJob> {
         sqlite::SqliteStorage::new(&self.pool).with_config(sqlite::config().queue(&self.queue))
     }
@@ -104,10 +118,15 @@ impl TestBackend for Sqlite {
         Some(WebhookStore::sqlite_queue(&self.pool, &self.queue))
     }
 
-    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+    fn run_with(
+        &self,
+        builder: WebhookWorker<Self::Sink>,
+        concurrency: usize,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(sqlite::polling(self.storage()))
-            .concurrency(CONCURRENCY)
+            .concurrency(concurrency)
             .build(builder.service().unwrap());
         spawn_until!(worker, stop)
     }
@@ -119,6 +138,10 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
     pub fn storage(&self) -> postgres::PostgresStorage<WebhookJob> {
         postgres::PostgresStorage::new(&self.pool).with_config(postgres::config().queue(&self.queue))
     }
@@ -144,10 +167,15 @@ impl TestBackend for Postgres {
         Some(WebhookStore::postgres(&self.sink()))
     }
 
-    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+    fn run_with(
+        &self,
+        builder: WebhookWorker<Self::Sink>,
+        concurrency: usize,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(postgres::listening(self.storage()))
-            .concurrency(CONCURRENCY)
+            .concurrency(concurrency)
             .build(builder.service().unwrap());
         spawn_until!(worker, stop)
     }
@@ -184,10 +212,15 @@ impl TestBackend for Redis {
         Some(WebhookStore::redis(&self.sink()))
     }
 
-    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+    fn run_with(
+        &self,
+        builder: WebhookWorker<Self::Sink>,
+        concurrency: usize,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(redis::listening(self.storage()))
-            .concurrency(CONCURRENCY)
+            .concurrency(concurrency)
             .build(builder.service().unwrap());
         spawn_until!(worker, stop)
     }
@@ -218,7 +251,12 @@ impl TestBackend for Memory {
         None
     }
 
-    fn run(&self, builder: WebhookWorker<Self::Sink>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
+    fn run_with(
+        &self,
+        builder: WebhookWorker<Self::Sink>,
+        concurrency: usize,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()> {
         let storage = self
             .storage
             .lock()
@@ -227,7 +265,7 @@ impl TestBackend for Memory {
             .expect("one worker per in-memory queue");
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(storage)
-            .concurrency(CONCURRENCY)
+            .concurrency(concurrency)
             .build(builder.service().unwrap());
         spawn_until!(worker, stop)
     }
