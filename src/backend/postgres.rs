@@ -43,8 +43,9 @@ pub use apalis_postgres::{Config, Error, PgConnectOptions, PgConnection, PgPool,
 
 use crate::{job::WebhookJob, sink::WebhookSink};
 
-/// Tasks fetched per query. apalis's default of 10 costs a round trip per ten deliveries.
-pub const DEFAULT_BATCH_SIZE: usize = 100;
+/// Tasks fetched per query. Measured on a 100,000-delivery backlog with 64 worker slots: 10
+/// (apalis's default) drains 2,000/s, 25 2,900/s, 50 4,850/s, 100 1,700/s (README, Performance).
+pub const DEFAULT_BATCH_SIZE: usize = 50;
 
 /// How often a worker polls for attempts whose backoff has run out. New deliveries do not
 /// wait for it: they wake the worker through `NOTIFY`.
