@@ -309,11 +309,7 @@ impl WebhookStore {
     /// Delivers dead letter `webhook_id` again: same id, attempts from 1. Returns `false` if
     /// the delivery is not dead (already replayed, delivered, pending, or unknown).
     pub async fn replay(&self, webhook_id: &WebhookId) -> Result<bool, StoreError> {
-        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
-        let Some(last) = rows.into_iter().last().filter(TaskRow::is_dead) else {
-            return Ok(false);
-        };
-        let Some(dead) = last.dead_letter() else {
+        let Some((last, dead)) = self.dead_end(webhook_id).await? else {
             return Ok(false);
         };
         on_backend!(self, b => b.push(last.job.replayed()).await)?;
@@ -343,11 +339,7 @@ impl WebhookStore {
     /// Removes dead letter `webhook_id` from the dead letters, keeping its history. Returns
     /// `false` if the delivery is not dead.
     pub async fn discard(&self, webhook_id: &WebhookId) -> Result<bool, StoreError> {
-        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
-        let Some(last) = rows.into_iter().last().filter(TaskRow::is_dead) else {
-            return Ok(false);
-        };
-        let Some(dead) = last.dead_letter() else {
+        let Some((last, dead)) = self.dead_end(webhook_id).await? else {
             return Ok(false);
         };
         let discarded = DeliveryReport::Discarded {
@@ -355,6 +347,13 @@ impl WebhookStore {
             reason: dead.reason,
         };
         on_backend!(self, b => b.settle_dead(&last.task_id, &discarded).await)
+    }
+
+    /// The latest task of delivery `webhook_id` and its dead letter, if that task is dead.
+    async fn dead_end(&self, webhook_id: &WebhookId) -> Result<Option<(TaskRow, DeadLetter)>, StoreError> {
+        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
+        let last = rows.into_iter().max_by_key(TaskRow::order).filter(TaskRow::is_dead);
+        Ok(last.and_then(|row| row.dead_letter().map(|dead| (row, dead))))
     }
 }
 

@@ -114,7 +114,8 @@ impl TaskRow {
         serde_json::from_value(self.last_result.as_ref()?.get("Ok")?.clone()).ok()
     }
 
-    fn order(&self) -> (u32, u32) {
+    /// Replay first, then attempt: the order in which a delivery's tasks were made.
+    pub(crate) fn order(&self) -> (u32, u32) {
         (self.job.replay(), self.job.attempt())
     }
 }
@@ -152,4 +153,47 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
         status,
         attempts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Secret, WebhookSubscription};
+
+    fn row(job: &WebhookJob, status: &str, last_result: serde_json::Value) -> TaskRow {
+        TaskRow {
+            task_id: format!("t{}", job.attempt()),
+            job: job.clone(),
+            status: status.into(),
+            run_at: 0,
+            last_result: Some(last_result),
+        }
+    }
+
+    #[test]
+    fn history_follows_attempt_order_not_row_order() {
+        let first = WebhookSubscription::new("https://example.com/hook", Secret::generate())
+            .job("e", &1)
+            .unwrap();
+        let second = first.next_attempt();
+        let record = |job: &WebhookJob, status| {
+            serde_json::json!({ "webhook_id": job.webhook_id(), "attempt": job.attempt(), "started_at_ms": 0,
+                "duration_ms": 1, "status": status, "error": null, "response_excerpt": null })
+        };
+        let mut retried = record(&first, 503);
+        retried["outcome"] = "retry_scheduled".into();
+        retried["next_attempt_at"] = 10.into();
+        let mut delivered = record(&second, 200);
+        delivered["outcome"] = "delivered".into();
+        // The backend returned the later attempt first.
+        let rows = vec![
+            row(&second, "Done", serde_json::json!({ "Ok": delivered })),
+            row(&first, "Done", serde_json::json!({ "Ok": retried })),
+        ];
+        let history = history_from_rows(rows.clone()).unwrap();
+        assert_eq!(history.status, DeliveryStatus::Delivered);
+        let attempts: Vec<_> = history.attempts.iter().map(|a| (a.attempt, a.status)).collect();
+        assert_eq!(attempts, [(1, Some(503)), (2, Some(200))]);
+        assert_eq!(rows.iter().max_by_key(|r| r.order()).unwrap().job.attempt(), 2);
+    }
 }
