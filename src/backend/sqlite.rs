@@ -27,6 +27,17 @@ pub async fn connect(url: &str) -> Result<SqlitePool, Error> {
         .pragma("journal_mode", "WAL")
         .pragma("synchronous", "NORMAL")
         .busy_timeout(Duration::from_secs(30));
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        // A private in-memory database lives and dies with its one connection.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        SqliteStorage::setup(&pool).await?;
+        steer_ack_plan(&pool).await?;
+        sqlx::query("ANALYZE sqlite_schema").execute(&pool).await?;
+        return Ok(pool);
+    }
     // Migrate and write statistics on one connection, then open the pool: SQLite reads planner
     // statistics when a connection opens.
     let setup = SqlitePoolOptions::new()
@@ -79,4 +90,38 @@ pub fn storage(pool: &SqlitePool) -> SqliteStorage<WebhookJob> {
 /// worker looks for new work only on its heartbeat.
 pub fn polling(storage: SqliteStorage<WebhookJob>) -> PollWith<SqliteStorage<WebhookJob>, IntervalStrategy> {
     storage.poll_with_interval(DEFAULT_POLL_INTERVAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ack_plan(pool: &SqlitePool) -> Vec<String> {
+        let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN WITH j AS (SELECT value ->> 'task_id' AS task_id FROM json_each(?1)) \
+             UPDATE Jobs SET status = 'Done' FROM j WHERE Jobs.id = j.task_id AND Jobs.lock_by = ?2",
+        )
+        .bind("[]")
+        .bind("worker")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|row| row.3).collect()
+    }
+
+    /// The statistics row turns apalis's acknowledgement into primary-key lookups; without it
+    /// SQLite walks the `lock_by` index (every task the worker ever ran).
+    #[tokio::test]
+    async fn acknowledgements_look_tasks_up_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = connect(&format!("sqlite://{}", dir.path().join("jobs.db").display()))
+            .await
+            .unwrap();
+        let memory = connect("sqlite::memory:").await.unwrap();
+        for pool in [&file, &memory] {
+            let plan = ack_plan(pool).await;
+            assert!(plan.iter().any(|step| step.contains("(id=?)")), "{plan:?}");
+            assert!(!plan.iter().any(|step| step.contains("LIdx")), "{plan:?}");
+        }
+    }
 }
