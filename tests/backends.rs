@@ -120,6 +120,11 @@ async fn retry_after_is_persisted_and_honoured<B: TestBackend>(test: &str) {
         other => panic!("{other:?}"),
     };
     assert!(next_attempt_at >= unix_seconds(first.at) + 2, "Retry-After: 2 honoured");
+    if let Some(store) = backend.store() {
+        // The next attempt is stored before the event fires.
+        let history = store.history(&id).await.unwrap().unwrap();
+        assert_eq!(history.status, DeliveryStatus::Retrying { next_attempt_at });
+    }
     let second = receiver.next().await;
     assert!(
         unix_seconds(second.at) >= next_attempt_at,

@@ -141,8 +141,13 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
         ("Killed", _) => DeliveryStatus::Dead {
             reason: last.dead_letter().map_or(DeadLetterReason::Fatal, |dead| dead.reason),
         },
+        // The attempt a failure scheduled; its due time is in that failure's report (Redis
+        // forgets a task's due time once it is in the active list).
         _ if last.job.attempt() > 1 => DeliveryStatus::Retrying {
-            next_attempt_at: last.run_at,
+            next_attempt_at: match rows.iter().rev().nth(1).and_then(TaskRow::report) {
+                Some(DeliveryReport::RetryScheduled { next_attempt_at, .. }) => next_attempt_at,
+                _ => last.run_at,
+            },
         },
         _ => DeliveryStatus::Pending,
     };
