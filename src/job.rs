@@ -144,6 +144,7 @@ impl WebhookJob {
     }
 
     /// The first attempt of this delivery's next replay.
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
     pub(crate) fn replayed(&self) -> Self {
         Self {
             attempt: 1,

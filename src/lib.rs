@@ -54,6 +54,7 @@ mod retry;
 mod secret;
 pub mod signing;
 mod sink;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod store;
 mod subscription;
 pub mod verify;
@@ -73,6 +74,7 @@ pub use retry::RetrySchedule;
 pub use secret::{Secret, SecretError, WHSEC_PREFIX};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
 pub use sink::WebhookSink;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
 };

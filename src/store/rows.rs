@@ -74,6 +74,7 @@ impl TaskRow {
         DeadLetter::from_stored_error(text)
     }
 
+    #[cfg(feature = "postgres")]
     pub(crate) fn is_replayed(&self) -> bool {
         matches!(self.report(), Some(DeliveryReport::Replayed { .. }))
     }
