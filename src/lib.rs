@@ -54,6 +54,7 @@ mod retry;
 mod secret;
 pub mod signing;
 mod sink;
+pub mod ssrf;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod store;
 mod subscription;
