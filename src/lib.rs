@@ -45,6 +45,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod backend;
+mod clock;
 mod delivery;
 mod job;
 mod outcome;

@@ -1,6 +1,6 @@
 //! [`WebhookSubscription`]: where and how to deliver, and `dispatch` to enqueue one event.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use apalis_core::error::BoxDynError;
 use serde::Serialize;
@@ -193,10 +193,7 @@ impl WebhookSubscription {
             secrets: self.secrets.clone(),
             policy: self.policy.clone(),
             attempt: 1,
-            dispatched_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            dispatched_at: crate::clock::unix_seconds(),
             replay: 0,
         })
     }

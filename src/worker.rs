@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use apalis_core::{
@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{
+    clock::{unix_millis, unix_seconds_after},
     delivery::{DeliveryRequest, HttpDelivery},
     job::WebhookJob,
     outcome::{AttemptResult, Outcome, TransportErrorKind},
@@ -437,17 +438,4 @@ where
         dead_letter: &dead_letter,
     });
     Err(Box::new(AbortError::new(dead_letter)))
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn unix_seconds_after(delay: Duration) -> u64 {
-    let due = SystemTime::now() + delay;
-    let since_epoch = due.duration_since(UNIX_EPOCH).unwrap_or_default();
-    // Round up: a task must never become due before its delay has passed.
-    since_epoch.as_secs() + u64::from(since_epoch.subsec_nanos() > 0)
 }

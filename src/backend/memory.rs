@@ -19,11 +19,7 @@
 //! # drop(worker); Ok(()) }
 //! ```
 
-use std::{
-    fmt,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{fmt, sync::Arc};
 
 use apalis_core::{
     backend::memory::{self as core_memory, MemoryStorage, MemoryStorageError},
@@ -68,7 +64,7 @@ impl WebhookSink<InProcess> for MemorySink {
         let task = TaskBuilder::new(job)
             .task_id(TaskId::from_string(ulid::Ulid::new().to_string()))
             .build();
-        let wait = run_at.map(until).unwrap_or_default();
+        let wait = run_at.map(crate::clock::until).unwrap_or_default();
         if wait.is_zero() {
             return self
                 .tx
@@ -83,10 +79,4 @@ impl WebhookSink<InProcess> for MemorySink {
         });
         Ok(())
     }
-}
-
-fn until(unix_seconds: u64) -> Duration {
-    (UNIX_EPOCH + Duration::from_secs(unix_seconds))
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
 }

@@ -36,7 +36,7 @@ use std::{
     pin::Pin,
     sync::LazyLock,
     task::{Context, Poll},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use ::redis::Script;
@@ -46,7 +46,7 @@ use apalis_core::backend::ext::{
 };
 pub use apalis_redis::{Config, ConnectionManager, Error, RedisStorage};
 
-use crate::{job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
+use crate::{clock::unix_seconds, job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
 
 /// Tasks fetched per script. apalis's default of 10 costs a round trip per ten deliveries.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -135,7 +135,7 @@ async fn promote_due(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), Er
             .key(&keys.scheduled)
             .key(&keys.active)
             .key(&keys.signal)
-            .arg(unix_now())
+            .arg(unix_seconds())
             .arg(PROMOTE_CHUNK)
             .invoke_async(conn)
             .await?;
@@ -235,7 +235,7 @@ impl WebhookSink<Redis> for RedisSink {
 
     async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Error> {
         let body = serde_json::to_string(&job).map_err(Error::Json)?;
-        let due_later = run_at.filter(|&t| t > unix_now()).unwrap_or(0);
+        let due_later = run_at.filter(|&t| t > unix_seconds()).unwrap_or(0);
         let _stored: bool = PUSH_SCRIPT
             .key(&self.keys.data)
             .key(&self.keys.meta)
@@ -299,7 +299,3 @@ return #ids
 "#,
     )
 });
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}

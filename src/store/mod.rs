@@ -287,7 +287,10 @@ impl WebhookStore {
             let exhausted = rows.len() < SCAN_CHUNK;
             let mut rows = rows.into_iter();
             for (at, row) in rows.by_ref() {
-                let entry = dead_entry(&row, at.died_at).filter(|_| filter.matches(&row.job, at.died_at));
+                let entry = filter
+                    .matches(&row.job, at.died_at)
+                    .then(|| dead_entry(&row, at.died_at))
+                    .flatten();
                 position = Some(at);
                 if let Some(entry) = entry {
                     items.push(entry);

@@ -234,30 +234,21 @@ impl RunningWorker {
     /// As `start`, with `configure` applied to the builder (after the event recorder).
     pub fn start_with(pool: &sqlite::SqlitePool, name: &str, configure: impl FnOnce(Builder) -> Builder) -> Self {
         let storage = sqlite::storage(pool);
-        let (tx, events) = mpsc::unbounded_channel();
-        let builder = WebhookWorker::new(storage.clone()).on_event(move |event| {
-            let _ = tx.send(Seen::from_event(event));
-        });
-        let service = configure(builder).service().unwrap();
-        let worker = WorkerBuilder::new(name)
-            .backend(sqlite::polling(storage))
-            .concurrency(8)
-            .build(service);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            worker
-                .run_until(async move {
-                    let _ = stopped.await;
-                    Ok::<_, WorkerError>(())
-                })
-                .await
-                .unwrap();
-        });
-        Self {
-            events,
-            stop: Some(stop),
-            handle,
-        }
+        Self::spawn(storage.clone(), configure, |builder, stopped| {
+            let worker = WorkerBuilder::new(name)
+                .backend(sqlite::polling(storage))
+                .concurrency(8)
+                .build(builder.service().unwrap());
+            tokio::spawn(async move {
+                worker
+                    .run_until(async move {
+                        let _ = stopped.await;
+                        Ok::<_, WorkerError>(())
+                    })
+                    .await
+                    .unwrap();
+            })
+        })
     }
 
     /// A worker pushing retries into `sink`, with an event recorder and `configure` applied, run
