@@ -13,7 +13,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use apalis_webhooks::{Secret, WebhookSubscription, WebhookWorker};
+use apalis_webhooks::{Secret, WebhookSubscription, WebhookWorker, ssrf::EgressPolicy};
 use axum::{Router, http::StatusCode, routing::post};
 use harness::TestBackend;
 use rand::Rng;
@@ -45,7 +45,8 @@ async fn main() {
 async fn measure<B: TestBackend>(name: &str, url: &str, arrivals: &mut mpsc::UnboundedReceiver<Instant>) {
     let Some(backend) = B::open("pickup").await else { return };
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let worker = backend.run(WebhookWorker::new(backend.sink()), stopped);
+    let builder = WebhookWorker::new(backend.sink()).egress(EgressPolicy::new().allow_loopback());
+    let worker = backend.run(builder, stopped);
     let subscription = WebhookSubscription::new(url, Secret::generate());
     let mut sink = backend.sink();
     // Let the worker register and go idle.

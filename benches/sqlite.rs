@@ -18,7 +18,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_webhooks::{DEFAULT_CONCURRENCY, Secret, WebhookSubscription, WebhookWorker, sqlite};
+use apalis_webhooks::{DEFAULT_CONCURRENCY, Secret, WebhookSubscription, WebhookWorker, sqlite, ssrf::EgressPolicy};
 use axum::{Router, http::StatusCode, routing::post};
 use tokio::sync::Notify;
 
@@ -49,7 +49,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut storage = sqlite::storage(&pool);
     let worker_storage = storage.clone();
     let start_worker = move |name: &'static str| -> Result<_, Box<dyn std::error::Error>> {
-        let service = WebhookWorker::new(worker_storage.clone()).service()?;
+        let service = WebhookWorker::new(worker_storage.clone())
+            .egress(EgressPolicy::new().allow_loopback())
+            .service()?;
         let worker = WorkerBuilder::new(name)
             .backend(sqlite::polling(worker_storage.clone()))
             .concurrency(DEFAULT_CONCURRENCY)

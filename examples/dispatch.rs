@@ -26,6 +26,7 @@ use apalis::prelude::*;
 use apalis_webhooks::{
     DeliveryEvent, RetrySchedule, SignatureScheme, WebhookSink, WebhookStore, WebhookSubscription, WebhookWorker,
     backend::{memory, postgres, redis, sqlite, worker_name},
+    ssrf::EgressPolicy,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 
@@ -226,15 +227,18 @@ where
     let started = Instant::now();
     let counts = Arc::new(Counts::default());
     let recorder = Arc::clone(&counts);
-    let builder = WebhookWorker::new(sink.clone()).on_event(move |event| match event {
-        DeliveryEvent::Delivered { .. } => {
-            recorder.delivered.fetch_add(1, Ordering::Relaxed);
-        }
-        DeliveryEvent::DeadLettered { .. } => {
-            recorder.dead.fetch_add(1, Ordering::Relaxed);
-        }
-        _ => {}
-    });
+    // The receiver runs on this machine: allow loopback past the SSRF guard.
+    let builder = WebhookWorker::new(sink.clone())
+        .egress(EgressPolicy::new().allow_loopback())
+        .on_event(move |event| match event {
+            DeliveryEvent::Delivered { .. } => {
+                recorder.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            DeliveryEvent::DeadLettered { .. } => {
+                recorder.dead.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        });
     let (stop, stopped) = oneshot::channel();
     let worker = start(builder, stopped);
 

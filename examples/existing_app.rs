@@ -12,6 +12,7 @@ use apalis::prelude::*;
 use apalis_webhooks::{
     DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeliveryEvent, Secret, WebhookJob, WebhookSubscription, WebhookWorker,
     sqlite::{self, SqliteStorage},
+    ssrf::EgressPolicy,
     verify::{VerifiedWebhook, Verifier},
 };
 use axum::{Router, http::StatusCode, routing::post};
@@ -78,6 +79,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (delivered_tx, delivered) = tokio::sync::oneshot::channel();
     let delivered_tx = std::sync::Mutex::new(Some(delivered_tx));
     let webhook_service = WebhookWorker::new(webhooks.clone())
+        // The demo receiver is on loopback, which the SSRF guard refuses unless allowed.
+        .egress(EgressPolicy::new().allow_loopback())
         .on_event(move |event| {
             if let DeliveryEvent::Delivered { job, .. } = event {
                 println!("webhooks: {} delivered on attempt {}", job.webhook_id(), job.attempt());

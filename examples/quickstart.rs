@@ -14,6 +14,7 @@ use std::{
 use apalis::prelude::*;
 use apalis_webhooks::{
     DeliveryEvent, RetrySchedule, Secret, WebhookSubscription, WebhookWorker, sqlite,
+    ssrf::EgressPolicy,
     verify::{VerifiedWebhook, Verifier},
 };
 use axum::{Router, extract::FromRef, http::StatusCode, routing::post};
@@ -69,6 +70,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 3. The webhook worker, reporting what happens.
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let service = WebhookWorker::new(storage.clone())
+        // The receiver is on loopback, which the SSRF guard refuses unless allowed.
+        .egress(EgressPolicy::new().allow_loopback())
         .on_event(move |event| match event {
             DeliveryEvent::Delivered { job, result } => {
                 println!(

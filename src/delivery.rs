@@ -15,6 +15,7 @@ use tower::Service;
 use crate::{
     job::WebhookJob,
     outcome::{AttemptResult, TransportErrorKind, parse_retry_after},
+    ssrf::{EgressPolicy, EgressRefused, GuardedResolver},
 };
 
 /// Header carrying the event type, e.g. `order.created`.
@@ -50,35 +51,61 @@ impl DeliveryRequest {
     }
 }
 
+/// Largest HTTP/2 header block accepted from a receiver (HTTP/1.1 heads are capped by hyper at
+/// about 400 KiB).
+const MAX_RESPONSE_HEADER_BYTES: u32 = 64 * 1024;
+
 /// Sends a [`DeliveryRequest`] as an HTTP POST and reports what happened.
 ///
-/// Never fails: transport problems are an [`AttemptResult::Transport`]. Redirects are not
-/// followed; the response body is read up to a cap and within the attempt timeout, so a
+/// Never fails: transport problems are an [`AttemptResult::Transport`]. It connects only to
+/// addresses its [`EgressPolicy`] allows (public ones by default; see [`crate::ssrf`]): a
+/// refused target is an [`AttemptResult::Refused`]. Redirects are not followed and proxies are
+/// not used. The response body is read up to a cap and within the attempt timeout, so a
 /// receiver that trickles or floods cannot hold the worker longer or make it buffer more.
 #[derive(Debug, Clone)]
 pub struct HttpDelivery {
     client: reqwest::Client,
+    egress: EgressPolicy,
     max_response_bytes: usize,
 }
 
 impl HttpDelivery {
-    /// A delivery service with a pooled client: rustls, HTTP/1.1 and HTTP/2, no redirects,
-    /// `User-Agent: apalis-webhooks/<version>`.
+    /// A delivery service with a pooled client: rustls, HTTP/1.1 and HTTP/2, no redirects, no
+    /// proxy, `User-Agent: apalis-webhooks/<version>`, public targets only.
     pub fn new() -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(USER_AGENT)
-            .build()?;
-        Ok(Self::with_client(client))
+        Self::with_egress(EgressPolicy::default())
     }
 
-    /// A delivery service on your own client. Keep redirects off on it: a followed redirect
-    /// would send the signed payload somewhere the subscription did not name.
+    /// As [`new`](Self::new), connecting to the addresses `policy` allows.
+    pub fn with_egress(policy: EgressPolicy) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
+            // A proxy would resolve and connect on our behalf, past the guard.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .http2_max_header_list_size(MAX_RESPONSE_HEADER_BYTES)
+            .user_agent(USER_AGENT)
+            .build()?;
+        Ok(Self::with_client(client).egress(policy))
+    }
+
+    /// A delivery service on your own client. Keep redirects off on it (a followed redirect
+    /// would send the signed payload somewhere the subscription did not name), and install a
+    /// [`GuardedResolver`] and `no_proxy()` on it: this service checks IP-literal URLs itself,
+    /// but host names are resolved by the client.
     pub fn with_client(client: reqwest::Client) -> Self {
         Self {
             client,
+            egress: EgressPolicy::default(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
+    }
+
+    /// The policy IP-literal URLs are checked against (public targets only by default). With
+    /// [`with_client`](Self::with_client), give the client's [`GuardedResolver`] the same one.
+    pub fn egress(mut self, policy: EgressPolicy) -> Self {
+        self.egress = policy;
+        self
     }
 
     /// Cap of the response body read per attempt (64 KiB by default).
@@ -99,15 +126,20 @@ impl Service<DeliveryRequest> for HttpDelivery {
 
     fn call(&mut self, request: DeliveryRequest) -> Self::Future {
         let client = self.client.clone();
+        let egress = self.egress.clone();
         let cap = self.max_response_bytes;
-        Box::pin(async move { Ok(send(client, request, cap).await) })
+        Box::pin(async move { Ok(send(client, &egress, request, cap).await) })
     }
 }
 
-async fn send(client: reqwest::Client, request: DeliveryRequest, cap: usize) -> AttemptResult {
+async fn send(client: reqwest::Client, egress: &EgressPolicy, request: DeliveryRequest, cap: usize) -> AttemptResult {
     let DeliveryRequest { job, headers } = request;
+    let url = match target(egress, job.url()) {
+        Ok(url) => url,
+        Err(reason) => return AttemptResult::Refused { reason },
+    };
     let mut builder = client
-        .post(job.url())
+        .post(url)
         .timeout(job.policy().timeout())
         .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(EVENT_HEADER, job.event_type())
@@ -147,6 +179,23 @@ async fn send(client: reqwest::Client, request: DeliveryRequest, cap: usize) -> 
     }
 }
 
+/// The URL to send to, after checking an IP-literal host against `egress` (host names are
+/// checked by the [`GuardedResolver`] when they are resolved).
+fn target(egress: &EgressPolicy, raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|_| "the URL does not parse".to_owned())?;
+    let literal = match url.host() {
+        Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+        Some(url::Host::Domain(_)) | None => None,
+    };
+    if let Some(ip) = literal {
+        egress
+            .check(&ip.to_string(), ip)
+            .map_err(|refused| refused.to_string())?;
+    }
+    Ok(url)
+}
+
 fn transport_error(error: &reqwest::Error, started: Instant) -> AttemptResult {
     let kind = if error.is_timeout() {
         TransportErrorKind::Timeout
@@ -160,6 +209,12 @@ fn transport_error(error: &reqwest::Error, started: Instant) -> AttemptResult {
     let mut message = String::new();
     let mut source: Option<&dyn std::error::Error> = Some(error);
     while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<EgressRefused>() {
+            // The resolver found only addresses the policy refuses.
+            return AttemptResult::Refused {
+                reason: refused.to_string(),
+            };
+        }
         message = cause.to_string();
         source = cause.source();
     }

@@ -33,8 +33,8 @@ pub enum AttemptResult {
         /// Time until the failure.
         duration: Duration,
     },
-    /// The request was never sent, for a reason that retrying cannot fix (for example a secret
-    /// that yields no key).
+    /// The request was never sent, for a reason that retrying cannot fix: a target the
+    /// [`EgressPolicy`](crate::ssrf::EgressPolicy) refuses, a secret that yields no key.
     Refused {
         /// Why.
         reason: String,

@@ -26,6 +26,7 @@ use crate::{
     record::AttemptRecord,
     signing::{SigningLayer, SigningService},
     sink::WebhookSink,
+    ssrf::EgressPolicy,
 };
 
 /// Poll interval that makes an idle worker start a new delivery quickly. apalis workers
@@ -215,6 +216,7 @@ impl Hooks {
 pub struct WebhookWorker<B> {
     backend: B,
     client: Option<reqwest::Client>,
+    egress: EgressPolicy,
     max_response_bytes: Option<usize>,
     hooks: Hooks,
 }
@@ -223,6 +225,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookWorker")
             .field("backend", &self.backend)
+            .field("egress", &self.egress)
             .field("hooks", &self.hooks.0.len())
             .finish_non_exhaustive()
     }
@@ -239,12 +242,30 @@ impl<B: Clone> WebhookWorker<B> {
         Self {
             backend,
             client: None,
+            egress: EgressPolicy::default(),
             max_response_bytes: None,
             hooks: Hooks::default(),
         }
     }
 
-    /// Deliver with this client instead of the default one. Keep redirects off on it.
+    /// Which addresses deliveries may connect to: public ones only by default (see
+    /// [`crate::ssrf`]). Tests and demos with a receiver on this machine allow loopback:
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) {
+    /// use apalis_webhooks::{WebhookWorker, ssrf::EgressPolicy};
+    ///
+    /// let worker = WebhookWorker::new(storage).egress(EgressPolicy::new().allow_loopback());
+    /// # drop(worker); }
+    /// ```
+    pub fn egress(mut self, policy: EgressPolicy) -> Self {
+        self.egress = policy;
+        self
+    }
+
+    /// Deliver with this client instead of the default one. Keep redirects off on it, and give
+    /// it a [`GuardedResolver`](crate::ssrf::GuardedResolver) with the worker's policy and
+    /// `no_proxy()`: the worker checks IP-literal URLs, but the client resolves host names.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.client = Some(client);
         self
@@ -286,8 +307,8 @@ impl<B: Clone> WebhookWorker<B> {
         L: Layer<HttpDelivery>,
     {
         let mut delivery = match &self.client {
-            Some(client) => HttpDelivery::with_client(client.clone()),
-            None => HttpDelivery::new()?,
+            Some(client) => HttpDelivery::with_client(client.clone()).egress(self.egress.clone()),
+            None => HttpDelivery::with_egress(self.egress.clone())?,
         };
         if let Some(limit) = self.max_response_bytes {
             delivery = delivery.max_response_bytes(limit);

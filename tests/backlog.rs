@@ -86,7 +86,8 @@ async fn drains<B: TestBackend>(
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let drain_started = Instant::now();
     let worker = backend.run_with(
-        apalis_webhooks::WebhookWorker::new(backend.sink()),
+        apalis_webhooks::WebhookWorker::new(backend.sink())
+            .egress(apalis_webhooks::ssrf::EgressPolicy::new().allow_loopback()),
         CONCURRENCY,
         stopped,
     );

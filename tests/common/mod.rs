@@ -11,7 +11,7 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_webhooks::{DeadLetter, DeliveryEvent, WebhookJob, WebhookWorker, sqlite};
+use apalis_webhooks::{DeadLetter, DeliveryEvent, WebhookJob, WebhookWorker, sqlite, ssrf::EgressPolicy};
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
 use tokio::sync::{mpsc, oneshot};
 
@@ -259,9 +259,12 @@ impl RunningWorker {
         run: impl FnOnce(WebhookWorker<S>, oneshot::Receiver<()>) -> tokio::task::JoinHandle<()>,
     ) -> Self {
         let (tx, events) = mpsc::unbounded_channel();
-        let builder = WebhookWorker::new(sink).on_event(move |event| {
-            let _ = tx.send(Seen::from_event(event));
-        });
+        // Receivers in tests are on loopback, which the SSRF guard refuses unless allowed.
+        let builder = WebhookWorker::new(sink)
+            .egress(EgressPolicy::new().allow_loopback())
+            .on_event(move |event| {
+                let _ = tx.send(Seen::from_event(event));
+            });
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = run(configure(builder), stopped);
         Self {

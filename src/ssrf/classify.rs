@@ -1,20 +1,8 @@
-//! Address classification for the SSRF guard: which IP addresses a webhook sender must not
-//! connect to unless the app allows them.
+//! [`classify`]: which kind of address an IP is, as far as delivering webhooks to it goes.
 //!
-//! The check is on addresses, not URL text: resolve the host, classify every address, connect
-//! only to allowed ones. IPv4 addresses embedded in IPv6 (IPv4-mapped `::ffff:a.b.c.d`,
-//! IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`) are classified as the IPv4 address
-//! they carry, so `::ffff:169.254.169.254` is as refused as `169.254.169.254`.
-//!
-//! ```
-//! use std::net::IpAddr;
-//! use apalis_webhooks::ssrf::{AddressClass, classify};
-//!
-//! assert_eq!(classify("93.184.215.14".parse::<IpAddr>().unwrap()), AddressClass::Public);
-//! assert_eq!(classify("169.254.169.254".parse::<IpAddr>().unwrap()), AddressClass::LinkLocal);
-//! assert_eq!(classify("::ffff:10.0.0.1".parse::<IpAddr>().unwrap()), AddressClass::Private);
-//! assert!(!classify("::1".parse::<IpAddr>().unwrap()).is_public());
-//! ```
+//! IPv4 addresses embedded in IPv6 (IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`,
+//! NAT64 `64:ff9b::a.b.c.d`) are classified as the IPv4 address they carry, so
+//! `::ffff:169.254.169.254` is as refused as `169.254.169.254`.
 
 use std::{
     fmt,
@@ -114,7 +102,7 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
 
 /// The IPv4 address an IPv6 address carries: IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible
 /// (`::/96`, deprecated but still routed by some stacks) and NAT64 (`64:ff9b::/96`).
-fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+pub(super) fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
     let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     match s[..6] {

@@ -1,0 +1,160 @@
+//! The SSRF guard, end to end: refused targets are dead letters and receive nothing; allowed
+//! ones are delivered. Every target here is on loopback (the guard refuses loopback by default,
+//! so it stands in for every internal range; the ranges themselves are covered by the address
+//! classification tests, without connecting anywhere).
+
+mod common;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use apalis_webhooks::{
+    AttemptResult, DeadLetterReason, DeliveryRequest, HttpDelivery, Secret, WebhookSubscription,
+    ssrf::{EgressPolicy, GuardedResolver},
+};
+use common::{Db, Receiver, RunningWorker, Seen};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use tokio::sync::mpsc::error::TryRecvError;
+use tower::ServiceExt;
+
+/// Dispatches to `url` on a worker with the default egress policy and returns the dead letter's
+/// error text; asserts the receiver got nothing.
+async fn refused_by_default(url: String, receiver: &mut Receiver) -> String {
+    let db = Db::new().await;
+    let mut worker = RunningWorker::start_with(&db.pool, "w-ssrf", |builder| builder.egress(EgressPolicy::default()));
+    let id = WebhookSubscription::new(url.clone(), Secret::generate())
+        .dispatch(&mut db.storage(), "ssrf.probe", &1)
+        .await
+        .unwrap();
+    let Seen::Dead { dead_letter, .. } = worker.next_for(id.as_str()).await else {
+        panic!("{url} was not dead-lettered");
+    };
+    worker.stop().await;
+    assert_eq!(dead_letter.reason, DeadLetterReason::Fatal, "{url}: a refusal is not retried");
+    assert_eq!(dead_letter.record.status, None);
+    assert_eq!(db.rows().await.len(), 1, "{url}: no retry stored");
+    assert!(
+        matches!(receiver.requests.try_recv(), Err(TryRecvError::Empty)),
+        "{url} reached the receiver"
+    );
+    dead_letter.record.error.unwrap()
+}
+
+#[tokio::test]
+async fn internal_targets_are_refused_by_default_in_every_spelling() {
+    let mut receiver = Receiver::answering(204).await;
+    let port = receiver.addr.port();
+    for url in [
+        // IP literals, checked before anything is sent.
+        format!("http://127.0.0.1:{port}/hook"),
+        format!("http://127.1:{port}/hook"),
+        format!("http://2130706433:{port}/hook"),
+        format!("http://0x7f000001:{port}/hook"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        // A host name, checked on what it resolves to.
+        format!("http://localhost:{port}/hook"),
+    ] {
+        let error = refused_by_default(url.clone(), &mut receiver).await;
+        assert!(error.starts_with("refused: "), "{url}: {error}");
+        assert!(error.contains("loopback") && error.contains("EgressPolicy"), "{url}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn allowed_targets_are_delivered() {
+    let mut receiver = Receiver::answering(204).await;
+    let port = receiver.addr.port();
+    let db = Db::new().await;
+    for (name, policy, url) in [
+        (
+            "loopback",
+            EgressPolicy::default().allow_loopback(),
+            format!("http://localhost:{port}/hook"),
+        ),
+        (
+            "net",
+            EgressPolicy::default().allow_net("127.0.0.0/30".parse().unwrap()),
+            receiver.url(),
+        ),
+        (
+            "host",
+            EgressPolicy::default().allow_host("LOCALHOST"),
+            format!("http://localhost:{port}/hook"),
+        ),
+    ] {
+        let mut worker = RunningWorker::start_with(&db.pool, &format!("w-allowed-{name}"), |b| b.egress(policy));
+        let id = WebhookSubscription::new(url, Secret::generate())
+            .dispatch(&mut db.storage(), "ssrf.allowed", &1)
+            .await
+            .unwrap();
+        assert!(
+            matches!(worker.next_for(id.as_str()).await, Seen::Delivered { status: 204, .. }),
+            "{name}"
+        );
+        receiver.next().await;
+        worker.stop().await;
+    }
+}
+
+/// A resolver that answers every name with one address, like an attacker's DNS server that
+/// first passed a URL check with a public address and now answers with an internal one.
+struct Rebinding(SocketAddr);
+
+impl Resolve for Rebinding {
+    fn resolve(&self, _: Name) -> Resolving {
+        let addr = self.0;
+        Box::pin(async move { Ok(Box::new(std::iter::once(addr)) as Addrs) })
+    }
+}
+
+async fn send_through(policy: EgressPolicy, receiver: &Receiver, url: &str) -> AttemptResult {
+    let resolver = GuardedResolver::with_inner(policy.clone(), Arc::new(Rebinding(receiver.addr)));
+    let client = reqwest::Client::builder()
+        .dns_resolver(Arc::new(resolver))
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let job = WebhookSubscription::new(url, Secret::generate()).job("ssrf.rebind", &1).unwrap();
+    HttpDelivery::with_client(client)
+        .egress(policy)
+        .oneshot(DeliveryRequest::new(Arc::new(job)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_address_connected_to_is_the_one_checked() {
+    let mut receiver = Receiver::answering(204).await;
+    let url = format!("http://hooks.rebind.test:{}/hook", receiver.addr.port());
+    // The name looks harmless; what it resolves to is what counts.
+    let refused = send_through(EgressPolicy::default(), &receiver, &url).await;
+    let AttemptResult::Refused { reason } = refused else {
+        panic!("{refused:?}");
+    };
+    assert!(reason.contains("hooks.rebind.test") && reason.contains("loopback"), "{reason}");
+    assert!(matches!(receiver.requests.try_recv(), Err(TryRecvError::Empty)));
+
+    let allowed = send_through(EgressPolicy::default().allow_loopback(), &receiver, &url).await;
+    assert_eq!(allowed.status(), Some(204));
+    assert_eq!(receiver.next().await.header("host"), format!("hooks.rebind.test:{}", receiver.addr.port()));
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let mut elsewhere = Receiver::answering(204).await;
+    let target = elsewhere.url();
+    let mut receiver = Receiver::start(move |_, _| (307, vec![("location", target.clone())])).await;
+    let db = Db::new().await;
+    let mut worker = RunningWorker::start(&db.pool, "w-redirect");
+    let id = WebhookSubscription::new(receiver.url(), Secret::generate())
+        .dispatch(&mut db.storage(), "redirect", &1)
+        .await
+        .unwrap();
+    receiver.next().await;
+    let Seen::Dead { dead_letter, .. } = worker.next_for(id.as_str()).await else {
+        panic!("a redirect is not a delivery");
+    };
+    worker.stop().await;
+    assert_eq!(dead_letter.record.status, Some(307));
+    assert!(matches!(elsewhere.requests.try_recv(), Err(TryRecvError::Empty)));
+}
