@@ -44,8 +44,10 @@ impl fmt::Display for WebhookId {
 /// retryable failure the worker stores a copy with [`attempt`](Self::attempt) raised by one and a
 /// later `run_at`, so the wait lives in the backend and survives restarts.
 ///
-/// The job holds the signing secrets so that any worker process can sign; `Debug` redacts them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The job holds the signing secrets so that any worker process can sign, or only a key id in
+/// [secret-store mode](crate::SecretStore). `Debug` shows neither secrets, header values, the
+/// URL's path and query (they often carry tokens) nor the payload.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct WebhookJob {
     pub(crate) webhook_id: WebhookId,
     pub(crate) event_type: String,
@@ -55,6 +57,9 @@ pub struct WebhookJob {
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) scheme: SignatureScheme,
     pub(crate) secrets: Vec<Secret>,
+    /// Key id of the secrets in the worker's [`SecretStore`](crate::SecretStore), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key_id: Option<String>,
     pub(crate) policy: DeliveryPolicy,
     /// 1-based number of the attempt this job performs.
     pub(crate) attempt: u32,
@@ -94,6 +99,11 @@ impl WebhookJob {
     /// How the delivery is signed.
     pub fn scheme(&self) -> &SignatureScheme {
         &self.scheme
+    }
+
+    /// The key id the worker resolves the signing secrets from, in secret-store mode.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
     }
 
     /// The delivery's policy.
@@ -151,6 +161,26 @@ impl WebhookJob {
             replay: self.replay + 1,
             ..self.clone()
         }
+    }
+}
+
+impl fmt::Debug for WebhookJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("WebhookJob")
+            .field("webhook_id", &self.webhook_id)
+            .field("event_type", &self.event_type)
+            .field("endpoint_host", &self.endpoint_host())
+            .field("body_bytes", &self.body.len())
+            .field("header_names", &header_names)
+            .field("scheme", &self.scheme)
+            .field("secrets", &self.secrets)
+            .field("key_id", &self.key_id)
+            .field("policy", &self.policy)
+            .field("attempt", &self.attempt)
+            .field("dispatched_at", &self.dispatched_at)
+            .field("replay", &self.replay)
+            .finish()
     }
 }
 

@@ -53,6 +53,7 @@ mod policy;
 mod record;
 mod retry;
 mod secret;
+mod secret_store;
 pub mod signing;
 mod sink;
 pub mod ssrf;
@@ -73,14 +74,17 @@ pub use outcome::{AttemptResult, Outcome, StatusRange, StatusSet, TransportError
 pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
 pub use record::AttemptRecord;
 pub use retry::RetrySchedule;
-pub use secret::{Secret, SecretError, WHSEC_PREFIX};
+pub use secret::{MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, Secret, SecretError, WHSEC_PREFIX, generate_secret};
+pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
 pub use sink::WebhookSink;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
 };
-pub use subscription::{DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, WebhookSubscription};
+pub use subscription::{
+    DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
+};
 pub use worker::{
     BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,
     DeliveryEvent, DeliveryReport, WebhookService, WebhookWorker,

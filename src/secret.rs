@@ -50,6 +50,26 @@ pub enum SecretError {
     /// A Standard Webhooks secret must be base64 (after an optional `whsec_` prefix).
     #[error("the secret is not valid base64 after the `whsec_` prefix")]
     NotBase64,
+    /// A generated secret must have between [`MIN_GENERATED_BYTES`] and
+    /// [`MAX_GENERATED_BYTES`] bytes, as Standard Webhooks asks.
+    #[error("a generated secret has 24 to 64 bytes, not {0}")]
+    InvalidLength(usize),
+}
+
+/// Fewest key bytes [`Secret::generate_with_len`] makes (Standard Webhooks: 24 to 64).
+pub const MIN_GENERATED_BYTES: usize = 24;
+/// Most key bytes [`Secret::generate_with_len`] makes.
+pub const MAX_GENERATED_BYTES: usize = 64;
+
+/// A fresh Standard Webhooks secret, `whsec_` and the base64 of 32 bytes from a CSPRNG: give it
+/// to the receiver once, store it (or its key id) with the subscription.
+///
+/// ```
+/// let secret = apalis_webhooks::generate_secret();
+/// # drop(secret);
+/// ```
+pub fn generate_secret() -> Secret {
+    Secret::generate()
 }
 
 impl Secret {
@@ -66,15 +86,24 @@ impl Secret {
         Self(Arc::new(Material::Bytes(SecretBox::new(bytes.into_boxed_slice()))))
     }
 
-    /// A fresh Standard Webhooks secret: `whsec_` and the base64 of 32 bytes from the operating
-    /// system's CSPRNG.
+    /// A fresh Standard Webhooks secret: `whsec_` and the base64 of 32 bytes from a CSPRNG.
     pub fn generate() -> Self {
-        let mut key = [0u8; 32];
+        Self::fresh(32)
+    }
+
+    /// A fresh Standard Webhooks secret of `bytes` key bytes, 24 to 64.
+    pub fn generate_with_len(bytes: usize) -> Result<Self, SecretError> {
+        if !(MIN_GENERATED_BYTES..=MAX_GENERATED_BYTES).contains(&bytes) {
+            return Err(SecretError::InvalidLength(bytes));
+        }
+        Ok(Self::fresh(bytes))
+    }
+
+    fn fresh(bytes: usize) -> Self {
+        let mut key = zeroize::Zeroizing::new([0u8; MAX_GENERATED_BYTES]);
         // ThreadRng is a CSPRNG (ChaCha12) seeded and reseeded from the operating system.
-        rand::rng().fill_bytes(&mut key);
-        let secret = Self::new(format!("{WHSEC_PREFIX}{}", STANDARD.encode(key)));
-        zeroize::Zeroize::zeroize(&mut key);
-        secret
+        rand::rng().fill_bytes(&mut key[..bytes]);
+        Self::new(format!("{WHSEC_PREFIX}{}", STANDARD.encode(&key[..bytes])))
     }
 
     /// The HMAC key for Standard Webhooks: the decoded base64 after `whsec_`.
@@ -181,10 +210,31 @@ mod tests {
 
     #[test]
     fn generated_secrets_are_standard_and_distinct() {
-        let a = Secret::generate();
-        let b = Secret::generate();
+        let a = generate_secret();
+        let b = generate_secret();
+        assert!(a.literal_key().unwrap().starts_with(WHSEC_PREFIX.as_bytes()));
         assert_eq!(a.standard_key().unwrap().len(), 32);
         assert_ne!(*a.standard_key().unwrap(), *b.standard_key().unwrap());
+        for len in [24, 33, 64] {
+            assert_eq!(
+                Secret::generate_with_len(len).unwrap().standard_key().unwrap().len(),
+                len
+            );
+        }
+        for len in [0, 23, 65, 1 << 20] {
+            assert_eq!(
+                Secret::generate_with_len(len).unwrap_err(),
+                SecretError::InvalidLength(len)
+            );
+        }
+        // 1,000 keys of 24 bytes: no repeats, and every byte value turns up (a constant or
+        // low-entropy generator would fail one of the two).
+        let keys: std::collections::HashSet<Vec<u8>> = (0..1000)
+            .map(|_| Secret::generate_with_len(24).unwrap().standard_key().unwrap().to_vec())
+            .collect();
+        assert_eq!(keys.len(), 1000);
+        let seen: std::collections::HashSet<u8> = keys.iter().flatten().copied().collect();
+        assert_eq!(seen.len(), 256);
     }
 
     #[test]

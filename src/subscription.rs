@@ -22,6 +22,12 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 /// Longest accepted event type.
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 
+/// Longest accepted key id (secret-store mode).
+pub const MAX_KEY_ID_LEN: usize = 256;
+
+/// Longest accepted URL.
+pub const MAX_URL_LEN: usize = 4096;
+
 /// Headers that a subscription may not set: the transport owns them.
 const RESERVED_HEADERS: &[&str] = &[
     "host",
@@ -53,10 +59,14 @@ const RESERVED_HEADERS: &[&str] = &[
 /// println!("enqueued {id}");
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+///
+/// `Debug` shows the URL's host only (paths and queries often carry tokens), header names
+/// without values, and no secrets.
+#[derive(Clone)]
 pub struct WebhookSubscription {
     url: String,
     secrets: Vec<Secret>,
+    key_id: Option<String>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -95,6 +105,9 @@ pub enum DispatchError {
     /// A secret yields no key for the chosen scheme.
     #[error("invalid secret: {0}")]
     InvalidSecret(#[from] SecretError),
+    /// The key id is empty, too long, or has characters other than visible ASCII.
+    #[error("invalid key id: {0}")]
+    InvalidKeyId(&'static str),
     /// The backend refused or failed the push.
     #[error("backend push failed: {0}")]
     Backend(#[source] BoxDynError),
@@ -103,9 +116,14 @@ pub enum DispatchError {
 impl WebhookSubscription {
     /// A subscription for `url`, signed with `secret` under Standard Webhooks.
     pub fn new(url: impl Into<String>, secret: impl Into<Secret>) -> Self {
+        Self::signed_by(url.into(), vec![secret.into()], None)
+    }
+
+    fn signed_by(url: String, secrets: Vec<Secret>, key_id: Option<String>) -> Self {
         Self {
-            url: url.into(),
-            secrets: vec![secret.into()],
+            url,
+            secrets,
+            key_id,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -113,8 +131,25 @@ impl WebhookSubscription {
         }
     }
 
+    /// A subscription for `url` in secret-store mode: the job stores only `key_id`, and the
+    /// worker's [`SecretStore`](crate::SecretStore) resolves it to the active secrets when each
+    /// attempt is signed, so no secret is written to the backend.
+    ///
+    /// ```
+    /// use apalis_webhooks::WebhookSubscription;
+    ///
+    /// let job = WebhookSubscription::with_key_id("https://example.com/hooks", "endpoint-42")
+    ///     .job("order.created", &serde_json::json!({ "order": 42 }))
+    ///     .unwrap();
+    /// assert_eq!(job.key_id(), Some("endpoint-42"));
+    /// ```
+    pub fn with_key_id(url: impl Into<String>, key_id: impl Into<String>) -> Self {
+        Self::signed_by(url.into(), Vec::new(), Some(key_id.into()))
+    }
+
     /// Adds another active secret (rotation): every attempt carries a signature per secret
-    /// (GitHub style: the first secret only).
+    /// (GitHub style: the first secret only). In secret-store mode this secret is stored in the
+    /// job and signs next to the store's.
     pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
         self.secrets.push(secret.into());
         self
@@ -175,7 +210,16 @@ impl WebhookSubscription {
         validate_url(&self.url)?;
         validate_event_type(event_type)?;
         self.validate_headers()?;
-        self.scheme.check_secrets(&self.secrets)?;
+        match &self.key_id {
+            Some(key_id) => {
+                validate_key_id(key_id)?;
+                // Inline secrets next to a key id are optional, but must be usable.
+                if !self.secrets.is_empty() {
+                    self.scheme.check_secrets(&self.secrets)?;
+                }
+            }
+            None => self.scheme.check_secrets(&self.secrets)?,
+        }
         let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
         if body.len() > self.max_payload_bytes {
             return Err(DispatchError::PayloadTooLarge {
@@ -191,6 +235,7 @@ impl WebhookSubscription {
             headers: self.headers.clone(),
             scheme: self.scheme.clone(),
             secrets: self.secrets.clone(),
+            key_id: self.key_id.clone(),
             policy: self.policy.clone(),
             attempt: 1,
             dispatched_at: crate::clock::unix_seconds(),
@@ -241,7 +286,42 @@ impl WebhookSubscription {
     }
 }
 
+impl std::fmt::Debug for WebhookSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = url::Url::parse(&self.url)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("WebhookSubscription")
+            .field("endpoint_host", &host)
+            .field("secrets", &self.secrets)
+            .field("key_id", &self.key_id)
+            .field("scheme", &self.scheme)
+            .field("header_names", &header_names)
+            .field("policy", &self.policy)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .finish()
+    }
+}
+
+fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {
+    if key_id.is_empty() {
+        return Err(DispatchError::InvalidKeyId("empty"));
+    }
+    if key_id.len() > MAX_KEY_ID_LEN {
+        return Err(DispatchError::InvalidKeyId("longer than 256 bytes"));
+    }
+    if !key_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(DispatchError::InvalidKeyId("only visible ASCII is allowed"));
+    }
+    Ok(())
+}
+
 fn validate_url(raw: &str) -> Result<(), DispatchError> {
+    if raw.len() > MAX_URL_LEN {
+        return Err(DispatchError::InvalidUrl("longer than 4096 bytes"));
+    }
     let url = url::Url::parse(raw).map_err(|_| DispatchError::InvalidUrl("does not parse"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(DispatchError::InvalidUrl("scheme must be http or https"));
@@ -368,9 +448,53 @@ mod tests {
     }
 
     #[test]
+    fn key_ids_are_validated_and_need_no_inline_secret() {
+        let job = WebhookSubscription::with_key_id("https://e.com", "tenant-7/endpoint-42")
+            .job("a", &1)
+            .unwrap();
+        assert_eq!(job.key_id(), Some("tenant-7/endpoint-42"));
+        assert!(job.secrets().is_empty());
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(
+            json.contains("\"secrets\":[]") && json.contains("tenant-7/endpoint-42"),
+            "{json}"
+        );
+        for bad in ["", "has space", "new\nline", &"k".repeat(257)] {
+            assert!(matches!(
+                WebhookSubscription::with_key_id("https://e.com", bad).job("a", &1),
+                Err(DispatchError::InvalidKeyId(_))
+            ));
+        }
+        assert!(matches!(
+            WebhookSubscription::with_key_id("https://e.com", "k")
+                .secret("whsec_@@")
+                .job("a", &1),
+            Err(DispatchError::InvalidSecret(_))
+        ));
+    }
+
+    #[test]
+    fn long_urls_are_refused() {
+        let url = format!("https://e.com/{}", "p".repeat(MAX_URL_LEN));
+        assert!(matches!(sub(&url).job("a", &1), Err(DispatchError::InvalidUrl(_))));
+    }
+
+    #[test]
     fn errors_and_debug_never_show_secrets() {
         let s = sub("https://user:pw@e.com");
         assert!(!format!("{s:?}").contains("MfKQ9r8G"));
+        let tokened = sub("https://hooks.example.com/services/T0/B0/tok3n?key=s3cret")
+            .header("authorization", "Bearer sk_live_abc");
+        let job = tokened.job("a", &serde_json::json!({ "card": "4242" })).unwrap();
+        for debug in [format!("{tokened:?}"), format!("{job:?}")] {
+            for hidden in ["MfKQ9r8G", "tok3n", "s3cret", "sk_live_abc", "4242"] {
+                assert!(!debug.contains(hidden), "{hidden} in {debug}");
+            }
+            assert!(
+                debug.contains("hooks.example.com") && debug.contains("authorization"),
+                "{debug}"
+            );
+        }
         let err = s.job("a", &1).unwrap_err().to_string();
         assert!(!err.contains("pw") && !err.contains("MfKQ9r8G"), "{err}");
     }

@@ -24,6 +24,7 @@ use crate::{
     job::WebhookJob,
     outcome::{AttemptResult, Outcome, TransportErrorKind},
     record::AttemptRecord,
+    secret_store::SecretStore,
     signing::{SigningLayer, SigningService},
     sink::WebhookSink,
     ssrf::EgressPolicy,
@@ -217,6 +218,7 @@ pub struct WebhookWorker<B> {
     backend: B,
     client: Option<reqwest::Client>,
     egress: EgressPolicy,
+    secret_store: Option<Arc<dyn SecretStore>>,
     max_response_bytes: Option<usize>,
     hooks: Hooks,
 }
@@ -226,6 +228,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
         f.debug_struct("WebhookWorker")
             .field("backend", &self.backend)
             .field("egress", &self.egress)
+            .field("secret_store", &self.secret_store.is_some())
             .field("hooks", &self.hooks.0.len())
             .finish_non_exhaustive()
     }
@@ -243,6 +246,7 @@ impl<B: Clone> WebhookWorker<B> {
             backend,
             client: None,
             egress: EgressPolicy::default(),
+            secret_store: None,
             max_response_bytes: None,
             hooks: Hooks::default(),
         }
@@ -260,6 +264,14 @@ impl<B: Clone> WebhookWorker<B> {
     /// ```
     pub fn egress(mut self, policy: EgressPolicy) -> Self {
         self.egress = policy;
+        self
+    }
+
+    /// Resolves the key ids of [secret-store](crate::SecretStore) jobs through `store` (used by
+    /// [`service`](Self::service); with [`service_with`](Self::service_with), give it to your
+    /// [`SigningLayer`]).
+    pub fn secret_store(mut self, store: impl SecretStore) -> Self {
+        self.secret_store = Some(Arc::new(store));
         self
     }
 
@@ -297,7 +309,11 @@ impl<B: Clone> WebhookWorker<B> {
 
     /// The service with the default stack: signing around HTTP delivery.
     pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError> {
-        self.service_with(SigningLayer::new())
+        let signing = match &self.secret_store {
+            Some(store) => SigningLayer::new().with_shared_secret_store(Arc::clone(store)),
+            None => SigningLayer::new(),
+        };
+        self.service_with(signing)
     }
 
     /// The service with your own `layer` around HTTP delivery (it should include

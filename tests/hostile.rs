@@ -123,7 +123,13 @@ async fn a_receiver_that_never_answers_times_out() {
     .await;
     let result = attempt(&hostile.url, Duration::from_secs(1)).await;
     assert!(
-        matches!(result, AttemptResult::Transport { kind: TransportErrorKind::Timeout, .. }),
+        matches!(
+            result,
+            AttemptResult::Transport {
+                kind: TransportErrorKind::Timeout,
+                ..
+            }
+        ),
         "{result:?}"
     );
     hostile.wait_closed().await;
@@ -139,7 +145,13 @@ async fn a_receiver_that_trickles_its_head_times_out() {
     .await;
     let result = attempt(&hostile.url, Duration::from_secs(1)).await;
     assert!(
-        matches!(result, AttemptResult::Transport { kind: TransportErrorKind::Timeout, .. }),
+        matches!(
+            result,
+            AttemptResult::Transport {
+                kind: TransportErrorKind::Timeout,
+                ..
+            }
+        ),
         "{result:?}"
     );
 }
@@ -200,7 +212,13 @@ async fn endless_headers_are_refused_not_buffered() {
     .await;
     let result = attempt(&hostile.url, Duration::from_secs(60)).await;
     assert!(
-        matches!(result, AttemptResult::Transport { kind: TransportErrorKind::Other, .. }),
+        matches!(
+            result,
+            AttemptResult::Transport {
+                kind: TransportErrorKind::Other,
+                ..
+            }
+        ),
         "{result:?}"
     );
     hostile.wait_closed().await;

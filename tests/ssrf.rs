@@ -29,7 +29,11 @@ async fn refused_by_default(url: String, receiver: &mut Receiver) -> String {
         panic!("{url} was not dead-lettered");
     };
     worker.stop().await;
-    assert_eq!(dead_letter.reason, DeadLetterReason::Fatal, "{url}: a refusal is not retried");
+    assert_eq!(
+        dead_letter.reason,
+        DeadLetterReason::Fatal,
+        "{url}: a refusal is not retried"
+    );
     assert_eq!(dead_letter.record.status, None);
     assert_eq!(db.rows().await.len(), 1, "{url}: no retry stored");
     assert!(
@@ -55,7 +59,10 @@ async fn internal_targets_are_refused_by_default_in_every_spelling() {
     ] {
         let error = refused_by_default(url.clone(), &mut receiver).await;
         assert!(error.starts_with("refused: "), "{url}: {error}");
-        assert!(error.contains("loopback") && error.contains("EgressPolicy"), "{url}: {error}");
+        assert!(
+            error.contains("loopback") && error.contains("EgressPolicy"),
+            "{url}: {error}"
+        );
     }
 }
 
@@ -114,7 +121,9 @@ async fn send_through(policy: EgressPolicy, receiver: &Receiver, url: &str) -> A
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let job = WebhookSubscription::new(url, Secret::generate()).job("ssrf.rebind", &1).unwrap();
+    let job = WebhookSubscription::new(url, Secret::generate())
+        .job("ssrf.rebind", &1)
+        .unwrap();
     HttpDelivery::with_client(client)
         .egress(policy)
         .oneshot(DeliveryRequest::new(Arc::new(job)))
@@ -131,12 +140,18 @@ async fn the_address_connected_to_is_the_one_checked() {
     let AttemptResult::Refused { reason } = refused else {
         panic!("{refused:?}");
     };
-    assert!(reason.contains("hooks.rebind.test") && reason.contains("loopback"), "{reason}");
+    assert!(
+        reason.contains("hooks.rebind.test") && reason.contains("loopback"),
+        "{reason}"
+    );
     assert!(matches!(receiver.requests.try_recv(), Err(TryRecvError::Empty)));
 
     let allowed = send_through(EgressPolicy::default().allow_loopback(), &receiver, &url).await;
     assert_eq!(allowed.status(), Some(204));
-    assert_eq!(receiver.next().await.header("host"), format!("hooks.rebind.test:{}", receiver.addr.port()));
+    assert_eq!(
+        receiver.next().await.header("host"),
+        format!("hooks.rebind.test:{}", receiver.addr.port())
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,206 @@
+//! Secret-store mode, rotation, and secrets kept out of the backend, the listings and the logs.
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use apalis_webhooks::{
+    DeadLetterFilter, MemorySecretStore, Secret, SecretStore, SecretStoreError, WebhookStore, WebhookSubscription,
+    generate_secret, verify::Verifier,
+};
+use common::{Db, Receiver, RunningWorker, Seen};
+use futures::future::BoxFuture;
+use tokio::sync::mpsc::error::TryRecvError;
+
+/// Every raw `job` column of the webhook queue, as text.
+async fn raw_jobs(db: &Db) -> String {
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT job FROM Jobs WHERE job_type = ?")
+        .bind(apalis_webhooks::backend::QUEUE)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|row| String::from_utf8_lossy(row))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The text forms in which `secret` could leak: its `whsec_` text and its key's base64.
+fn leak_forms(secret: &str) -> Vec<String> {
+    vec![secret.to_owned(), secret.trim_start_matches("whsec_").to_owned()]
+}
+
+#[tokio::test]
+async fn key_id_jobs_store_no_secret_and_sign_with_the_rotated_secrets() {
+    let db = Db::new().await;
+    let mut receiver = Receiver::answering(204).await;
+    let store = MemorySecretStore::new();
+    let old = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    store.insert("endpoint-42", Secret::new(old));
+    let mut worker = RunningWorker::start_with(&db.pool, "w-store", |b| b.secret_store(store.clone()));
+    let subscription = WebhookSubscription::with_key_id(receiver.url(), "endpoint-42");
+
+    let first = subscription.dispatch(&mut db.storage(), "a.b", &1).await.unwrap();
+    let request = receiver.next().await;
+    assert!(Verifier::new(old).verify(&request.headers, &request.body).is_ok());
+    assert!(matches!(worker.next_for(first.as_str()).await, Seen::Delivered { .. }));
+
+    // Rotate: during the overlap every delivery carries a signature for each secret, so a
+    // receiver holding either one accepts it.
+    let new = generate_secret();
+    store.rotate("endpoint-42", new.clone(), Duration::from_secs(3600));
+    let second = subscription.dispatch(&mut db.storage(), "a.b", &2).await.unwrap();
+    let request = receiver.next().await;
+    assert_eq!(request.header("webhook-signature").split(' ').count(), 2);
+    assert!(Verifier::new(old).verify(&request.headers, &request.body).is_ok());
+    assert!(
+        Verifier::new(new.clone())
+            .verify(&request.headers, &request.body)
+            .is_ok()
+    );
+    assert!(matches!(worker.next_for(second.as_str()).await, Seen::Delivered { .. }));
+
+    // After the overlap, only the new secret signs.
+    store.insert("endpoint-42", new.clone());
+    let third = subscription.dispatch(&mut db.storage(), "a.b", &3).await.unwrap();
+    let request = receiver.next().await;
+    assert!(Verifier::new(old).verify(&request.headers, &request.body).is_err());
+    assert!(Verifier::new(new).verify(&request.headers, &request.body).is_ok());
+    assert!(matches!(worker.next_for(third.as_str()).await, Seen::Delivered { .. }));
+    worker.stop().await;
+
+    let jobs = raw_jobs(&db).await;
+    assert!(jobs.contains("endpoint-42"), "{jobs}");
+    for form in leak_forms(old) {
+        assert!(!jobs.contains(&form), "the job table holds a secret: {jobs}");
+    }
+}
+
+/// A store whose backing service is down.
+struct Down;
+
+impl SecretStore for Down {
+    fn secrets<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<Secret>, SecretStoreError>> {
+        Box::pin(async { Err(SecretStoreError::Unavailable("vault: connection refused".into())) })
+    }
+}
+
+#[tokio::test]
+async fn unknown_keys_are_dead_letters_and_an_unavailable_store_is_retried() {
+    let db = Db::new().await;
+    let mut receiver = Receiver::answering(204).await;
+    let subscription = |key: &str| WebhookSubscription::with_key_id(receiver.url(), key).max_attempts(2);
+
+    let mut worker = RunningWorker::start_with(&db.pool, "w-unknown", |b| b.secret_store(MemorySecretStore::new()));
+    let id = subscription("nope").dispatch(&mut db.storage(), "a", &1).await.unwrap();
+    let Seen::Dead { dead_letter, .. } = worker.next_for(id.as_str()).await else {
+        panic!("an unknown key is fatal");
+    };
+    assert!(
+        dead_letter
+            .record
+            .error
+            .unwrap()
+            .contains("no active secret for key id \"nope\"")
+    );
+    worker.stop().await;
+
+    let mut worker = RunningWorker::start(&db.pool, "w-no-store");
+    let id = subscription("k").dispatch(&mut db.storage(), "a", &1).await.unwrap();
+    let Seen::Dead { dead_letter, .. } = worker.next_for(id.as_str()).await else {
+        panic!("a key id without a store is fatal");
+    };
+    assert!(dead_letter.record.error.unwrap().contains("no secret store"));
+    worker.stop().await;
+
+    let mut worker = RunningWorker::start_with(&db.pool, "w-down", |b| b.secret_store(Down));
+    let id = subscription("k").dispatch(&mut db.storage(), "a", &1).await.unwrap();
+    let Seen::RetryScheduled { error, .. } = worker.next_for(id.as_str()).await else {
+        panic!("an unavailable store is retried");
+    };
+    assert!(error.unwrap().contains("secret store unavailable"));
+    worker.stop().await;
+    assert!(
+        matches!(receiver.requests.try_recv(), Err(TryRecvError::Empty)),
+        "nothing unsigned is sent"
+    );
+}
+
+/// A writer collecting everything tracing prints.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn secrets_and_header_values_appear_in_no_log_listing_or_error() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test runtime is single-threaded: the worker, reqwest and hyper all log through this.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let token = "Bearer sk_live_do_not_log";
+    let db = Db::new().await;
+    let mut receiver = Receiver::start(|n, _| (if n == 0 { 503 } else { 400 }, vec![])).await;
+    let mut worker = RunningWorker::start(&db.pool, "w-quiet");
+    let subscription = WebhookSubscription::new(receiver.url(), secret)
+        .header("authorization", token)
+        .retry_schedule(apalis_webhooks::RetrySchedule::schedule([Duration::ZERO]))
+        .max_attempts(3);
+    let id = subscription.dispatch(&mut db.storage(), "quiet", &1).await.unwrap();
+    receiver.next().await;
+    receiver.next().await;
+    assert!(matches!(
+        worker.next_for(id.as_str()).await,
+        Seen::RetryScheduled { .. }
+    ));
+    let Seen::Dead { dead_letter, .. } = worker.next_for(id.as_str()).await else {
+        panic!("400 is fatal");
+    };
+    worker.stop().await;
+
+    let store = WebhookStore::sqlite(&db.pool);
+    let history = store.history(&id).await.unwrap().unwrap();
+    let listing = store.dead_letters(&DeadLetterFilter::new(), None, 10).await.unwrap();
+    let bad_dispatch = WebhookSubscription::new("https://e.com", secret)
+        .header("x-bad", format!("{token}\r\n"))
+        .job("a", &1)
+        .unwrap_err();
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("retry scheduled") && logs.contains(id.as_str()),
+        "tracing was captured"
+    );
+
+    let exposed = [
+        ("logs", logs),
+        ("history", format!("{history:?}")),
+        ("dead letter listing", format!("{listing:?}")),
+        ("dead letter text", dead_letter.to_string()),
+        ("dispatch error", bad_dispatch.to_string()),
+        ("subscription", format!("{subscription:?}")),
+    ];
+    for (place, text) in exposed {
+        for hidden in leak_forms(secret).into_iter().chain([token.to_owned()]) {
+            assert!(!text.contains(&hidden), "{place} shows {hidden:?}");
+        }
+    }
+}
