@@ -45,13 +45,14 @@ pub(super) fn verify(
     }
     let timestamp = timestamp.ok_or(VerifyError::InvalidHeader("signature"))?;
     check_timestamp(timestamp, tolerance, now)?;
-    let keys = secrets
+    // One MAC per secret, whatever the number of candidates.
+    let expected = secrets
         .iter()
-        .map(|secret| secret.literal_key())
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|secret| Ok(mac(secret.literal_key()?, timestamp, body)))
+        .collect::<Result<Vec<_>, SecretError>>()?;
     let matched = candidates
         .iter()
-        .any(|candidate| any_matches(candidate, keys.iter().map(|key| mac(key, timestamp, body))));
+        .any(|candidate| any_matches(candidate, expected.iter().copied()));
     if !matched {
         return Err(VerifyError::NoMatchingSignature);
     }
