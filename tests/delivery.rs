@@ -383,6 +383,12 @@ async fn rejected_dispatches_enqueue_nothing() {
         (good.clone().max_payload_bytes(4), "e"),
         (good.clone(), "bad event type"),
         (WebhookSubscription::new("http://127.0.0.1/x", "whsec_%%%"), "e"),
+        (good.clone().header("x-a", "nul\0"), "e"),
+        (
+            WebhookSubscription::new(format!("http://127.0.0.1/{}", "x".repeat(5000)), Secret::generate()),
+            "e",
+        ),
+        (WebhookSubscription::with_key_id("http://127.0.0.1/x", "key id"), "e"),
     ];
     for (subscription, event) in cases {
         let result = subscription.dispatch(&mut db.storage(), event, &"payload").await;

@@ -1,0 +1,84 @@
+//! Receiver-side verification on arbitrary input: header values, body and receiver secret all
+//! come from the fuzzer. It must never panic, and accept only what is genuinely signed: when it
+//! accepts, the signature header must hold the MAC that signing the same message with the same
+//! secret produces.
+#![no_main]
+
+use apalis_webhooks::{Secret, SignatureScheme, verify::Verifier};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use http::{HeaderMap, HeaderValue};
+use libfuzzer_sys::fuzz_target;
+
+const NOW: i64 = 1_700_000_000;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    // Fields separated by 0xFF, a byte no valid header or secret text contains.
+    let mut fields = rest.split(|&b| b == 0xFF);
+    let mut next = || fields.next().unwrap_or_default();
+    let (id, timestamp, signature, secret, body) = (next(), next(), next(), next(), next());
+
+    let scheme = match selector % 3 {
+        0 => SignatureScheme::Standard,
+        1 => SignatureScheme::stripe(),
+        _ => SignatureScheme::github(),
+    };
+    let secret = match selector & 0x80 {
+        0 => Secret::new(String::from_utf8_lossy(secret).into_owned()),
+        _ => Secret::from_bytes(secret.to_vec()),
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("webhook-id", id),
+        ("webhook-timestamp", timestamp),
+        ("webhook-signature", signature),
+        ("stripe-signature", signature),
+        ("x-hub-signature-256", signature),
+    ] {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.insert(name, value);
+        }
+    }
+    let verifier = Verifier::new(secret.clone()).scheme(scheme.clone()).reject_replays();
+    let Ok(verified) = verifier.verify_at(&headers, body, NOW) else {
+        return;
+    };
+    // Accepted: the MAC of this message under this secret must be among the header's candidates.
+    let signed = scheme
+        .sign(
+            verified.webhook_id.as_deref().unwrap_or_default(),
+            verified.timestamp.unwrap_or_default(),
+            body,
+            &[secret],
+        )
+        .expect("a secret that verified can sign");
+    let (name, expected) = signed.last().expect("a signature header");
+    let received = headers[name.as_str()].to_str().unwrap();
+    let expected = macs(&scheme, expected);
+    assert_eq!(expected.len(), 1);
+    assert!(macs(&scheme, received).contains(&expected[0]), "accepted a forgery");
+});
+
+/// The MACs a signature header value lists, decoded.
+fn macs(scheme: &SignatureScheme, value: &str) -> Vec<Vec<u8>> {
+    match scheme {
+        SignatureScheme::Standard => value
+            .split(' ')
+            .filter_map(|entry| entry.strip_prefix("v1,"))
+            .filter_map(|sig| STANDARD.decode(sig).ok())
+            .collect(),
+        SignatureScheme::Stripe { .. } => value
+            .split(',')
+            .filter_map(|item| item.trim().strip_prefix("v1="))
+            .filter_map(|sig| hex::decode(sig).ok())
+            .collect(),
+        _ => value
+            .trim()
+            .strip_prefix("sha256=")
+            .and_then(|sig| hex::decode(sig).ok())
+            .into_iter()
+            .collect(),
+    }
+}
