@@ -41,7 +41,11 @@
 //! 3. Verify in the receiver with [`verify::verify`], [`verify::Verifier`] or the axum extractor
 //!    `verify::VerifiedWebhook`.
 //!
-//! The README has the tables of headers sent and of status → outcome.
+//! Deliveries connect only to public addresses unless the worker's
+//! [`EgressPolicy`](ssrf::EgressPolicy) allows more (see [`ssrf`]); in secret-store mode
+//! ([`SecretStore`]) jobs carry a key id instead of their secrets.
+//!
+//! The README has the tables of headers sent and of status → outcome, and the Security section.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod backend;

@@ -101,6 +101,36 @@ async fn write_forever(socket: &mut TcpStream, written: &AtomicU64, bytes: &[u8]
     }
 }
 
+impl Hostile {
+    /// Sends `head`, then `filler` over and over (pausing `pause` between writes) until the
+    /// sender goes away.
+    async fn sending(head: &'static [u8], filler: Vec<u8>, pause: Option<Duration>) -> Self {
+        let filler: Arc<[u8]> = filler.into();
+        Self::start(move |mut socket, written| {
+            let filler = Arc::clone(&filler);
+            async move {
+                if socket.write_all(head).await.is_ok() {
+                    write_forever(&mut socket, &written, &filler, pause).await;
+                }
+            }
+        })
+        .await
+    }
+}
+
+fn assert_timed_out(result: &AttemptResult) {
+    assert!(
+        matches!(
+            result,
+            AttemptResult::Transport {
+                kind: TransportErrorKind::Timeout,
+                ..
+            }
+        ),
+        "{result:?}"
+    );
+}
+
 async fn attempt(url: &str, timeout: Duration) -> AttemptResult {
     let job = WebhookSubscription::new(url, Secret::generate())
         .timeout(timeout)
@@ -121,50 +151,21 @@ async fn a_receiver_that_never_answers_times_out() {
         while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
-    let result = attempt(&hostile.url, Duration::from_secs(1)).await;
-    assert!(
-        matches!(
-            result,
-            AttemptResult::Transport {
-                kind: TransportErrorKind::Timeout,
-                ..
-            }
-        ),
-        "{result:?}"
-    );
+    assert_timed_out(&attempt(&hostile.url, Duration::from_secs(1)).await);
     hostile.wait_closed().await;
 }
 
 #[tokio::test]
 async fn a_receiver_that_trickles_its_head_times_out() {
-    let hostile = Hostile::start(|mut socket, written| async move {
-        if socket.write_all(b"HTTP/1.1 200 OK\r\n").await.is_ok() {
-            write_forever(&mut socket, &written, b"x", Some(Duration::from_millis(20))).await;
-        }
-    })
-    .await;
-    let result = attempt(&hostile.url, Duration::from_secs(1)).await;
-    assert!(
-        matches!(
-            result,
-            AttemptResult::Transport {
-                kind: TransportErrorKind::Timeout,
-                ..
-            }
-        ),
-        "{result:?}"
-    );
+    let mut hostile = Hostile::sending(b"HTTP/1.1 200 OK\r\n", b"x".to_vec(), Some(Duration::from_millis(20))).await;
+    assert_timed_out(&attempt(&hostile.url, Duration::from_secs(1)).await);
+    hostile.wait_closed().await;
 }
 
 #[tokio::test]
 async fn a_receiver_that_trickles_its_body_is_cut_off_at_the_timeout_and_its_status_kept() {
-    let mut hostile = Hostile::start(|mut socket, written| async move {
-        let head = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 1000000\r\n\r\n";
-        if socket.write_all(head).await.is_ok() {
-            write_forever(&mut socket, &written, b"y", Some(Duration::from_millis(20))).await;
-        }
-    })
-    .await;
+    let head = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 1000000\r\n\r\n";
+    let mut hostile = Hostile::sending(head, b"y".to_vec(), Some(Duration::from_millis(20))).await;
     let result = attempt(&hostile.url, Duration::from_secs(1)).await;
     let AttemptResult::Response {
         status, body_excerpt, ..
@@ -179,13 +180,8 @@ async fn a_receiver_that_trickles_its_body_is_cut_off_at_the_timeout_and_its_sta
 
 #[tokio::test]
 async fn a_gigantic_body_is_read_up_to_the_cap_and_the_connection_dropped() {
-    let mut hostile = Hostile::start(|mut socket, written| async move {
-        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100000000000\r\n\r\n";
-        if socket.write_all(head).await.is_ok() {
-            write_forever(&mut socket, &written, &[b'z'; 64 * 1024], None).await;
-        }
-    })
-    .await;
+    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100000000000\r\n\r\n";
+    let mut hostile = Hostile::sending(head, vec![b'z'; 64 * 1024], None).await;
     // A long timeout: the cap, not the clock, must end this attempt.
     let result = attempt(&hostile.url, Duration::from_secs(60)).await;
     let AttemptResult::Response {
@@ -203,13 +199,8 @@ async fn a_gigantic_body_is_read_up_to_the_cap_and_the_connection_dropped() {
 
 #[tokio::test]
 async fn endless_headers_are_refused_not_buffered() {
-    let mut hostile = Hostile::start(|mut socket, written| async move {
-        if socket.write_all(b"HTTP/1.1 200 OK\r\n").await.is_ok() {
-            let header = format!("x-filler: {}\r\n", "h".repeat(1000));
-            write_forever(&mut socket, &written, header.as_bytes(), None).await;
-        }
-    })
-    .await;
+    let header = format!("x-filler: {}\r\n", "h".repeat(1000)).into_bytes();
+    let mut hostile = Hostile::sending(b"HTTP/1.1 200 OK\r\n", header, None).await;
     let result = attempt(&hostile.url, Duration::from_secs(60)).await;
     assert!(
         matches!(
