@@ -68,6 +68,12 @@ pub struct WebhookJob {
     /// 0 for the original delivery, n for its n-th replay from the dead letters.
     #[serde(default)]
     pub(crate) replay: u32,
+    /// How often this attempt was put off (rate limit, open breaker) without being made.
+    #[serde(default)]
+    pub(crate) deferrals: u32,
+    /// The rate-limit key the subscription chose (a tenant id, say); the endpoint otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rate_limit_key: Option<String>,
 }
 
 impl WebhookJob {
@@ -126,6 +132,34 @@ impl WebhookJob {
         self.replay
     }
 
+    /// How often this attempt was put off (rate limit, open circuit breaker) without being
+    /// made; deferrals do not count as attempts.
+    pub fn deferrals(&self) -> u32 {
+        self.deferrals
+    }
+
+    /// The endpoint as rate limiters and circuit breakers key it: the URL's host, and its port
+    /// when the URL names one (`api.example.com`, `127.0.0.1:8080`).
+    pub fn endpoint(&self) -> String {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|url| {
+                let host = url.host_str()?.to_owned();
+                Some(match url.port() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host,
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// The key rate limits count this delivery under: the subscription's
+    /// [`rate_limit_key`](crate::WebhookSubscription::rate_limit_key) if it set one, else the
+    /// [`endpoint`](Self::endpoint).
+    pub fn rate_limit_key(&self) -> String {
+        self.rate_limit_key.clone().unwrap_or_else(|| self.endpoint())
+    }
+
     /// The host of the target URL, for logs and spans (never the path, query or credentials).
     pub fn endpoint_host(&self) -> String {
         url::Url::parse(&self.url)
@@ -142,6 +176,15 @@ impl WebhookJob {
     pub(crate) fn next_attempt(&self) -> Self {
         Self {
             attempt: self.attempt + 1,
+            deferrals: 0,
+            ..self.clone()
+        }
+    }
+
+    /// The same attempt, put off once more.
+    pub(crate) fn deferred(&self) -> Self {
+        Self {
+            deferrals: self.deferrals + 1,
             ..self.clone()
         }
     }
@@ -150,7 +193,10 @@ impl WebhookJob {
     /// worker killed between storing the next attempt and acknowledging this one) stores it once
     /// on backends that honour idempotency keys.
     pub(crate) fn idempotency_key(&self) -> String {
-        attempt_key(&self.webhook_id, self.replay, self.attempt)
+        match self.deferrals {
+            0 => attempt_key(&self.webhook_id, self.replay, self.attempt),
+            n => format!("{}:d{n}", attempt_key(&self.webhook_id, self.replay, self.attempt)),
+        }
     }
 
     /// The first attempt of this delivery's next replay.
@@ -159,6 +205,7 @@ impl WebhookJob {
         Self {
             attempt: 1,
             replay: self.replay + 1,
+            deferrals: 0,
             ..self.clone()
         }
     }
@@ -180,6 +227,8 @@ impl fmt::Debug for WebhookJob {
             .field("attempt", &self.attempt)
             .field("dispatched_at", &self.dispatched_at)
             .field("replay", &self.replay)
+            .field("deferrals", &self.deferrals)
+            .field("rate_limit_key", &self.rate_limit_key)
             .finish()
     }
 }

@@ -52,6 +52,7 @@ pub mod backend;
 mod clock;
 mod delivery;
 mod job;
+pub mod layers;
 mod outcome;
 mod policy;
 mod record;
@@ -74,7 +75,7 @@ pub use delivery::{
     USER_AGENT,
 };
 pub use job::{WebhookId, WebhookJob};
-pub use outcome::{AttemptResult, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
+pub use outcome::{AttemptResult, DeferReason, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
 pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
 pub use record::AttemptRecord;
 pub use retry::RetrySchedule;

@@ -39,6 +39,38 @@ pub enum AttemptResult {
         /// Why.
         reason: String,
     },
+    /// The request was not sent now, for a reason that time fixes (an open circuit breaker,
+    /// a spent rate budget): the same attempt runs again after `delay`, without counting as
+    /// one.
+    Deferred {
+        /// How long to wait before trying the same attempt again.
+        delay: Duration,
+        /// Why.
+        reason: DeferReason,
+    },
+}
+
+/// Why an attempt was put off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeferReason {
+    /// The endpoint's (or the global) rate budget is spent, or the receiver asked to slow down.
+    RateLimited,
+    /// The endpoint's circuit breaker is open (or half-open with its probes out).
+    CircuitOpen,
+    /// The shared limiter state (Redis) could not be reached; nothing was sent.
+    LimiterUnavailable,
+}
+
+impl std::fmt::Display for DeferReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::RateLimited => "rate limited",
+            Self::CircuitOpen => "circuit open",
+            Self::LimiterUnavailable => "limiter state unavailable",
+        })
+    }
 }
 
 /// Kinds of transport failure; every one of them is retried.
@@ -69,6 +101,13 @@ pub enum Outcome {
     Gone,
     /// Retrying cannot help (3xx, other 4xx, refused requests).
     Fatal,
+    /// Not attempted now: run the same attempt again after `delay`.
+    Deferred {
+        /// How long to wait.
+        delay: Duration,
+        /// Why.
+        reason: DeferReason,
+    },
 }
 
 impl AttemptResult {
@@ -77,6 +116,10 @@ impl AttemptResult {
         match self {
             Self::Transport { .. } => Outcome::Retry { retry_after: None },
             Self::Refused { .. } => Outcome::Fatal,
+            Self::Deferred { delay, reason } => Outcome::Deferred {
+                delay: *delay,
+                reason: *reason,
+            },
             Self::Response {
                 status, retry_after, ..
             } => match *status {
@@ -104,6 +147,7 @@ impl AttemptResult {
             Self::Response { .. } => None,
             Self::Transport { kind, message, .. } => Some(format!("{kind:?}: {message}").to_lowercase()),
             Self::Refused { reason } => Some(format!("refused: {reason}")),
+            Self::Deferred { reason, .. } => Some(format!("deferred: {reason}")),
         }
     }
 
@@ -111,7 +155,7 @@ impl AttemptResult {
     pub fn duration(&self) -> Option<Duration> {
         match self {
             Self::Response { duration, .. } | Self::Transport { duration, .. } => Some(*duration),
-            Self::Refused { .. } => None,
+            Self::Refused { .. } | Self::Deferred { .. } => None,
         }
     }
 }

@@ -67,6 +67,7 @@ pub struct WebhookSubscription {
     url: String,
     secrets: Vec<Secret>,
     key_id: Option<String>,
+    rate_limit_key: Option<String>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -124,6 +125,7 @@ impl WebhookSubscription {
             url,
             secrets,
             key_id,
+            rate_limit_key: None,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -152,6 +154,15 @@ impl WebhookSubscription {
     /// job and signs next to the store's.
     pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
         self.secrets.push(secret.into());
+        self
+    }
+
+    /// Counts this subscription's deliveries under `key` in a
+    /// [`RateLimitLayer`](crate::layers::RateLimitLayer) (a tenant id, so that one tenant's
+    /// endpoints share a budget) instead of under the endpoint (`host[:port]`). Same rules as a
+    /// key id: visible ASCII, at most 256 bytes.
+    pub fn rate_limit_key(mut self, key: impl Into<String>) -> Self {
+        self.rate_limit_key = Some(key.into());
         self
     }
 
@@ -210,6 +221,9 @@ impl WebhookSubscription {
         validate_url(&self.url)?;
         validate_event_type(event_type)?;
         self.validate_headers()?;
+        if let Some(key) = &self.rate_limit_key {
+            validate_key_id(key)?;
+        }
         match &self.key_id {
             Some(key_id) => {
                 validate_key_id(key_id)?;
@@ -240,6 +254,8 @@ impl WebhookSubscription {
             attempt: 1,
             dispatched_at: crate::clock::unix_seconds(),
             replay: 0,
+            deferrals: 0,
+            rate_limit_key: self.rate_limit_key.clone(),
         })
     }
 
@@ -297,6 +313,7 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("endpoint_host", &host)
             .field("secrets", &self.secrets)
             .field("key_id", &self.key_id)
+            .field("rate_limit_key", &self.rate_limit_key)
             .field("scheme", &self.scheme)
             .field("header_names", &header_names)
             .field("policy", &self.policy)

@@ -22,7 +22,7 @@ use crate::{
     clock::{unix_millis, unix_seconds_after},
     delivery::{DeliveryRequest, HttpDelivery},
     job::WebhookJob,
-    outcome::{AttemptResult, Outcome, TransportErrorKind},
+    outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
     record::AttemptRecord,
     secret_store::SecretStore,
     signing::{SigningLayer, SigningService},
@@ -76,16 +76,29 @@ pub enum DeliveryReport {
         /// Why it had died.
         reason: DeadLetterReason,
     },
+    /// The attempt was not made now (rate limit, open circuit breaker); the same attempt is
+    /// stored again, due at `until`.
+    Deferred {
+        /// The delivery's id.
+        webhook_id: crate::job::WebhookId,
+        /// The attempt that was put off (it is not counted).
+        attempt: u32,
+        /// Unix seconds at which it is due again.
+        until: u64,
+        /// Why.
+        reason: DeferReason,
+    },
 }
 
 impl DeliveryReport {
-    /// The attempt this report is about.
-    pub fn record(&self) -> &AttemptRecord {
+    /// The attempt this report is about; `None` for a deferral, which made no attempt.
+    pub fn record(&self) -> Option<&AttemptRecord> {
         match self {
             Self::Delivered { record }
             | Self::RetryScheduled { record, .. }
             | Self::Replayed { record, .. }
-            | Self::Discarded { record, .. } => record,
+            | Self::Discarded { record, .. } => Some(record),
+            Self::Deferred { .. } => None,
         }
     }
 }
@@ -165,6 +178,15 @@ pub enum DeliveryEvent<'a> {
     EndpointGone {
         /// The job.
         job: &'a WebhookJob,
+    },
+    /// The attempt was put off without being made (rate limit, open circuit breaker).
+    Deferred {
+        /// The job (the attempt that was put off).
+        job: &'a WebhookJob,
+        /// Why.
+        reason: DeferReason,
+        /// Unix seconds at which it is due again.
+        until: u64,
     },
     /// The delivery will not be attempted again.
     DeadLettered {
@@ -463,6 +485,22 @@ where
             DeadLetterReason::EndpointGone
         }
         Outcome::Fatal => DeadLetterReason::Fatal,
+        Outcome::Deferred { delay, reason } => {
+            let until = unix_seconds_after(delay);
+            // As with a retry: if this push fails, apalis runs this task again; nothing is lost.
+            backend
+                .push_job(job.deferred(), Some(until))
+                .await
+                .map_err(|e| Box::new(e) as BoxDynError)?;
+            tracing::debug!(%reason, until, "deferred");
+            hooks.emit(&DeliveryEvent::Deferred { job, reason, until });
+            return Ok(DeliveryReport::Deferred {
+                webhook_id: job.webhook_id().clone(),
+                attempt: job.attempt(),
+                until,
+                reason,
+            });
+        }
     };
     let dead_letter = DeadLetter {
         reason,

@@ -21,6 +21,14 @@ pub enum DeliveryStatus {
         /// When the next attempt is due.
         next_attempt_at: u64,
     },
+    /// The next attempt was put off until `until` (Unix seconds) by a rate limit or an open
+    /// circuit breaker.
+    Deferred {
+        /// When it is due again.
+        until: u64,
+        /// Why.
+        reason: crate::outcome::DeferReason,
+    },
     /// The receiver accepted it.
     Delivered,
     /// It is a dead letter.
@@ -115,9 +123,9 @@ impl TaskRow {
         serde_json::from_value(self.last_result.as_ref()?.get("Ok")?.clone()).ok()
     }
 
-    /// Replay first, then attempt: the order in which a delivery's tasks were made.
-    pub(crate) fn order(&self) -> (u32, u32) {
-        (self.job.replay(), self.job.attempt())
+    /// Replay, attempt, deferral: the order in which a delivery's tasks were made.
+    pub(crate) fn order(&self) -> (u32, u32, u32) {
+        (self.job.replay(), self.job.attempt(), self.job.deferrals())
     }
 }
 
@@ -128,7 +136,7 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
     let attempts = rows
         .iter()
         .filter_map(|row| match row.report() {
-            Some(report) => Some(report.record().clone()),
+            Some(report) => report.record().cloned(),
             None if row.is_dead() => row.dead_letter().map(|dead| dead.record),
             None => None,
         })
@@ -142,15 +150,19 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
         ("Killed", _) => DeliveryStatus::Dead {
             reason: last.dead_letter().map_or(DeadLetterReason::Fatal, |dead| dead.reason),
         },
-        // The attempt a failure scheduled; its due time is in that failure's report (Redis
-        // forgets a task's due time once it is in the active list).
-        _ if last.job.attempt() > 1 => DeliveryStatus::Retrying {
-            next_attempt_at: match rows.iter().rev().nth(1).and_then(TaskRow::report) {
-                Some(DeliveryReport::RetryScheduled { next_attempt_at, .. }) => next_attempt_at,
-                _ => last.run_at,
+        (_, Some(DeliveryReport::Deferred { until, reason, .. })) => DeliveryStatus::Deferred { until, reason },
+        // A task that a failure or a deferral scheduled; its due time is in that task's report
+        // (Redis forgets a task's due time once it is in the active list).
+        _ => match rows.iter().rev().nth(1).and_then(TaskRow::report) {
+            Some(DeliveryReport::RetryScheduled { next_attempt_at, .. }) => {
+                DeliveryStatus::Retrying { next_attempt_at }
+            }
+            Some(DeliveryReport::Deferred { until, reason, .. }) => DeliveryStatus::Deferred { until, reason },
+            _ if last.job.attempt() > 1 => DeliveryStatus::Retrying {
+                next_attempt_at: last.run_at,
             },
+            _ => DeliveryStatus::Pending,
         },
-        _ => DeliveryStatus::Pending,
     };
     Some(DeliveryHistory {
         webhook_id: last.job.webhook_id().clone(),

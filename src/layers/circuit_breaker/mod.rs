@@ -1,0 +1,322 @@
+//! [`CircuitBreakerLayer`]: per-endpoint breakers that defer deliveries while an endpoint is
+//! down, local or shared in Redis.
+
+mod config;
+mod state;
+mod store;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::future::BoxFuture;
+use rand::Rng;
+use tower::{Layer, Service};
+
+pub use config::{BreakerConfig, Trip};
+pub use state::Phase;
+
+use self::{
+    state::{Admission, Breaker},
+    store::Store,
+};
+use super::endpoint_failed;
+use crate::{
+    delivery::DeliveryRequest,
+    outcome::{AttemptResult, DeferReason},
+};
+
+/// Deferrals of an open breaker are spread over up to this much after it may half-open, so the
+/// held-back deliveries do not all come due in the same instant.
+const MAX_SPREAD: Duration = Duration::from_secs(1);
+
+/// The shared breaker state (Redis) could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("circuit breaker state unavailable: {0}")]
+pub struct StateUnavailable(#[source] apalis_core::error::BoxDynError);
+
+/// A breaker moved from one phase to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StateChange {
+    /// The endpoint (`host[:port]`).
+    pub endpoint: String,
+    /// Where it was.
+    pub from: Phase,
+    /// Where it is.
+    pub to: Phase,
+}
+
+/// An endpoint's breaker, as [`CircuitBreakerLayer::state`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BreakerState {
+    /// Closed, open or half-open.
+    pub phase: Phase,
+    /// Failures in a row so far (closed).
+    pub consecutive_failures: u32,
+    /// Deliveries and failures in the window (failure-ratio breakers, closed).
+    pub window_requests: u32,
+    /// Failures among them.
+    pub window_failures: u32,
+    /// When an open breaker lets probes through.
+    pub open_until: Option<SystemTime>,
+    /// Probes sent and succeeded so far (half-open).
+    pub probes_sent: u32,
+    /// Probes that succeeded.
+    pub probe_successes: u32,
+}
+
+type Callback = Arc<dyn Fn(&StateChange) + Send + Sync>;
+
+/// One circuit breaker per endpoint (`host[:port]`): closed → open → half-open → closed.
+///
+/// * **Opens** after [`BreakerConfig`]'s threshold of failures (transport errors, timeouts,
+///   5xx, 429; not other 4xx): consecutive, or a ratio within a window.
+/// * **While open**, deliveries to that endpoint are answered with
+///   [`AttemptResult::Deferred`]: stored again for when the breaker may half-open. No request
+///   reaches the endpoint, no attempt is counted, no slot is held. Other endpoints are not
+///   affected.
+/// * **Half-open** lets the configured number of probes through; enough successes close it,
+///   a failed probe opens it again.
+/// * **Local or shared.** State is in memory by default; with [`shared`](Self::shared) it is
+///   in Redis, so every worker sees the same breaker and a restart keeps it.
+/// * **Observable.** Changes are tracing events (`info` on close, `warn` on open) and reach
+///   [`on_state_change`](Self::on_state_change) callbacks; [`state`](Self::state) answers
+///   for one endpoint.
+///
+/// If the shared state cannot be reached, deliveries go through (a breaker protects the
+/// receiver; it should not stop the sender when Redis blips) and a warning is logged.
+///
+/// ```
+/// use std::time::Duration;
+/// use apalis_webhooks::layers::{CircuitBreakerLayer, circuit_breaker::BreakerConfig};
+///
+/// let breakers = CircuitBreakerLayer::new(
+///     BreakerConfig::default().consecutive_failures(5).open_for(Duration::from_secs(60)),
+/// )
+/// .on_state_change(|change| println!("{} is now {:?}", change.endpoint, change.to));
+/// # drop(breakers);
+/// ```
+#[derive(Clone)]
+pub struct CircuitBreakerLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: BreakerConfig,
+    store: Store,
+    callbacks: Vec<Callback>,
+}
+
+impl Default for CircuitBreakerLayer {
+    fn default() -> Self {
+        Self::new(BreakerConfig::default())
+    }
+}
+
+impl CircuitBreakerLayer {
+    /// Breakers with `config`, state in memory.
+    pub fn new(config: BreakerConfig) -> Self {
+        Self::from_parts(config, Store::Local(Mutex::new(HashMap::new())), Vec::new())
+    }
+
+    /// Keeps the breakers in Redis under `prefix`, shared by every worker using the same
+    /// prefix (give each fleet, or each test, its own).
+    #[cfg(feature = "redis")]
+    pub fn shared(self, conn: crate::backend::redis::ConnectionManager, prefix: impl Into<String>) -> Self {
+        let store = Store::Redis(store::redis_store::RedisStore {
+            conn,
+            prefix: prefix.into(),
+        });
+        Self::from_parts(self.shared.config.clone(), store, self.shared.callbacks.clone())
+    }
+
+    /// Calls `callback` on every phase change this process makes (in a fleet, the worker that
+    /// makes the change calls it): notify the subscriber's owner on open, say.
+    pub fn on_state_change(self, callback: impl Fn(&StateChange) + Send + Sync + 'static) -> Self {
+        let mut shared = self.into_shared();
+        shared.callbacks.push(Arc::new(callback));
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The breaker of `endpoint` (`host[:port]`, as [`WebhookJob::endpoint`](crate::WebhookJob::endpoint)
+    /// gives it).
+    pub async fn state(&self, endpoint: &str) -> Result<BreakerState, StateUnavailable> {
+        let (breaker, now) = self.shared.store.read(endpoint).await?;
+        let (window_requests, window_failures) = breaker.window_counts(&self.shared.config, now);
+        Ok(BreakerState {
+            phase: breaker.phase,
+            consecutive_failures: breaker.consecutive_failures,
+            window_requests,
+            window_failures,
+            open_until: (breaker.phase == state::Phase::Open)
+                .then(|| UNIX_EPOCH + Duration::from_millis(breaker.open_until)),
+            probes_sent: breaker.probes_sent,
+            probe_successes: breaker.probe_successes,
+        })
+    }
+
+    fn from_parts(config: BreakerConfig, store: Store, callbacks: Vec<Callback>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                callbacks,
+            }),
+        }
+    }
+
+    fn into_shared(self) -> Shared {
+        match Arc::try_unwrap(self.shared) {
+            Ok(shared) => shared,
+            // Cloned before being configured: the clone keeps the old settings, and the state
+            // starts anew here.
+            Err(shared) => {
+                let store = match &shared.store {
+                    Store::Local(_) => Store::Local(Mutex::new(HashMap::new())),
+                    #[cfg(feature = "redis")]
+                    Store::Redis(redis) => Store::Redis(store::redis_store::RedisStore {
+                        conn: redis.conn.clone(),
+                        prefix: redis.prefix.clone(),
+                    }),
+                };
+                Shared {
+                    config: shared.config.clone(),
+                    store,
+                    callbacks: shared.callbacks.clone(),
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn report(&self, endpoint: &str, change: store::Change) {
+        let Some((from, to)) = change else { return };
+        match to {
+            Phase::Open => tracing::warn!(endpoint, ?from, ?to, "circuit breaker opened"),
+            _ => tracing::info!(endpoint, ?from, ?to, "circuit breaker changed"),
+        }
+        let change = StateChange {
+            endpoint: endpoint.to_owned(),
+            from,
+            to,
+        };
+        for callback in &self.callbacks {
+            callback(&change);
+        }
+    }
+
+    async fn admit(&self, endpoint: &str) -> Admission {
+        match self.store.update(&self.config, endpoint, Breaker::admit_step).await {
+            Ok((admission, change)) => {
+                self.report(endpoint, change);
+                admission
+            }
+            Err(error) => {
+                tracing::warn!(%error, endpoint, "sending without the circuit breaker");
+                Admission::Go { probe: false }
+            }
+        }
+    }
+
+    async fn record(&self, endpoint: &str, failed: Option<bool>, probe: bool) {
+        let step = |breaker: &mut Breaker, config: &BreakerConfig, now| breaker.record(config, now, failed, probe);
+        match self.store.update(&self.config, endpoint, step).await {
+            Ok(((), change)) => self.report(endpoint, change),
+            Err(error) => tracing::warn!(%error, endpoint, "could not record the outcome in the circuit breaker"),
+        }
+    }
+}
+
+impl Breaker {
+    fn admit_step(&mut self, config: &BreakerConfig, now: u64) -> Admission {
+        self.admit(config, now)
+    }
+}
+
+impl fmt::Debug for CircuitBreakerLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.shared.store {
+            Store::Local(_) => "local",
+            #[cfg(feature = "redis")]
+            Store::Redis(_) => "redis",
+        };
+        f.debug_struct("CircuitBreakerLayer")
+            .field("config", &self.shared.config)
+            .field("state", &mode)
+            .field("callbacks", &self.shared.callbacks.len())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreakerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreakerService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service made by [`CircuitBreakerLayer`].
+#[derive(Clone)]
+pub struct CircuitBreakerService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for CircuitBreakerService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<DeliveryRequest> for CircuitBreakerService<S>
+where
+    S: Service<DeliveryRequest, Response = AttemptResult> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = AttemptResult;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<AttemptResult, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: DeliveryRequest) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        // The ready service is the one to call; a clone takes its place for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let endpoint = request.job.endpoint();
+            let probe = match shared.admit(&endpoint).await {
+                Admission::Go { probe } => probe,
+                Admission::Defer(wait) => {
+                    let spread = rand::rng().random_range(Duration::ZERO..=MAX_SPREAD);
+                    return Ok(AttemptResult::Deferred {
+                        delay: wait + spread,
+                        reason: DeferReason::CircuitOpen,
+                    });
+                }
+            };
+            let result = inner.call(request).await?;
+            shared.record(&endpoint, endpoint_failed(&result), probe).await;
+            Ok(result)
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! The breaker of one endpoint as a pure state machine, shared by the local and Redis modes.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{BreakerConfig, Trip};
+
+/// Where a breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Deliveries go through; failures are counted.
+    #[default]
+    Closed,
+    /// Deliveries are deferred until the open period ends.
+    Open,
+    /// A few probe deliveries go through; their outcome closes or re-opens the breaker.
+    HalfOpen,
+}
+
+/// Buckets the failure-ratio window is counted in.
+const BUCKETS: u64 = 10;
+
+/// The stored state of one endpoint's breaker. Times are Unix milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Breaker {
+    pub(crate) phase: Phase,
+    pub(crate) consecutive_failures: u32,
+    /// `(bucket start, requests, failures)`, oldest first.
+    pub(crate) window: Vec<(u64, u32, u32)>,
+    pub(crate) open_until: u64,
+    pub(crate) half_open_since: u64,
+    pub(crate) probes_sent: u32,
+    pub(crate) probe_successes: u32,
+}
+
+/// What the breaker says about one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Send it; `probe` when it is one of the half-open probes.
+    Go { probe: bool },
+    /// Not before this long.
+    Defer(Duration),
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Breaker {
+    /// Decides on one delivery at `now`.
+    pub(crate) fn admit(&mut self, config: &BreakerConfig, now: u64) -> Admission {
+        if self.phase == Phase::Open {
+            if now < self.open_until {
+                return Admission::Defer(Duration::from_millis(self.open_until - now));
+            }
+            self.half_open(now);
+        }
+        if self.phase == Phase::HalfOpen {
+            // Probes whose outcome never came back (a worker killed mid-probe) are given up
+            // after an open period, so the breaker cannot stay half-open forever.
+            if self.probes_sent >= config.half_open_probes
+                && now >= self.half_open_since.saturating_add(millis(config.open_for))
+            {
+                self.half_open(now);
+            }
+            if self.probes_sent >= config.half_open_probes {
+                return Admission::Defer(config.open_for.min(Duration::from_secs(1)));
+            }
+            self.probes_sent += 1;
+            return Admission::Go { probe: true };
+        }
+        Admission::Go { probe: false }
+    }
+
+    /// Records the outcome of a delivery `admit` let through: `Some(true)` if the endpoint
+    /// failed, `Some(false)` if it answered, `None` if nothing was sent after all.
+    pub(crate) fn record(&mut self, config: &BreakerConfig, now: u64, failed: Option<bool>, probe: bool) {
+        match (self.phase, failed) {
+            (Phase::HalfOpen, None) if probe => self.probes_sent = self.probes_sent.saturating_sub(1),
+            (Phase::HalfOpen, Some(true)) if probe => self.open(config, now),
+            (Phase::HalfOpen, Some(false)) if probe => {
+                self.probe_successes += 1;
+                if self.probe_successes >= config.close_after() {
+                    *self = Self::default();
+                }
+            }
+            (Phase::Closed, Some(failed)) => {
+                self.count(config, now, failed);
+                if self.tripped(config, now) {
+                    self.open(config, now);
+                }
+            }
+            // Outcomes of deliveries admitted before the breaker opened, or while half-open
+            // but not as probes, say nothing about the endpoint now.
+            _ => {}
+        }
+    }
+
+    fn count(&mut self, config: &BreakerConfig, now: u64, failed: bool) {
+        self.consecutive_failures = if failed { self.consecutive_failures + 1 } else { 0 };
+        if let Trip::FailureRatio { window, .. } = config.trip {
+            let window = millis(window).max(BUCKETS);
+            let bucket = now - now % (window / BUCKETS);
+            self.window.retain(|(start, ..)| start + window > now);
+            match self.window.last_mut() {
+                Some((start, requests, failures)) if *start == bucket => {
+                    *requests += 1;
+                    *failures += u32::from(failed);
+                }
+                _ => self.window.push((bucket, 1, u32::from(failed))),
+            }
+        }
+    }
+
+    /// `(requests, failures)` in the window at `now`.
+    pub(crate) fn window_counts(&self, config: &BreakerConfig, now: u64) -> (u32, u32) {
+        let window = match config.trip {
+            Trip::FailureRatio { window, .. } => millis(window).max(BUCKETS),
+            Trip::ConsecutiveFailures(_) => return (0, 0),
+        };
+        self.window
+            .iter()
+            .filter(|(start, ..)| start + window > now)
+            .fold((0, 0), |(r, f), (_, requests, failures)| (r + requests, f + failures))
+    }
+
+    fn tripped(&self, config: &BreakerConfig, now: u64) -> bool {
+        match config.trip {
+            Trip::ConsecutiveFailures(threshold) => self.consecutive_failures >= threshold,
+            Trip::FailureRatio {
+                ratio, min_requests, ..
+            } => {
+                let (requests, failures) = self.window_counts(config, now);
+                requests >= min_requests && f64::from(failures) >= ratio * f64::from(requests)
+            }
+        }
+    }
+
+    fn open(&mut self, config: &BreakerConfig, now: u64) {
+        *self = Self {
+            phase: Phase::Open,
+            open_until: now.saturating_add(millis(config.open_for)),
+            ..Self::default()
+        };
+    }
+
+    fn half_open(&mut self, now: u64) {
+        *self = Self {
+            phase: Phase::HalfOpen,
+            half_open_since: now,
+            ..Self::default()
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(breaker: &mut Breaker, config: &BreakerConfig, now: u64, failed: bool) -> Admission {
+        let admission = breaker.admit(config, now);
+        if let Admission::Go { probe } = admission {
+            breaker.record(config, now, Some(failed), probe);
+        }
+        admission
+    }
+
+    #[test]
+    fn consecutive_failures_open_probes_close() {
+        let config = BreakerConfig::default()
+            .consecutive_failures(3)
+            .open_for(Duration::from_secs(10))
+            .half_open_probes(2)
+            .successes_to_close(2);
+        let mut b = Breaker::default();
+        run(&mut b, &config, 0, true);
+        run(&mut b, &config, 1, false); // a success resets the count
+        run(&mut b, &config, 2, true);
+        run(&mut b, &config, 3, true);
+        assert_eq!(b.phase, Phase::Closed);
+        run(&mut b, &config, 4, true);
+        assert_eq!(b.phase, Phase::Open);
+        assert_eq!(b.admit(&config, 5_000), Admission::Defer(Duration::from_millis(5_004)));
+        // Half-open: exactly two probes, then deferral until they report.
+        assert_eq!(b.admit(&config, 10_004), Admission::Go { probe: true });
+        assert_eq!(b.admit(&config, 10_005), Admission::Go { probe: true });
+        assert!(matches!(b.admit(&config, 10_006), Admission::Defer(_)));
+        b.record(&config, 10_007, Some(false), true);
+        assert_eq!(b.phase, Phase::HalfOpen);
+        b.record(&config, 10_008, Some(false), true);
+        assert_eq!(b.phase, Phase::Closed);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_and_unsent_probes_are_returned() {
+        let config = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(1));
+        let mut b = Breaker::default();
+        run(&mut b, &config, 0, true);
+        assert_eq!(b.admit(&config, 1_000), Admission::Go { probe: true });
+        b.record(&config, 1_001, None, true); // held back by a later layer: not a probe after all
+        assert_eq!(b.admit(&config, 1_002), Admission::Go { probe: true });
+        b.record(&config, 1_003, Some(true), true);
+        assert_eq!((b.phase, b.open_until), (Phase::Open, 2_003));
+        // A lost probe is given up after an open period.
+        assert_eq!(b.admit(&config, 2_003), Admission::Go { probe: true });
+        assert!(matches!(b.admit(&config, 2_500), Admission::Defer(_)));
+        assert_eq!(b.admit(&config, 3_003), Admission::Go { probe: true });
+    }
+
+    #[test]
+    fn failure_ratio_needs_the_minimum_requests_within_the_window() {
+        let config = BreakerConfig::default().failure_ratio(0.5, Duration::from_secs(10), 4);
+        let mut b = Breaker::default();
+        for (now, failed) in [(0, true), (1, true), (2, true)] {
+            run(&mut b, &config, now, failed);
+        }
+        assert_eq!(b.phase, Phase::Closed, "3 requests are under the minimum");
+        // The early failures leave the window before the fourth request.
+        run(&mut b, &config, 20_000, true);
+        assert_eq!((b.phase, b.window_counts(&config, 20_000)), (Phase::Closed, (1, 1)));
+        for now in [20_001, 20_002, 20_003] {
+            run(&mut b, &config, now, now == 20_003);
+        }
+        assert_eq!(b.phase, Phase::Open, "2 of 4 failed");
+    }
+}

@@ -1,0 +1,170 @@
+//! Where breakers live: process memory, or Redis for a fleet.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use super::{
+    StateUnavailable,
+    config::BreakerConfig,
+    state::{Breaker, Phase},
+};
+
+/// A breaker change made by one step, to report.
+pub(super) type Change = Option<(Phase, Phase)>;
+
+pub(super) enum Store {
+    Local(Mutex<HashMap<String, Breaker>>),
+    #[cfg(feature = "redis")]
+    Redis(redis_store::RedisStore),
+}
+
+impl Store {
+    /// Runs `step` on `key`'s breaker at the store's clock (Unix ms) and saves the result.
+    /// Returns what `step` returned and the phase change, if any.
+    pub(super) async fn update<T>(
+        &self,
+        config: &BreakerConfig,
+        key: &str,
+        step: impl Fn(&mut Breaker, &BreakerConfig, u64) -> T,
+    ) -> Result<(T, Change), StateUnavailable> {
+        match self {
+            Self::Local(breakers) => {
+                let now = crate::clock::unix_millis();
+                let mut breakers = breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let breaker = breakers.entry(key.to_owned()).or_default();
+                let before = breaker.phase;
+                let out = step(breaker, config, now);
+                let change = (before != breaker.phase).then_some((before, breaker.phase));
+                if *breaker == Breaker::default() {
+                    // A closed breaker with nothing counted is the same as none: keep the map
+                    // to the endpoints that have a story.
+                    breakers.remove(key);
+                }
+                Ok((out, change))
+            }
+            #[cfg(feature = "redis")]
+            Self::Redis(redis) => redis.update(config, key, step).await,
+        }
+    }
+
+    /// `key`'s breaker and the store's clock (Unix ms).
+    pub(super) async fn read(&self, key: &str) -> Result<(Breaker, u64), StateUnavailable> {
+        match self {
+            Self::Local(breakers) => {
+                let breakers = breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                Ok((
+                    breakers.get(key).cloned().unwrap_or_default(),
+                    crate::clock::unix_millis(),
+                ))
+            }
+            #[cfg(feature = "redis")]
+            Self::Redis(redis) => redis.read(key).await,
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+pub(super) mod redis_store {
+    use std::sync::LazyLock;
+
+    use ::redis::Script;
+
+    use super::{Breaker, BreakerConfig, Change, StateUnavailable};
+    use crate::backend::redis::ConnectionManager;
+
+    /// Breakers untouched this long are forgotten (closed).
+    const TTL_MS: u64 = 7 * 24 * 3_600_000;
+    /// Compare-and-set attempts before giving up on a contended breaker.
+    const CAS_TRIES: usize = 16;
+
+    /// KEYS: breaker. Returns {state JSON or "", Redis clock ms}.
+    static READ: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r#"
+local t = redis.call('TIME')
+return {redis.call('GET', KEYS[1]) or '', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+"#,
+        )
+    });
+
+    /// KEYS: breaker. ARGV: expected JSON ("" for none), new JSON ("" to delete), TTL ms.
+    /// Returns 1 when swapped, 0 when someone else changed it first.
+    static SWAP: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r#"
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"#,
+        )
+    });
+
+    /// Breakers in Redis: the state machine runs here, and a compare-and-set script makes each
+    /// step atomic across the fleet; time is Redis's clock, so workers agree on it.
+    pub(crate) struct RedisStore {
+        pub(crate) conn: ConnectionManager,
+        pub(crate) prefix: String,
+    }
+
+    fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> StateUnavailable {
+        StateUnavailable(Box::new(error))
+    }
+
+    impl RedisStore {
+        fn key(&self, endpoint: &str) -> String {
+            format!("{}:breaker:{endpoint}", self.prefix)
+        }
+
+        async fn fetch(&self, endpoint: &str) -> Result<(String, Breaker, u64), StateUnavailable> {
+            let (json, now): (String, u64) = READ
+                .key(self.key(endpoint))
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            let breaker = match json.as_str() {
+                "" => Breaker::default(),
+                // A breaker written by an incompatible version starts over closed.
+                text => serde_json::from_str(text).unwrap_or_default(),
+            };
+            Ok((json, breaker, now))
+        }
+
+        pub(crate) async fn read(&self, endpoint: &str) -> Result<(Breaker, u64), StateUnavailable> {
+            let (_, breaker, now) = self.fetch(endpoint).await?;
+            Ok((breaker, now))
+        }
+
+        pub(crate) async fn update<T>(
+            &self,
+            config: &BreakerConfig,
+            endpoint: &str,
+            step: impl Fn(&mut Breaker, &BreakerConfig, u64) -> T,
+        ) -> Result<(T, Change), StateUnavailable> {
+            for _ in 0..CAS_TRIES {
+                let (json, mut breaker, now) = self.fetch(endpoint).await?;
+                let before = breaker.phase;
+                let out = step(&mut breaker, config, now);
+                let change = (before != breaker.phase).then_some((before, breaker.phase));
+                let next = match breaker == Breaker::default() {
+                    true => String::new(),
+                    false => serde_json::to_string(&breaker).map_err(unavailable)?,
+                };
+                if next == json {
+                    return Ok((out, change));
+                }
+                let swapped: u8 = SWAP
+                    .key(self.key(endpoint))
+                    .arg(&json)
+                    .arg(&next)
+                    .arg(TTL_MS)
+                    .invoke_async(&mut self.conn.clone())
+                    .await
+                    .map_err(unavailable)?;
+                if swapped == 1 {
+                    return Ok((out, change));
+                }
+            }
+            Err(StateUnavailable("the breaker is too contended to update".into()))
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Tower layers around the delivery service that protect receivers: [`RateLimitLayer`] and
+//! [`CircuitBreakerLayer`].
+//!
+//! Both **defer** instead of failing: a delivery they hold back is answered with
+//! [`AttemptResult::Deferred`](crate::AttemptResult::Deferred), and the worker stores the same
+//! attempt again, due later. No attempt is counted, no worker slot waits, nothing is
+//! dead-lettered for it. Each keeps its state in process memory, or in Redis (feature `redis`)
+//! so that every worker of a fleet shares one budget and one breaker per endpoint.
+//!
+//! Compose them outside the signer, breaker first, so that a held-back delivery is neither
+//! signed nor counted against a budget:
+//!
+//! ```
+//! use std::time::Duration;
+//! use apalis_webhooks::{SigningLayer, layers::{CircuitBreakerLayer, Limit, RateLimitLayer}};
+//! use tower::ServiceBuilder;
+//!
+//! let layers = ServiceBuilder::new()
+//!     .layer(CircuitBreakerLayer::default())
+//!     .layer(RateLimitLayer::per_endpoint(Limit::per_second(20).burst(40)).global(Limit::per_second(500)))
+//!     .layer(SigningLayer::new());
+//! // WebhookWorker::new(storage).service_with(layers)
+//! # drop(layers);
+//! ```
+
+pub mod circuit_breaker;
+mod limit;
+pub mod rate_limit;
+mod spread;
+
+pub use circuit_breaker::{BreakerState, CircuitBreakerLayer, CircuitBreakerService};
+pub use limit::Limit;
+pub use rate_limit::{RateLimitLayer, RateLimitService};
+
+use crate::outcome::AttemptResult;
+
+/// Whether an attempt's result says the endpoint is unwell: transport errors and timeouts,
+/// 5xx and 429. Other 4xx mean the endpoint is up and answering.
+pub(crate) fn endpoint_failed(result: &AttemptResult) -> Option<bool> {
+    match result {
+        AttemptResult::Transport { .. } => Some(true),
+        AttemptResult::Response { status, .. } => Some(*status >= 500 || *status == 429),
+        // Never sent: says nothing about the endpoint.
+        AttemptResult::Refused { .. } | AttemptResult::Deferred { .. } => None,
+    }
+}

@@ -1,0 +1,98 @@
+//! Rate budgets in process memory, on governor's GCRA.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use governor::{
+    DefaultDirectRateLimiter, DefaultKeyedRateLimiter, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+
+use super::{Adaptation, Decision};
+use crate::layers::Limit;
+
+/// Keys admitted between two sweeps of idle keys out of the limiter.
+const SWEEP_EVERY: u64 = 10_000;
+
+pub(super) struct LocalBudget {
+    endpoint: DefaultKeyedRateLimiter<String>,
+    endpoint_limit: Limit,
+    global: Option<DefaultDirectRateLimiter>,
+    adaptations: Mutex<HashMap<String, (Adaptation, Instant)>>,
+    admitted: AtomicU64,
+    clock: DefaultClock,
+}
+
+impl LocalBudget {
+    pub(super) fn new(endpoint: Limit, global: Option<Limit>) -> Self {
+        Self {
+            endpoint: RateLimiter::keyed(endpoint.quota()),
+            endpoint_limit: endpoint,
+            global: global.map(|limit| RateLimiter::direct(limit.quota())),
+            adaptations: Mutex::default(),
+            admitted: AtomicU64::new(0),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    pub(super) fn acquire(&self, key: &str) -> Decision {
+        let now = Instant::now();
+        let factor = match self.lock().get(key) {
+            Some((_, cooldown_until)) if *cooldown_until > now => return Decision::Wait(*cooldown_until - now),
+            Some((adaptation, _)) => adaptation.factor,
+            None => 1.0,
+        };
+        let cost = NonZeroU32::new(super::cost(factor, self.endpoint_limit.burst_size())).unwrap_or(NonZeroU32::MIN);
+        let key = key.to_owned();
+        match self.endpoint.check_key_n(&key, cost) {
+            Ok(Ok(())) => {}
+            Ok(Err(not_until)) => return Decision::Wait(not_until.wait_time_from(self.clock.now())),
+            // `cost` never exceeds the burst; wait one interval should it ever.
+            Err(_) => return Decision::Wait(self.endpoint_limit.interval()),
+        }
+        if let Some(global) = &self.global
+            && let Err(not_until) = global.check()
+        {
+            return Decision::Wait(not_until.wait_time_from(self.clock.now()));
+        }
+        if self.admitted.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.endpoint.retain_recent();
+        }
+        Decision::Admit { factor }
+    }
+
+    /// Applies `change` to the key's adaptation; an adaptation back at full rate is forgotten.
+    pub(super) fn adapt(&self, key: &str, change: impl FnOnce(Adaptation) -> (Adaptation, Duration)) {
+        let mut adaptations = self.lock();
+        let current = adaptations
+            .get(key)
+            .map_or(Adaptation::FULL, |(adaptation, _)| *adaptation);
+        let (next, cooldown) = change(current);
+        if next.factor >= 1.0 && cooldown.is_zero() {
+            adaptations.remove(key);
+        } else {
+            adaptations.insert(key.to_owned(), (next, Instant::now() + cooldown));
+        }
+    }
+
+    pub(super) fn adaptation(&self, key: &str) -> Adaptation {
+        let now = Instant::now();
+        self.lock()
+            .get(key)
+            .map_or(Adaptation::FULL, |(adaptation, until)| Adaptation {
+                cooldown: until.saturating_duration_since(now),
+                ..*adaptation
+            })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Adaptation, Instant)>> {
+        self.adaptations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

@@ -1,0 +1,370 @@
+//! [`RateLimitLayer`]: per-endpoint and global rate budgets that defer, and slow down on 429.
+
+mod local;
+#[cfg(feature = "redis")]
+mod redis;
+
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use tower::{Layer, Service};
+
+use super::{Limit, spread::Spread};
+use crate::{
+    delivery::DeliveryRequest,
+    outcome::{AttemptResult, DeferReason},
+};
+
+/// Slowest an endpoint is slowed to after 429s: a sixteenth of its rate.
+pub const MIN_RATE_FACTOR: f64 = 1.0 / 16.0;
+/// How much of its rate an endpoint regains per success after a slow-down.
+pub const RECOVERY_STEP: f64 = 1.0 / 16.0;
+/// How long a deferral waits when the shared (Redis) state cannot be reached.
+const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
+
+/// Holds deliveries to each endpoint to a [`Limit`], and all deliveries to an optional global
+/// one; over budget, a delivery is deferred until the budget allows it.
+///
+/// * **Keys.** Deliveries count under their job's
+///   [`rate_limit_key`](crate::WebhookJob::rate_limit_key): the endpoint (`host[:port]`), or a
+///   key the subscription set (a tenant id).
+/// * **Deferral, not failure.** Over budget, the attempt is answered with
+///   [`AttemptResult::Deferred`]: stored again for when the budget allows (spread one interval
+///   apart per key, so a held-back backlog comes due at the rate it can go), not counted as an
+///   attempt, holding no worker slot, never dead-lettered for this.
+/// * **Adaptive.** A 429 halves the endpoint's rate (down to [`MIN_RATE_FACTOR`]) and holds
+///   it back for its `Retry-After` (or one slowed interval); each later success gives back
+///   [`RECOVERY_STEP`] of the rate. Slowing down is done by charging each delivery several
+///   GCRA cells, so it needs a burst of at least 2 to show below the cooldown.
+/// * **Local or fleet-wide.** State is in memory (governor's GCRA) by default; with
+///   [`shared`](Self::shared) it is in Redis, one atomic script per decision using Redis's
+///   clock, so N workers on N machines stay within one budget and a restart keeps it.
+///
+/// ```
+/// use apalis_webhooks::layers::{Limit, RateLimitLayer};
+///
+/// let layer = RateLimitLayer::per_endpoint(Limit::per_second(10).burst(20))
+///     .global(Limit::per_second(1_000));
+/// # drop(layer);
+/// ```
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    endpoint: Limit,
+    global: Option<Limit>,
+    adaptive: bool,
+    budget: Budget,
+    spread: Spread,
+}
+
+enum Budget {
+    Local(local::LocalBudget),
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisBudget),
+}
+
+/// What the budget says about one delivery.
+pub(super) enum Decision {
+    /// Go; the key runs at `factor` of its rate.
+    Admit { factor: f64 },
+    /// Not before this long.
+    Wait(Duration),
+}
+
+/// How far an endpoint has been slowed down after 429s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Adaptation {
+    /// Share of the configured rate it may use, [`MIN_RATE_FACTOR`] to 1.
+    pub factor: f64,
+    /// How long it is still held back entirely (a receiver's `Retry-After`).
+    pub cooldown: Duration,
+}
+
+impl Adaptation {
+    /// Full rate, no cooldown.
+    pub const FULL: Self = Self {
+        factor: 1.0,
+        cooldown: Duration::ZERO,
+    };
+}
+
+/// The shared limiter state (Redis) could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("rate limiter state unavailable: {0}")]
+pub struct StateUnavailable(#[source] apalis_core::error::BoxDynError);
+
+/// GCRA cells one delivery costs at `factor` of the rate: slowing to a half charges two.
+pub(super) fn cost(factor: f64, burst: u32) -> u32 {
+    let cells = (1.0 / factor.clamp(MIN_RATE_FACTOR, 1.0)).ceil() as u32;
+    cells.clamp(1, burst.max(1))
+}
+
+/// The adaptation after a 429, and how long the key is held back.
+fn slowed(current: Adaptation, retry_after: Option<Duration>, interval: Duration) -> (Adaptation, Duration) {
+    let factor = (current.factor / 2.0).max(MIN_RATE_FACTOR);
+    let cooldown = retry_after.unwrap_or_else(|| interval.div_f64(factor));
+    (Adaptation { factor, cooldown }, cooldown)
+}
+
+/// The adaptation after a success.
+fn recovered(current: Adaptation) -> (Adaptation, Duration) {
+    let factor = (current.factor + RECOVERY_STEP).min(1.0);
+    (Adaptation { factor, ..current }, Duration::ZERO)
+}
+
+impl RateLimitLayer {
+    /// Each endpoint (or subscription key) gets `limit`; no global limit; adaptive; state in
+    /// memory.
+    pub fn per_endpoint(limit: Limit) -> Self {
+        Self::build(limit, None, true, None)
+    }
+
+    /// Also holds all deliveries together to `limit`.
+    pub fn global(self, limit: Limit) -> Self {
+        Self::build(self.shared.endpoint, Some(limit), self.shared.adaptive, self.redis())
+    }
+
+    /// Whether a 429 slows its endpoint down (on by default).
+    pub fn adaptive(self, adaptive: bool) -> Self {
+        Self::build(self.shared.endpoint, self.shared.global, adaptive, self.redis())
+    }
+
+    /// Keeps the budgets in Redis under `prefix`, shared by every worker using the same
+    /// prefix (give each fleet, or each test, its own).
+    #[cfg(feature = "redis")]
+    pub fn shared(self, conn: crate::backend::redis::ConnectionManager, prefix: impl Into<String>) -> Self {
+        let redis = Some((conn, prefix.into()));
+        Self::build(self.shared.endpoint, self.shared.global, self.shared.adaptive, redis)
+    }
+
+    /// How far `key` is slowed down now.
+    pub async fn adaptation(&self, key: &str) -> Result<Adaptation, StateUnavailable> {
+        match &self.shared.budget {
+            Budget::Local(local) => Ok(local.adaptation(key)),
+            #[cfg(feature = "redis")]
+            Budget::Redis(redis) => redis.adaptation(key).await,
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    fn redis(&self) -> Option<(crate::backend::redis::ConnectionManager, String)> {
+        match &self.shared.budget {
+            Budget::Redis(redis) => Some(redis.connection()),
+            Budget::Local(_) => None,
+        }
+    }
+
+    #[cfg(not(feature = "redis"))]
+    fn redis(&self) -> Option<std::convert::Infallible> {
+        None
+    }
+
+    #[cfg(feature = "redis")]
+    fn build(
+        endpoint: Limit,
+        global: Option<Limit>,
+        adaptive: bool,
+        redis: Option<(crate::backend::redis::ConnectionManager, String)>,
+    ) -> Self {
+        let budget = match redis {
+            Some((conn, prefix)) => Budget::Redis(redis::RedisBudget::new(conn, prefix, endpoint, global)),
+            None => Budget::Local(local::LocalBudget::new(endpoint, global)),
+        };
+        Self::with_budget(endpoint, global, adaptive, budget)
+    }
+
+    #[cfg(not(feature = "redis"))]
+    fn build(endpoint: Limit, global: Option<Limit>, adaptive: bool, _: Option<std::convert::Infallible>) -> Self {
+        Self::with_budget(
+            endpoint,
+            global,
+            adaptive,
+            Budget::Local(local::LocalBudget::new(endpoint, global)),
+        )
+    }
+
+    fn with_budget(endpoint: Limit, global: Option<Limit>, adaptive: bool, budget: Budget) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                endpoint,
+                global,
+                adaptive,
+                budget,
+                spread: Spread::default(),
+            }),
+        }
+    }
+}
+
+impl Shared {
+    async fn decide(&self, key: &str) -> Result<Decision, StateUnavailable> {
+        match &self.budget {
+            Budget::Local(local) => Ok(local.acquire(key)),
+            #[cfg(feature = "redis")]
+            Budget::Redis(redis) => redis.acquire(key).await,
+        }
+    }
+
+    /// Slows `key` down after a 429, or gives rate back after a success.
+    async fn observe(&self, key: &str, factor: f64, result: &AttemptResult) {
+        let AttemptResult::Response {
+            status, retry_after, ..
+        } = result
+        else {
+            return;
+        };
+        let interval = self.endpoint.interval();
+        let outcome = match *status {
+            429 => {
+                tracing::info!(key, "429: slowing the endpoint down");
+                self.adapt(key, |current| slowed(current, *retry_after, interval)).await
+            }
+            200..=299 if factor < 1.0 => self.adapt(key, recovered).await,
+            _ => Ok(()),
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(%error, "could not record the endpoint's rate adaptation");
+        }
+    }
+
+    async fn adapt(
+        &self,
+        key: &str,
+        change: impl FnOnce(Adaptation) -> (Adaptation, Duration),
+    ) -> Result<(), StateUnavailable> {
+        match &self.budget {
+            Budget::Local(local) => {
+                local.adapt(key, change);
+                Ok(())
+            }
+            #[cfg(feature = "redis")]
+            Budget::Redis(redis) => redis.adapt(key, change).await,
+        }
+    }
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.shared.budget {
+            Budget::Local(_) => "local",
+            #[cfg(feature = "redis")]
+            Budget::Redis(_) => "redis",
+        };
+        f.debug_struct("RateLimitLayer")
+            .field("endpoint", &self.shared.endpoint)
+            .field("global", &self.shared.global)
+            .field("adaptive", &self.shared.adaptive)
+            .field("state", &mode)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimitService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimitService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service made by [`RateLimitLayer`].
+#[derive(Clone)]
+pub struct RateLimitService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for RateLimitService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<DeliveryRequest> for RateLimitService<S>
+where
+    S: Service<DeliveryRequest, Response = AttemptResult> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = AttemptResult;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<AttemptResult, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: DeliveryRequest) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        // The ready service is the one to call; a clone takes its place for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let key = request.job.rate_limit_key();
+            let factor = match shared.decide(&key).await {
+                Ok(Decision::Admit { factor }) => factor,
+                Ok(Decision::Wait(wait)) => {
+                    let delay = shared.spread.delay(&key, wait, shared.endpoint.interval());
+                    return Ok(AttemptResult::Deferred {
+                        delay,
+                        reason: DeferReason::RateLimited,
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "deferring: the rate budget cannot be checked");
+                    return Ok(AttemptResult::Deferred {
+                        delay: UNAVAILABLE_DELAY,
+                        reason: DeferReason::LimiterUnavailable,
+                    });
+                }
+            };
+            let result = inner.call(request).await?;
+            if shared.adaptive {
+                shared.observe(&key, factor, &result).await;
+            }
+            Ok(result)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_429_halves_the_rate_and_successes_give_it_back() {
+        let interval = Duration::from_millis(100);
+        let (slow, cooldown) = slowed(Adaptation::FULL, None, interval);
+        assert_eq!((slow.factor, cooldown), (0.5, Duration::from_millis(200)));
+        let (slower, cooldown) = slowed(slow, Some(Duration::from_secs(3)), interval);
+        assert_eq!((slower.factor, cooldown), (0.25, Duration::from_secs(3)));
+        let mut floor = slower;
+        for _ in 0..10 {
+            floor = slowed(floor, None, interval).0;
+        }
+        assert_eq!(floor.factor, MIN_RATE_FACTOR);
+        let mut back = floor;
+        for _ in 0..15 {
+            back = recovered(back).0;
+        }
+        assert_eq!(back.factor, 1.0);
+        assert_eq!(
+            (cost(1.0, 10), cost(0.5, 10), cost(0.3, 10), cost(MIN_RATE_FACTOR, 4)),
+            (1, 2, 4, 4)
+        );
+    }
+}
