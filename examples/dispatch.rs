@@ -4,8 +4,13 @@
 //! ```text
 //! cargo run --release --example dispatch -- --backend sqlite|postgres|redis|memory \
 //!     --database-url URL --url TARGET --secret SECRET --count N \
-//!     [--scheme standard|stripe|github] [--max-attempts K] [--retry-base-ms MS] [--concurrency C]
+//!     [--scheme standard|stripe|github] [--max-attempts K] [--retry-base-ms MS] [--concurrency C] \
+//!     [--rate-limit PER_SECOND [--shared-limits REDIS_URL]]
 //! ```
+//!
+//! `--rate-limit` puts a `RateLimitLayer` of that many deliveries a second per endpoint in front
+//! of the signer; `--shared-limits` keeps its budget in Redis, shared by every process given the
+//! same URL and `DISPATCH_LIMITS_PREFIX` (by default `<queue>:limits`).
 //!
 //! Payloads are `{"seq": i}`. Progress goes to stderr; the last line on stdout is
 //! `{"enqueued":N,"delivered":D,"dead_lettered":X,"elapsed_s":F,"per_sec":F}`. Run it again
@@ -24,15 +29,18 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DeliveryEvent, RetrySchedule, SignatureScheme, WebhookSink, WebhookStore, WebhookSubscription, WebhookWorker,
+    DeliveryEvent, RetrySchedule, SignatureScheme, SigningLayer, WebhookSink, WebhookStore, WebhookSubscription,
+    WebhookWorker,
     backend::{memory, postgres, redis, sqlite, worker_name},
+    layers::{Limit, RateLimitLayer},
     ssrf::EgressPolicy,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
+use tower::ServiceBuilder;
 
 const USAGE: &str = "usage: dispatch --backend sqlite|postgres|redis|memory --database-url URL --url TARGET \
                      --secret SECRET --count N [--scheme standard|stripe|github] [--max-attempts K] \
-                     [--retry-base-ms MS] [--concurrency C]";
+                     [--retry-base-ms MS] [--concurrency C] [--rate-limit PER_SECOND [--shared-limits REDIS_URL]]";
 
 struct Args {
     backend: String,
@@ -44,6 +52,8 @@ struct Args {
     max_attempts: u32,
     retry_base: Duration,
     concurrency: usize,
+    rate_limit: Option<u32>,
+    shared_limits: Option<String>,
 }
 
 impl Args {
@@ -58,6 +68,8 @@ impl Args {
             max_attempts: 8,
             retry_base: Duration::from_secs(1),
             concurrency: 64,
+            rate_limit: None,
+            shared_limits: None,
         };
         let mut count = None;
         while let Some(flag) = argv.next() {
@@ -82,6 +94,10 @@ impl Args {
                 }
                 "--retry-base-ms" => args.retry_base = Duration::from_millis(number(&value)?),
                 "--concurrency" => args.concurrency = number(&value)?.max(1) as usize,
+                "--rate-limit" => {
+                    args.rate_limit = Some(number(&value)?.try_into().map_err(|_| "--rate-limit: too big")?)
+                }
+                "--shared-limits" => args.shared_limits = Some(value),
                 other => return Err(format!("unknown option {other}")),
             }
         }
@@ -149,6 +165,17 @@ async fn run(args: Args) -> Result<(), Error> {
     let concurrency = args.concurrency;
     // Tests that run several of these at once give each its own queue.
     let queue = std::env::var("DISPATCH_QUEUE").unwrap_or_else(|_| apalis_webhooks::backend::QUEUE.to_owned());
+    let rate_limit = match (args.rate_limit, &args.shared_limits) {
+        (None, _) => None,
+        (Some(rate), None) => Some(RateLimitLayer::per_endpoint(Limit::per_second(rate))),
+        (Some(rate), Some(url)) => {
+            let prefix = std::env::var("DISPATCH_LIMITS_PREFIX").unwrap_or_else(|_| format!("{queue}:limits"));
+            Some(RateLimitLayer::per_endpoint(Limit::per_second(rate)).shared(redis::connect(url).await?, prefix))
+        }
+    };
+    let layers = ServiceBuilder::new()
+        .option_layer(rate_limit)
+        .layer(SigningLayer::new());
     match args.backend.as_str() {
         "sqlite" => {
             let pool = sqlite::connect(&args.database_url).await?;
@@ -158,7 +185,7 @@ async fn run(args: Args) -> Result<(), Error> {
                 let worker = WorkerBuilder::new(worker_name("dispatch"))
                     .backend(sqlite::polling(storage()))
                     .concurrency(concurrency)
-                    .build(builder.service().expect("HTTP client"));
+                    .build(builder.service_with(layers.clone()).expect("HTTP client"));
                 tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
             })
             .await
@@ -175,7 +202,7 @@ async fn run(args: Args) -> Result<(), Error> {
                     let worker = WorkerBuilder::new(worker_name("dispatch"))
                         .backend(postgres::listening(storage))
                         .concurrency(concurrency)
-                        .build(builder.service().expect("HTTP client"));
+                        .build(builder.service_with(layers.clone()).expect("HTTP client"));
                     tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
                 },
             )
@@ -193,7 +220,7 @@ async fn run(args: Args) -> Result<(), Error> {
                     let worker = WorkerBuilder::new(worker_name("dispatch"))
                         .backend(redis::listening(storage))
                         .concurrency(concurrency)
-                        .build(builder.service().expect("HTTP client"));
+                        .build(builder.service_with(layers.clone()).expect("HTTP client"));
                     tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
                 },
             )
@@ -205,7 +232,7 @@ async fn run(args: Args) -> Result<(), Error> {
                 let worker = WorkerBuilder::new(worker_name("dispatch"))
                     .backend(storage)
                     .concurrency(concurrency)
-                    .build(builder.service().expect("HTTP client"));
+                    .build(builder.service_with(layers.clone()).expect("HTTP client"));
                 tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
             })
             .await

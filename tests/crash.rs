@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     process::Stdio,
     sync::{Arc, Mutex},
     time::Duration,
@@ -13,10 +12,15 @@ use std::{
 
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt},
+    io::AsyncBufReadExt,
     process::{Child, Command},
     sync::watch,
 };
+
+#[path = "common/dispatch.rs"]
+mod dispatch;
+
+use dispatch::{dispatch_binary, report};
 
 const EVENTS: u64 = 2000;
 const CONCURRENCY: u64 = 16;
@@ -73,19 +77,6 @@ async fn start_receiver() -> (String, Receiver, watch::Receiver<u64>) {
     (url, receiver, watcher)
 }
 
-/// The `dispatch` example, built by `cargo test` beside this test binary.
-fn dispatch_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join("dispatch");
-    assert!(
-        path.exists(),
-        "{} missing: run through `cargo test`, which builds examples",
-        path.display()
-    );
-    path
-}
-
 fn spawn_dispatch(backend: &str, database_url: &str, queue: &str, target: &str, count: u64) -> Child {
     spawn_dispatch_with_stderr(backend, database_url, queue, target, count, Stdio::null())
 }
@@ -117,20 +108,6 @@ fn spawn_dispatch_with_stderr(
         .kill_on_drop(true)
         .spawn()
         .unwrap()
-}
-
-/// Waits for a `dispatch` child to finish and returns its final JSON line.
-async fn report(mut child: Child) -> serde_json::Value {
-    let mut stdout = String::new();
-    let mut pipe = child.stdout.take().unwrap();
-    let status = tokio::time::timeout(PATIENCE, async {
-        pipe.read_to_string(&mut stdout).await.unwrap();
-        child.wait().await.unwrap()
-    })
-    .await
-    .expect("the draining process did not finish");
-    assert!(status.success(), "dispatch failed: {stdout}");
-    serde_json::from_str(stdout.lines().last().expect("no report")).unwrap()
 }
 
 /// Kills the first process once it has enqueued every event and half are delivered, then lets `drainer` (already
@@ -179,7 +156,7 @@ async fn killed_worker_loses_nothing(backend: &str, url_var: &str, second_worker
     first.kill().await.unwrap();
     let delivered_at_kill = *delivered.borrow();
     let drainer = second.unwrap_or_else(|| spawn_dispatch(backend, &database_url, &queue, &target, 0));
-    let report = report(drainer).await;
+    let report = report(drainer, PATIENCE).await;
 
     assert_eq!(report["dead_lettered"], 0, "{report}");
     let ledger = receiver.ledger.lock().unwrap();

@@ -105,6 +105,7 @@ async fn status_matrix() {
                 assert_eq!(dead_letter.record.status, Some(status));
                 "fatal"
             }
+            Seen::Deferred { .. } => "deferred",
         };
         assert_eq!(got, expected, "status {status}: {seen:?}");
         if expected == "fatal" && (300..400).contains(&status) {

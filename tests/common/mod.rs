@@ -11,7 +11,10 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_webhooks::{DeadLetter, DeliveryEvent, WebhookJob, WebhookWorker, sqlite, ssrf::EgressPolicy};
+use apalis_webhooks::{
+    AttemptResult, DeadLetter, DeferReason, DeliveryEvent, DeliveryRequest, HttpDelivery, SigningLayer, WebhookJob,
+    WebhookWorker, sqlite, ssrf::EgressPolicy,
+};
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
 use tokio::sync::{mpsc, oneshot};
 
@@ -175,6 +178,12 @@ pub enum Seen {
         webhook_id: String,
         dead_letter: DeadLetter,
     },
+    Deferred {
+        webhook_id: String,
+        attempt: u32,
+        deferrals: u32,
+        reason: DeferReason,
+    },
 }
 
 impl Seen {
@@ -183,7 +192,8 @@ impl Seen {
             Seen::Delivered { webhook_id, .. }
             | Seen::RetryScheduled { webhook_id, .. }
             | Seen::Gone { webhook_id }
-            | Seen::Dead { webhook_id, .. } => webhook_id,
+            | Seen::Dead { webhook_id, .. }
+            | Seen::Deferred { webhook_id, .. } => webhook_id,
         }
     }
 
@@ -212,6 +222,12 @@ impl Seen {
                 webhook_id: job.webhook_id().to_string(),
                 dead_letter: (*dead_letter).clone(),
             },
+            DeliveryEvent::Deferred { job, reason, .. } => Seen::Deferred {
+                webhook_id: job.webhook_id().to_string(),
+                attempt: job.attempt(),
+                deferrals: job.deferrals(),
+                reason: *reason,
+            },
             other => panic!("unexpected event {other:?}"),
         }
     }
@@ -233,12 +249,28 @@ impl RunningWorker {
 
     /// As `start`, with `configure` applied to the builder (after the event recorder).
     pub fn start_with(pool: &sqlite::SqlitePool, name: &str, configure: impl FnOnce(Builder) -> Builder) -> Self {
+        Self::start_layered(pool, name, configure, SigningLayer::new())
+    }
+
+    /// As `start_with`, delivering through `layer` (which should include the signer).
+    pub fn start_layered<L>(
+        pool: &sqlite::SqlitePool,
+        name: &str,
+        configure: impl FnOnce(Builder) -> Builder,
+        layer: L,
+    ) -> Self
+    where
+        L: tower::Layer<HttpDelivery>,
+        L::Service: tower::Service<DeliveryRequest, Response = AttemptResult> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<DeliveryRequest>>::Future: Send + 'static,
+        <L::Service as tower::Service<DeliveryRequest>>::Error: Into<apalis_core::error::BoxDynError> + Send + 'static,
+    {
         let storage = sqlite::storage(pool);
         Self::spawn(storage.clone(), configure, |builder, stopped| {
             let worker = WorkerBuilder::new(name)
                 .backend(sqlite::polling(storage))
                 .concurrency(8)
-                .build(builder.service().unwrap());
+                .build(builder.service_with(layer).unwrap());
             tokio::spawn(async move {
                 worker
                     .run_until(async move {
