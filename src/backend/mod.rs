@@ -3,10 +3,13 @@
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod rearmed;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+
+pub use rearmed::Rearmed;
 
 /// The queue webhook jobs live in. apalis would otherwise name the queue after the Rust type,
 /// which changes when the type moves.

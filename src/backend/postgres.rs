@@ -35,12 +35,10 @@
 
 use std::{fmt, time::Duration};
 
-use apalis_core::backend::ext::{
-    BackendExt,
-    poll_strategy::{PollWith, Strategy},
-};
+use apalis_core::backend::ext::poll_strategy::{PollWith, Strategy};
 pub use apalis_postgres::{Config, Error, PgConnectOptions, PgConnection, PgPool, PostgresStorage, Pubsub};
 
+use super::Rearmed;
 use crate::{job::WebhookJob, sink::WebhookSink};
 
 /// Tasks fetched per query. Measured on a 100,000-delivery backlog with 64 worker slots: 10
@@ -85,10 +83,10 @@ pub fn storage(pool: &PgPool) -> PostgresStorage<WebhookJob> {
 
 /// `storage` woken by Postgres `NOTIFY` for new deliveries and polled every
 /// [`RETRY_POLL_INTERVAL`] for due retries, for the worker.
-pub fn listening(storage: PostgresStorage<WebhookJob>) -> PollWith<PostgresStorage<WebhookJob>, Strategy> {
+pub fn listening(storage: PostgresStorage<WebhookJob>) -> PollWith<PostgresStorage<WebhookJob>, Rearmed<Strategy>> {
     let notifications = Pubsub::new(storage.pool().clone(), storage.config().queue.to_string());
     let strategy = Strategy::new().stream(notifications).interval(RETRY_POLL_INTERVAL);
-    storage.poll_with_strategy(strategy)
+    PollWith::new(storage, Rearmed(strategy))
 }
 
 /// Pushes webhook jobs into the queue of a [`PostgresStorage`], idempotently. Cheap to clone.

@@ -40,12 +40,10 @@ use std::{
 };
 
 use ::redis::Script;
-use apalis_core::backend::ext::{
-    BackendExt,
-    poll_strategy::{PollWith, StreamStrategy},
-};
+use apalis_core::backend::ext::poll_strategy::{PollWith, StreamStrategy};
 pub use apalis_redis::{Config, ConnectionManager, Error, RedisStorage};
 
+use super::Rearmed;
 use crate::{clock::unix_seconds, job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
 
 /// Tasks fetched per script. apalis's default of 10 costs a round trip per ten deliveries.
@@ -95,7 +93,9 @@ pub fn storage(conn: ConnectionManager) -> RedisStorage<WebhookJob> {
 
 /// `storage` woken every [`DEFAULT_POLL_INTERVAL`], after due retries have been moved to the
 /// active list. Spawns the task that moves them; it ends when the worker drops the backend.
-pub fn listening(mut storage: RedisStorage<WebhookJob>) -> PollWith<RedisStorage<WebhookJob>, StreamStrategy<Ticks>> {
+pub fn listening(
+    mut storage: RedisStorage<WebhookJob>,
+) -> PollWith<RedisStorage<WebhookJob>, Rearmed<StreamStrategy<Ticks>>> {
     let keys = Keys::new(storage.get_config());
     let mut conn = storage.get_connection().clone();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -113,7 +113,7 @@ pub fn listening(mut storage: RedisStorage<WebhookJob>) -> PollWith<RedisStorage
             }
         }
     });
-    storage.poll_with_strategy(StreamStrategy::new(Ticks(rx)))
+    PollWith::new(storage, Rearmed(StreamStrategy::new(Ticks(rx))))
 }
 
 /// Wake-ups for the worker from [`listening`].

@@ -1,13 +1,11 @@
 //! SQLite (apalis-sqlite), the embedded default.
 
-use apalis_core::backend::ext::{
-    BackendExt,
-    poll_strategy::{IntervalStrategy, PollWith},
-};
+use apalis_core::backend::ext::poll_strategy::{IntervalStrategy, PollWith};
 use std::{str::FromStr, time::Duration};
 
 pub use apalis_sqlite::{Config, Error, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteStorage};
 
+use super::Rearmed;
 use crate::{job::WebhookJob, worker::DEFAULT_POLL_INTERVAL};
 
 /// Tasks fetched per query. apalis's default of 10 costs a round trip per ten deliveries.
@@ -88,8 +86,8 @@ pub fn storage(pool: &SqlitePool) -> SqliteStorage<WebhookJob> {
 
 /// `storage` polled every [`DEFAULT_POLL_INTERVAL`], for the worker: without it an idle apalis
 /// worker looks for new work only on its heartbeat.
-pub fn polling(storage: SqliteStorage<WebhookJob>) -> PollWith<SqliteStorage<WebhookJob>, IntervalStrategy> {
-    storage.poll_with_interval(DEFAULT_POLL_INTERVAL)
+pub fn polling(storage: SqliteStorage<WebhookJob>) -> PollWith<SqliteStorage<WebhookJob>, Rearmed<IntervalStrategy>> {
+    PollWith::new(storage, Rearmed(IntervalStrategy::new(DEFAULT_POLL_INTERVAL)))
 }
 
 #[cfg(test)]
