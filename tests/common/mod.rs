@@ -12,8 +12,8 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    AttemptResult, DeadLetter, DeferReason, DeliveryEvent, DeliveryRequest, HttpDelivery, SigningLayer, WebhookJob,
-    WebhookWorker, sqlite, ssrf::EgressPolicy,
+    AttemptResult, DeadLetter, DeferReason, DeliveryEvent, DeliveryRequest, HttpDelivery, WebhookJob, WebhookWorker,
+    sqlite, ssrf::EgressPolicy,
 };
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
 use tokio::sync::{mpsc, oneshot};
@@ -235,6 +235,26 @@ impl Seen {
 
 pub type Builder = WebhookWorker<sqlite::SqliteStorage<WebhookJob>>;
 
+/// Runs a worker named `$name` with `$service` on `$storage` until `$stopped` fires. (A macro:
+/// the bounds `WorkerBuilder::build` puts on the service are not worth spelling out.)
+macro_rules! run_sqlite_worker {
+    ($name:expr, $storage:expr, $service:expr, $stopped:expr) => {{
+        let worker = WorkerBuilder::new($name)
+            .backend(sqlite::polling($storage))
+            .concurrency(8)
+            .build($service);
+        tokio::spawn(async move {
+            worker
+                .run_until(async move {
+                    let _ = $stopped.await;
+                    Ok::<_, WorkerError>(())
+                })
+                .await
+                .unwrap();
+        })
+    }};
+}
+
 /// A webhook worker running on a SQLite pool until stopped.
 pub struct RunningWorker {
     pub events: mpsc::UnboundedReceiver<Seen>,
@@ -249,7 +269,10 @@ impl RunningWorker {
 
     /// As `start`, with `configure` applied to the builder (after the event recorder).
     pub fn start_with(pool: &sqlite::SqlitePool, name: &str, configure: impl FnOnce(Builder) -> Builder) -> Self {
-        Self::start_layered(pool, name, configure, SigningLayer::new())
+        let storage = sqlite::storage(pool);
+        Self::spawn(storage.clone(), configure, |builder, stopped| {
+            run_sqlite_worker!(name, storage, builder.service().unwrap(), stopped)
+        })
     }
 
     /// As `start_with`, delivering through `layer` (which should include the signer).
@@ -267,19 +290,7 @@ impl RunningWorker {
     {
         let storage = sqlite::storage(pool);
         Self::spawn(storage.clone(), configure, |builder, stopped| {
-            let worker = WorkerBuilder::new(name)
-                .backend(sqlite::polling(storage))
-                .concurrency(8)
-                .build(builder.service_with(layer).unwrap());
-            tokio::spawn(async move {
-                worker
-                    .run_until(async move {
-                        let _ = stopped.await;
-                        Ok::<_, WorkerError>(())
-                    })
-                    .await
-                    .unwrap();
-            })
+            run_sqlite_worker!(name, storage, builder.service_with(layer).unwrap(), stopped)
         })
     }
 

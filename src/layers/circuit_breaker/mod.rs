@@ -215,7 +215,7 @@ impl Shared {
     }
 
     async fn admit(&self, endpoint: &str) -> Admission {
-        match self.store.update(&self.config, endpoint, Breaker::admit_step).await {
+        match self.store.update(&self.config, endpoint, Breaker::admit).await {
             Ok((admission, change)) => {
                 self.report(endpoint, change);
                 admission
@@ -233,12 +233,6 @@ impl Shared {
             Ok(((), change)) => self.report(endpoint, change),
             Err(error) => tracing::warn!(%error, endpoint, "could not record the outcome in the circuit breaker"),
         }
-    }
-}
-
-impl Breaker {
-    fn admit_step(&mut self, config: &BreakerConfig, now: u64) -> Admission {
-        self.admit(config, now)
     }
 }
 
