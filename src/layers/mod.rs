@@ -34,6 +34,13 @@ pub use rate_limit::{RateLimitLayer, RateLimitService};
 
 use crate::outcome::AttemptResult;
 
+/// Takes the service `poll_ready` readied, for a call that outlives `&mut self`, and leaves a
+/// clone in its place for the next request (the usual tower pattern).
+pub(crate) fn take_ready<S: Clone>(slot: &mut S) -> S {
+    let clone = slot.clone();
+    std::mem::replace(slot, clone)
+}
+
 /// Whether an attempt's result says the endpoint is unwell: transport errors and timeouts,
 /// 5xx and 429. Other 4xx mean the endpoint is up and answering.
 pub(crate) fn endpoint_failed(result: &AttemptResult) -> Option<bool> {

@@ -14,6 +14,7 @@ use tower::{Layer, Service};
 
 use crate::{
     delivery::DeliveryRequest,
+    layers::take_ready,
     outcome::{AttemptResult, TransportErrorKind},
     secret::Secret,
     secret_store::{SecretStore, SecretStoreError},
@@ -124,9 +125,7 @@ where
             let reason = format!("the job names key id {key_id:?}, but the worker has no secret store");
             return Either::Left(Either::Left(ready(Ok(AttemptResult::Refused { reason }))));
         };
-        // The ready service is the one to call; a clone takes its place for the next request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         Either::Right(Box::pin(async move {
             let mut secrets = match store.secrets(&key_id).await {
                 Ok(secrets) => secrets,

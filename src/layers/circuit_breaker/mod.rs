@@ -24,7 +24,7 @@ use self::{
     state::{Admission, Breaker},
     store::Store,
 };
-use super::endpoint_failed;
+use super::{endpoint_failed, take_ready};
 use crate::{
     delivery::DeliveryRequest,
     outcome::{AttemptResult, DeferReason},
@@ -293,9 +293,7 @@ where
 
     fn call(&mut self, request: DeliveryRequest) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        // The ready service is the one to call; a clone takes its place for the next request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
             let endpoint = request.job.endpoint();
             let probe = match shared.admit(&endpoint).await {

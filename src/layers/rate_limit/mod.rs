@@ -14,7 +14,7 @@ use std::{
 use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
-use super::{Limit, spread::Spread};
+use super::{Limit, spread::Spread, take_ready};
 use crate::{
     delivery::DeliveryRequest,
     outcome::{AttemptResult, DeferReason},
@@ -310,9 +310,7 @@ where
 
     fn call(&mut self, request: DeliveryRequest) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        // The ready service is the one to call; a clone takes its place for the next request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
             let key = request.job.rate_limit_key();
             let factor = match shared.decide(&key).await {
