@@ -51,3 +51,42 @@ pub(crate) fn endpoint_failed(result: &AttemptResult) -> Option<bool> {
         AttemptResult::Refused { .. } | AttemptResult::Deferred { .. } => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{DeferReason, TransportErrorKind};
+
+    fn response(status: u16) -> AttemptResult {
+        AttemptResult::Response {
+            status,
+            retry_after: None,
+            body_excerpt: String::new(),
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn breakers_count_transport_errors_5xx_and_429_but_not_other_4xx() {
+        for status in [500, 502, 503, 504, 429] {
+            assert_eq!(endpoint_failed(&response(status)), Some(true), "{status}");
+        }
+        for status in [200, 204, 301, 400, 401, 404, 410, 422] {
+            assert_eq!(endpoint_failed(&response(status)), Some(false), "{status}");
+        }
+        let timeout = AttemptResult::Transport {
+            kind: TransportErrorKind::Timeout,
+            message: String::new(),
+            duration: Duration::ZERO,
+        };
+        assert_eq!(endpoint_failed(&timeout), Some(true));
+        let deferred = AttemptResult::Deferred {
+            delay: Duration::ZERO,
+            reason: DeferReason::RateLimited,
+        };
+        assert_eq!(endpoint_failed(&deferred), None);
+        assert_eq!(endpoint_failed(&AttemptResult::Refused { reason: String::new() }), None);
+    }
+}
