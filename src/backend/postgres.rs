@@ -83,7 +83,7 @@ pub fn storage(pool: &PgPool) -> PostgresStorage<WebhookJob> {
 
 /// `storage` woken by Postgres `NOTIFY` for new deliveries and polled every
 /// [`RETRY_POLL_INTERVAL`] for due retries, for the worker.
-pub fn listening(storage: PostgresStorage<WebhookJob>) -> PollWith<PostgresStorage<WebhookJob>, Rearmed<Strategy>> {
+pub fn listening<T>(storage: PostgresStorage<T>) -> PollWith<PostgresStorage<T>, Rearmed<Strategy>> {
     let notifications = Pubsub::new(storage.pool().clone(), storage.config().queue.to_string());
     let strategy = Strategy::new().stream(notifications).interval(RETRY_POLL_INTERVAL);
     PollWith::new(storage, Rearmed(strategy))

@@ -16,6 +16,13 @@ use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy};
 #[derive(Debug, Clone)]
 pub struct Rearmed<S>(pub(crate) S);
 
+impl<S> Rearmed<S> {
+    /// Wraps `strategy`.
+    pub fn new(strategy: S) -> Self {
+        Self(strategy)
+    }
+}
+
 impl<S: PollStrategy> PollStrategy for Rearmed<S> {
     fn poll_drive(&mut self, cx: &mut Context<'_>, snapshot: &PollSnapshot) -> Poll<Option<()>> {
         let first = self.0.poll_drive(cx, snapshot);

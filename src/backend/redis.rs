@@ -93,9 +93,7 @@ pub fn storage(conn: ConnectionManager) -> RedisStorage<WebhookJob> {
 
 /// `storage` woken every [`DEFAULT_POLL_INTERVAL`], after due retries have been moved to the
 /// active list. Spawns the task that moves them; it ends when the worker drops the backend.
-pub fn listening(
-    mut storage: RedisStorage<WebhookJob>,
-) -> PollWith<RedisStorage<WebhookJob>, Rearmed<StreamStrategy<Ticks>>> {
+pub fn listening<T>(mut storage: RedisStorage<T>) -> PollWith<RedisStorage<T>, Rearmed<StreamStrategy<Ticks>>> {
     let keys = Keys::new(storage.get_config());
     let mut conn = storage.get_connection().clone();
     let (tx, rx) = tokio::sync::mpsc::channel(1);

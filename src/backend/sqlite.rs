@@ -86,7 +86,7 @@ pub fn storage(pool: &SqlitePool) -> SqliteStorage<WebhookJob> {
 
 /// `storage` polled every [`DEFAULT_POLL_INTERVAL`], for the worker: without it an idle apalis
 /// worker looks for new work only on its heartbeat.
-pub fn polling(storage: SqliteStorage<WebhookJob>) -> PollWith<SqliteStorage<WebhookJob>, Rearmed<IntervalStrategy>> {
+pub fn polling<T>(storage: SqliteStorage<T>) -> PollWith<SqliteStorage<T>, Rearmed<IntervalStrategy>> {
     PollWith::new(storage, Rearmed(IntervalStrategy::new(DEFAULT_POLL_INTERVAL)))
 }
 

@@ -1,0 +1,362 @@
+//! Side-by-side delivery benchmark on one machine, over loopback HTTP:
+//! raw HTTP (the ceiling), bare apalis (the floor of apalis's own cost), apalis-webhooks with
+//! its default layers, and webhook-dispatcher, on each backend.
+//!
+//! ```text
+//! cd benches/compare && cargo run --release -- [--events N] [--backends memory,sqlite,postgres,redis]
+//! ```
+//!
+//! Postgres and Redis come from `TEST_POSTGRES_URL` / `TEST_REDIS_URL` (skipped when unset).
+//! Each contender gets a fresh queue; events are enqueued by 4 tasks while the worker (64
+//! slots) delivers; throughput is events / (first dispatch → last arrival), latency is each
+//! event's dispatch → arrival.
+
+mod bare;
+mod raw;
+mod receiver;
+mod webhooks;
+
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use apalis_webhooks::{
+    Secret, WebhookSink, WebhookSubscription,
+    backend::{memory, postgres, redis, sqlite, worker_name},
+};
+use receiver::{PAD, Probe, Receiver, now_us};
+
+pub const CONCURRENCY: usize = 64;
+const ENQUEUERS: u64 = 4;
+const PATIENCE: Duration = Duration::from_secs(600);
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Row {
+    contender: &'static str,
+    backend: &'static str,
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs `enqueue(seq)` for every event from `ENQUEUERS` tasks, waits for all to arrive, and
+/// reports. `stop` ends the worker afterwards.
+async fn measure<F, Fut>(
+    receiver: &mut Receiver,
+    events: u64,
+    contender: &'static str,
+    backend: &'static str,
+    enqueue: F,
+) -> Row
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let before = receiver.arrived();
+    let _ = receiver.take_latencies();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..ENQUEUERS {
+        let enqueue = enqueue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seq = lane;
+            while seq < events {
+                enqueue(seq).await;
+                seq += ENQUEUERS;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    tokio::time::timeout(PATIENCE, receiver.wait_for(before + events as usize))
+        .await
+        .unwrap_or_else(|_| panic!("{contender} on {backend}: not every event arrived"));
+    let elapsed = started.elapsed().as_secs_f64();
+    let (p50_ms, p99_ms) = receiver.take_latencies();
+    let row = Row {
+        contender,
+        backend,
+        per_sec: events as f64 / elapsed,
+        p50_ms,
+        p99_ms,
+    };
+    eprintln!(
+        "{contender:>16} {backend:>8}: {:>8.0}/s  p50 {:>8.1} ms  p99 {:>8.1} ms",
+        row.per_sec, row.p50_ms, row.p99_ms
+    );
+    row
+}
+
+fn stop_signal() -> (tokio::sync::oneshot::Sender<()>, impl Future<Output = Result<(), WorkerError>> + Send) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    (stop, async move {
+        let _ = stopped.await;
+        Ok(())
+    })
+}
+
+fn bare_job(url: &str, seq: u64) -> bare::BareJob {
+    bare::BareJob {
+        url: url.to_owned(),
+        body: receiver::body(seq),
+    }
+}
+
+/// Dispatches event `seq` through apalis-webhooks into `sink`.
+async fn dispatch<S: WebhookSink<K>, K>(subscription: &WebhookSubscription, sink: &mut S, seq: u64) {
+    let probe = Probe { seq, t: now_us(), pad: PAD };
+    subscription.dispatch(sink, "bench.event", &probe).await.expect("dispatch");
+}
+
+async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64, rows: &mut Vec<Row>) -> Result<(), Error> {
+    let url = receiver.url.clone();
+    let client = reqwest::Client::new();
+    let subscription = WebhookSubscription::new(url.clone(), Secret::generate());
+    let queue = |who: &str| format!("bench-{who}-{}", ulid::Ulid::new());
+    match backend {
+        "memory" => {
+            // Bare: apalis's memory storage, fed straight through its channel.
+            let (tx, rx) = futures_channel();
+            let storage = apalis_core::backend::memory::MemoryStorage::new_with(sink_for(&tx), rx);
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("bare"))
+                .backend(storage)
+                .data(client.clone())
+                .concurrency(CONCURRENCY)
+                .build(bare::post);
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seq| {
+                let (tx, url) = (tx.clone(), url.clone());
+                async move {
+                    tx.unbounded_send(apalis_core::task::builder::TaskBuilder::new(bare_job(&url, seq)).build())
+                        .unwrap();
+                }
+            };
+            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let (storage, sink) = memory::storage();
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("webhooks"))
+                .backend(storage)
+                .concurrency(CONCURRENCY)
+                .build(webhooks::service(sink.clone()));
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seq| {
+                let (subscription, mut sink) = (subscription.clone(), sink.clone());
+                async move { dispatch(&subscription, &mut sink, seq).await }
+            };
+            rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+        }
+        "sqlite" => {
+            let dir = tempfile::tempdir()?;
+            let pool = sqlite::connect(&format!("sqlite://{}", dir.path().join("bench.db").display())).await?;
+
+            let storage =
+                apalis_sqlite::SqliteStorage::<bare::BareJob>::new(&pool).with_config(sqlite::config().queue(&queue("bare")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("bare"))
+                .backend(sqlite::polling(storage.clone()))
+                .data(client.clone())
+                .concurrency(CONCURRENCY)
+                .build(bare::post);
+            let handle = tokio::spawn(worker.run_until(until));
+            let url2 = url.clone();
+            let enqueue = move |seq| {
+                let (mut storage, url) = (storage.clone(), url2.clone());
+                async move { storage.push(bare_job(&url, seq)).await.expect("push") }
+            };
+            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let storage =
+                apalis_sqlite::SqliteStorage::<apalis_webhooks::WebhookJob>::new(&pool).with_config(sqlite::config().queue(&queue("webhooks")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("webhooks"))
+                .backend(sqlite::polling(storage.clone()))
+                .concurrency(CONCURRENCY)
+                .build(webhooks::service(storage.clone()));
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seq| {
+                let (subscription, mut sink) = (subscription.clone(), storage.clone());
+                async move { dispatch(&subscription, &mut sink, seq).await }
+            };
+            rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+        }
+        "postgres" => {
+            let Ok(database_url) = std::env::var("TEST_POSTGRES_URL") else {
+                eprintln!("skipping postgres: set TEST_POSTGRES_URL");
+                return Ok(());
+            };
+            let pool = postgres::connect(&database_url).await?;
+
+            let storage = apalis_postgres::PostgresStorage::<bare::BareJob>::new(&pool)
+                .with_config(postgres::config().queue(&queue("bare")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("bare"))
+                .backend(postgres::listening(storage.clone()))
+                .data(client.clone())
+                .concurrency(CONCURRENCY)
+                .build(bare::post);
+            let handle = tokio::spawn(worker.run_until(until));
+            let url2 = url.clone();
+            let enqueue = move |seq| {
+                let (mut storage, url) = (storage.clone(), url2.clone());
+                async move { storage.push(bare_job(&url, seq)).await.expect("push") }
+            };
+            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let storage = apalis_postgres::PostgresStorage::<apalis_webhooks::WebhookJob>::new(&pool)
+                .with_config(postgres::config().queue(&queue("webhooks")));
+            let sink = postgres::PostgresSink::new(&storage);
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("webhooks"))
+                .backend(postgres::listening(storage))
+                .concurrency(CONCURRENCY)
+                .build(webhooks::service(sink.clone()));
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seq| {
+                let (subscription, mut sink) = (subscription.clone(), sink.clone());
+                async move { dispatch(&subscription, &mut sink, seq).await }
+            };
+            rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+        }
+        "redis" => {
+            let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
+                eprintln!("skipping redis: set TEST_REDIS_URL");
+                return Ok(());
+            };
+            let conn = redis::connect(&redis_url).await?;
+
+            let storage = apalis_redis::RedisStorage::<bare::BareJob>::new(conn.clone())
+                .with_config(redis::config().queue(&queue("bare")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("bare"))
+                .backend(redis::listening(storage.clone()))
+                .data(client.clone())
+                .concurrency(CONCURRENCY)
+                .build(bare::post);
+            let handle = tokio::spawn(worker.run_until(until));
+            let url2 = url.clone();
+            let enqueue = move |seq| {
+                let (mut storage, url) = (storage.clone(), url2.clone());
+                async move { storage.push(bare_job(&url, seq)).await.expect("push") }
+            };
+            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let storage = apalis_redis::RedisStorage::<apalis_webhooks::WebhookJob>::new(conn)
+                .with_config(redis::config().queue(&queue("webhooks")));
+            let sink = redis::RedisSink::new(&storage);
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("webhooks"))
+                .backend(redis::listening(storage))
+                .concurrency(CONCURRENCY)
+                .build(webhooks::service(sink.clone()));
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seq| {
+                let (subscription, mut sink) = (subscription.clone(), sink.clone());
+                async move { dispatch(&subscription, &mut sink, seq).await }
+            };
+            rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+        }
+        other => return Err(format!("unknown backend {other}").into()),
+    }
+    Ok(())
+}
+
+type BareTask = apalis_core::task::Task<bare::BareJob>;
+
+fn futures_channel() -> (
+    futures::channel::mpsc::UnboundedSender<BareTask>,
+    futures::stream::BoxStream<'static, BareTask>,
+) {
+    use futures::StreamExt;
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    (tx, rx.boxed())
+}
+
+fn sink_for(
+    tx: &futures::channel::mpsc::UnboundedSender<BareTask>,
+) -> apalis_core::backend::memory::MemorySink<bare::BareJob> {
+    use futures::SinkExt;
+    let sink = tx.clone().sink_map_err(apalis_core::backend::memory::MemoryStorageError::from);
+    apalis_core::backend::memory::MemorySink::new(std::sync::Arc::new(futures::lock::Mutex::new(Box::new(sink))))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let mut events = 10_000u64;
+    let mut backends = vec!["memory", "sqlite", "postgres", "redis"];
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or("a flag without a value")?;
+        match flag.as_str() {
+            "--events" => events = value.parse()?,
+            "--backends" => {
+                backends = value
+                    .split(',')
+                    .map(|b| match b {
+                        "memory" => Ok("memory"),
+                        "sqlite" => Ok("sqlite"),
+                        "postgres" => Ok("postgres"),
+                        "redis" => Ok("redis"),
+                        other => Err(format!("unknown backend {other}")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            other => return Err(format!("unknown flag {other}").into()),
+        }
+    }
+    let mut receiver = Receiver::start().await;
+    let mut rows = Vec::new();
+
+    let before = receiver.arrived();
+    let started = Instant::now();
+    raw::run(&receiver.url, events, &Secret::generate()).await;
+    receiver.wait_for(before + events as usize).await;
+    let (p50_ms, p99_ms) = receiver.take_latencies();
+    let per_sec = events as f64 / started.elapsed().as_secs_f64();
+    eprintln!("{:>16} {:>8}: {per_sec:>8.0}/s  p50 {p50_ms:>8.1} ms  p99 {p99_ms:>8.1} ms", "raw HTTP", "-");
+    rows.push(Row {
+        contender: "raw HTTP",
+        backend: "-",
+        per_sec,
+        p50_ms,
+        p99_ms,
+    });
+
+    for backend in backends {
+        run_backend(backend, &mut receiver, events, &mut rows).await?;
+    }
+
+    println!("\n{events} events of 1 KiB, 64 in flight, loopback receiver answering 204\n");
+    println!("| contender | backend | deliveries/s | p50 ms | p99 ms | vs bare apalis |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for row in &rows {
+        let bare = rows
+            .iter()
+            .find(|r| r.backend == row.backend && r.contender == "bare apalis")
+            .map(|bare| format!("{:.2}×", row.per_sec / bare.per_sec))
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {bare} |",
+            row.contender, row.backend, row.per_sec, row.p50_ms, row.p99_ms
+        );
+    }
+    Ok(())
+}
