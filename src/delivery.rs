@@ -134,7 +134,7 @@ impl Service<DeliveryRequest> for HttpDelivery {
 
 async fn send(client: reqwest::Client, egress: &EgressPolicy, request: DeliveryRequest, cap: usize) -> AttemptResult {
     let DeliveryRequest { job, headers } = request;
-    let url = match target(egress, job.url()) {
+    let url = match target(egress, &job) {
         Ok(url) => url,
         Err(reason) => return AttemptResult::Refused { reason },
     };
@@ -181,8 +181,8 @@ async fn send(client: reqwest::Client, egress: &EgressPolicy, request: DeliveryR
 
 /// The URL to send to, after checking an IP-literal host against `egress` (host names are
 /// checked by the [`GuardedResolver`] when they are resolved).
-fn target(egress: &EgressPolicy, raw: &str) -> Result<url::Url, String> {
-    let url = url::Url::parse(raw).map_err(|_| "the URL does not parse".to_owned())?;
+fn target(egress: &EgressPolicy, job: &WebhookJob) -> Result<url::Url, String> {
+    let url = job.parsed_url().ok_or("the URL does not parse")?.clone();
     let literal = match url.host() {
         Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
         Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),

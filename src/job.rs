@@ -1,6 +1,6 @@
 //! The job stored in the host's apalis backend: one delivery attempt of one webhook.
 
-use std::fmt;
+use std::{fmt, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,18 @@ pub struct WebhookJob {
     /// The rate-limit key the subscription chose (a tenant id, say); the endpoint otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rate_limit_key: Option<String>,
+    /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
+    /// rate limiter, the span and the HTTP call all need them.
+    #[serde(skip)]
+    pub(crate) parsed: OnceLock<Parsed>,
+}
+
+/// What the job's URL parses into.
+#[derive(Debug, Clone)]
+pub(crate) struct Parsed {
+    pub(crate) url: Option<url::Url>,
+    pub(crate) endpoint: String,
+    pub(crate) host: String,
 }
 
 impl WebhookJob {
@@ -140,32 +152,41 @@ impl WebhookJob {
 
     /// The endpoint as rate limiters and circuit breakers key it: the URL's host, and its port
     /// when the URL names one (`api.example.com`, `127.0.0.1:8080`).
-    pub fn endpoint(&self) -> String {
-        url::Url::parse(&self.url)
-            .ok()
-            .and_then(|url| {
-                let host = url.host_str()?.to_owned();
-                Some(match url.port() {
-                    Some(port) => format!("{host}:{port}"),
-                    None => host,
-                })
-            })
-            .unwrap_or_default()
+    pub fn endpoint(&self) -> &str {
+        &self.parsed().endpoint
+    }
+
+    /// The URL, parsed (once per job); `None` if it does not parse (dispatch refuses those).
+    pub(crate) fn parsed_url(&self) -> Option<&url::Url> {
+        self.parsed().url.as_ref()
+    }
+
+    fn parsed(&self) -> &Parsed {
+        self.parsed.get_or_init(|| {
+            let url = url::Url::parse(&self.url).ok();
+            let host = url
+                .as_ref()
+                .and_then(|url| url.host_str())
+                .unwrap_or_default()
+                .to_owned();
+            let endpoint = match url.as_ref().and_then(url::Url::port) {
+                Some(port) => format!("{host}:{port}"),
+                None => host.clone(),
+            };
+            Parsed { url, endpoint, host }
+        })
     }
 
     /// The key rate limits count this delivery under: the subscription's
     /// [`rate_limit_key`](crate::WebhookSubscription::rate_limit_key) if it set one, else the
     /// [`endpoint`](Self::endpoint).
-    pub fn rate_limit_key(&self) -> String {
-        self.rate_limit_key.clone().unwrap_or_else(|| self.endpoint())
+    pub fn rate_limit_key(&self) -> &str {
+        self.rate_limit_key.as_deref().unwrap_or_else(|| self.endpoint())
     }
 
     /// The host of the target URL, for logs and spans (never the path, query or credentials).
-    pub fn endpoint_host(&self) -> String {
-        url::Url::parse(&self.url)
-            .ok()
-            .and_then(|url| url.host_str().map(str::to_owned))
-            .unwrap_or_default()
+    pub fn endpoint_host(&self) -> &str {
+        &self.parsed().host
     }
 
     pub(crate) fn secrets(&self) -> &[Secret] {

@@ -256,6 +256,7 @@ impl WebhookSubscription {
             replay: 0,
             deferrals: 0,
             rate_limit_key: self.rate_limit_key.clone(),
+            parsed: Default::default(),
         })
     }
 

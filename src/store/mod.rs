@@ -364,7 +364,7 @@ fn dead_entry(row: &TaskRow, died_at: u64) -> Option<DeadLetterEntry> {
     Some(DeadLetterEntry {
         webhook_id: row.job.webhook_id().clone(),
         event_type: row.job.event_type().to_owned(),
-        endpoint_host: row.job.endpoint_host(),
+        endpoint_host: row.job.endpoint_host().to_owned(),
         died_at,
         dead_letter: row.dead_letter()?,
     })

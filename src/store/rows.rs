@@ -167,7 +167,7 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
     Some(DeliveryHistory {
         webhook_id: last.job.webhook_id().clone(),
         event_type: last.job.event_type().to_owned(),
-        endpoint_host: last.job.endpoint_host(),
+        endpoint_host: last.job.endpoint_host().to_owned(),
         status,
         attempts,
     })

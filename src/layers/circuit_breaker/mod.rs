@@ -295,8 +295,9 @@ where
         let shared = Arc::clone(&self.shared);
         let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
-            let endpoint = request.job.endpoint();
-            let probe = match shared.admit(&endpoint).await {
+            let job = Arc::clone(&request.job);
+            let endpoint = job.endpoint();
+            let probe = match shared.admit(endpoint).await {
                 Admission::Go { probe } => probe,
                 Admission::Defer(wait) => {
                     let spread = rand::rng().random_range(Duration::ZERO..=MAX_SPREAD);
@@ -307,7 +308,7 @@ where
                 }
             };
             let result = inner.call(request).await?;
-            shared.record(&endpoint, endpoint_failed(&result), probe).await;
+            shared.record(endpoint, endpoint_failed(&result), probe).await;
             Ok(result)
         })
     }

@@ -312,11 +312,12 @@ where
         let shared = Arc::clone(&self.shared);
         let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
-            let key = request.job.rate_limit_key();
-            let factor = match shared.decide(&key).await {
+            let job = Arc::clone(&request.job);
+            let key = job.rate_limit_key();
+            let factor = match shared.decide(key).await {
                 Ok(Decision::Admit { factor }) => factor,
                 Ok(Decision::Wait(wait)) => {
-                    let delay = shared.spread.delay(&key, wait, shared.endpoint.interval());
+                    let delay = shared.spread.delay(key, wait, shared.endpoint.interval());
                     return Ok(AttemptResult::Deferred {
                         delay,
                         reason: DeferReason::RateLimited,
@@ -332,7 +333,7 @@ where
             };
             let result = inner.call(request).await?;
             if shared.adaptive {
-                shared.observe(&key, factor, &result).await;
+                shared.observe(key, factor, &result).await;
             }
             Ok(result)
         })
