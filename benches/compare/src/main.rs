@@ -3,7 +3,8 @@
 //! its default layers, and webhook-dispatcher, on each backend.
 //!
 //! ```text
-//! cd benches/compare && cargo run --release -- [--events N] [--backends memory,sqlite,postgres,redis]
+//! cd benches/compare && cargo run --release -- [--events N] [--runs R] [--backends memory,sqlite,postgres,redis]
+//! cd benches/compare && cargo run --release -- --backlog 100000 --backends sqlite,postgres,redis
 //! ```
 //!
 //! Postgres and Redis come from `TEST_POSTGRES_URL` / `TEST_REDIS_URL` (skipped when unset).
@@ -11,6 +12,7 @@
 //! slots) delivers; throughput is events / (first dispatch → last arrival), latency is each
 //! event's dispatch → arrival.
 
+mod backlog;
 mod bare;
 mod raw;
 mod receiver;
@@ -279,6 +281,33 @@ async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64
     Ok(())
 }
 
+/// One row per contender and backend, each figure the median over the runs.
+fn medians(all: &[Row]) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for row in all {
+        if rows.iter().any(|r| r.contender == row.contender && r.backend == row.backend) {
+            continue;
+        }
+        let same: Vec<&Row> = all
+            .iter()
+            .filter(|r| r.contender == row.contender && r.backend == row.backend)
+            .collect();
+        let median = |field: fn(&Row) -> f64| {
+            let mut values: Vec<f64> = same.iter().map(|r| field(r)).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        rows.push(Row {
+            contender: row.contender,
+            backend: row.backend,
+            per_sec: median(|r| r.per_sec),
+            p50_ms: median(|r| r.p50_ms),
+            p99_ms: median(|r| r.p99_ms),
+        });
+    }
+    rows
+}
+
 type BareTask = apalis_core::task::Task<bare::BareJob>;
 
 fn futures_channel() -> (
@@ -301,12 +330,16 @@ fn sink_for(
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let mut events = 10_000u64;
+    let mut runs = 3usize;
+    let mut backlog_events = 0u64;
     let mut backends = vec!["memory", "sqlite", "postgres", "redis"];
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or("a flag without a value")?;
         match flag.as_str() {
             "--events" => events = value.parse()?,
+            "--runs" => runs = value.parse::<usize>()?.max(1),
+            "--backlog" => backlog_events = value.parse()?,
             "--backends" => {
                 backends = value
                     .split(',')
@@ -323,28 +356,40 @@ async fn main() -> Result<(), Error> {
         }
     }
     let mut receiver = Receiver::start().await;
-    let mut rows = Vec::new();
-
-    let before = receiver.arrived();
-    let started = Instant::now();
-    raw::run(&receiver.url, events, &Secret::generate()).await;
-    receiver.wait_for(before + events as usize).await;
-    let (p50_ms, p99_ms) = receiver.take_latencies();
-    let per_sec = events as f64 / started.elapsed().as_secs_f64();
-    eprintln!("{:>16} {:>8}: {per_sec:>8.0}/s  p50 {p50_ms:>8.1} ms  p99 {p99_ms:>8.1} ms", "raw HTTP", "-");
-    rows.push(Row {
-        contender: "raw HTTP",
-        backend: "-",
-        per_sec,
-        p50_ms,
-        p99_ms,
-    });
-
-    for backend in backends {
-        run_backend(backend, &mut receiver, events, &mut rows).await?;
+    if backlog_events > 0 {
+        println!("| backend | backlog | drained deliveries/s | peak RSS MiB (before the backlog) |");
+        println!("|---|---:|---:|---:|");
+        for backend in &backends {
+            if let Some((rate, peak, baseline)) = backlog::run(backend, &mut receiver, backlog_events).await? {
+                println!("| {backend} | {backlog_events} | {rate:.0} | {peak:.0} ({baseline:.0}) |");
+            }
+        }
+        return Ok(());
     }
+    let mut all = Vec::new();
+    for run in 1..=runs {
+        eprintln!("run {run} of {runs}");
+        let before = receiver.arrived();
+        let started = Instant::now();
+        raw::run(&receiver.url, events, &Secret::generate()).await;
+        receiver.wait_for(before + events as usize).await;
+        let (p50_ms, p99_ms) = receiver.take_latencies();
+        let per_sec = events as f64 / started.elapsed().as_secs_f64();
+        eprintln!("{:>16} {:>8}: {per_sec:>8.0}/s  p50 {p50_ms:>8.1} ms  p99 {p99_ms:>8.1} ms", "raw HTTP", "-");
+        all.push(Row {
+            contender: "raw HTTP",
+            backend: "-",
+            per_sec,
+            p50_ms,
+            p99_ms,
+        });
+        for backend in &backends {
+            run_backend(backend, &mut receiver, events, &mut all).await?;
+        }
+    }
+    let rows = medians(&all);
 
-    println!("\n{events} events of 1 KiB, 64 in flight, loopback receiver answering 204\n");
+    println!("\n{events} events of 1 KiB, 64 in flight, loopback receiver answering 204; median of {runs} runs\n");
     println!("| contender | backend | deliveries/s | p50 ms | p99 ms | vs bare apalis |");
     println!("|---|---|---:|---:|---:|---:|");
     for row in &rows {
