@@ -4,6 +4,9 @@ use std::task::{Context, Poll};
 
 use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy};
 
+/// Most ready signals drained in one poll.
+const MAX_DRAIN: usize = 64;
+
 /// Wraps an apalis poll strategy so that each wake-up arms the next one.
 ///
 /// apalis 1.0's interval and stream strategies, once they fire, set up their next timer (or
@@ -28,8 +31,13 @@ impl<S: PollStrategy> PollStrategy for Rearmed<S> {
         let first = self.0.poll_drive(cx, snapshot);
         if matches!(first, Poll::Ready(Some(()))) {
             // Further signals ready now are the same wake-up; stop at the first pending one,
-            // which has this task's waker.
-            while let Poll::Ready(Some(())) = self.0.poll_drive(cx, snapshot) {}
+            // which has this task's waker. Bounded, for a strategy that is always ready (a zero
+            // interval): it needs no waker anyway.
+            for _ in 0..MAX_DRAIN {
+                if !matches!(self.0.poll_drive(cx, snapshot), Poll::Ready(Some(()))) {
+                    break;
+                }
+            }
         }
         first
     }
