@@ -14,11 +14,15 @@
 
 mod backlog;
 mod bare;
+mod dispatcher;
 mod raw;
 mod receiver;
 mod webhooks;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use apalis::prelude::*;
 use apalis_webhooks::{
@@ -153,6 +157,14 @@ async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64
             rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
+
+            let (dispatcher, endpoint) = dispatcher::in_memory(&receiver.url).await;
+            let run = ulid::Ulid::new().to_string();
+            let enqueue = move |seq| {
+                let (dispatcher, endpoint, run) = (Arc::clone(&dispatcher), endpoint.clone(), run.clone());
+                async move { dispatcher::send(&dispatcher, &endpoint, &run, seq).await }
+            };
+            rows.push(measure(receiver, events, "webhook-dispatcher", backend, enqueue).await);
         }
         "sqlite" => {
             let dir = tempfile::tempdir()?;
@@ -233,6 +245,15 @@ async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64
             rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
+
+            let (dispatcher, endpoint, schema) = dispatcher::on_postgres(&database_url, &receiver.url).await?;
+            let run = ulid::Ulid::new().to_string();
+            let enqueue = move |seq| {
+                let (dispatcher, endpoint, run) = (Arc::clone(&dispatcher), endpoint.clone(), run.clone());
+                async move { dispatcher::send(&dispatcher, &endpoint, &run, seq).await }
+            };
+            rows.push(measure(receiver, events, "webhook-dispatcher", backend, enqueue).await);
+            dispatcher::drop_schema(&database_url, &schema).await?;
         }
         "redis" => {
             let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
