@@ -153,8 +153,10 @@ async fn secrets_and_header_values_appear_in_no_log_listing_or_error() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    // The test runtime is single-threaded: the worker, reqwest and hyper all log through this.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // Global, not scoped to this thread: tracing caches per call site whether anyone listens,
+    // and another test's thread (with no subscriber) could otherwise switch a call site off.
+    // The only global subscriber of this test binary; it sees the other tests' logs too.
+    tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber here");
 
     let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
     let token = "Bearer sk_live_do_not_log";
