@@ -84,7 +84,8 @@ async fn a_failing_endpoint_opens_probes_and_closes_while_a_healthy_one_is_deliv
     let breakers = CircuitBreakerLayer::new(
         BreakerConfig::default()
             .consecutive_failures(3)
-            .open_for(Duration::from_secs(2))
+            // Long enough for the held-back and healthy deliveries below to happen while open.
+            .open_for(Duration::from_secs(4))
             .half_open_probes(2)
             .successes_to_close(2),
     )
