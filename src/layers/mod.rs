@@ -2,7 +2,7 @@
 //! [`CircuitBreakerLayer`].
 //!
 //! Both **defer** instead of failing: a delivery they hold back is answered with
-//! [`AttemptResult::Deferred`](crate::AttemptResult::Deferred), and the worker stores the same
+//! [`AttemptResult::Deferred`], and the worker stores the same
 //! attempt again, due later. No attempt is counted, no worker slot waits, nothing is
 //! dead-lettered for it. Each keeps its state in process memory, or in Redis (feature `redis`)
 //! so that every worker of a fleet shares one budget and one breaker per endpoint.
