@@ -290,8 +290,8 @@ impl<B: Clone> WebhookWorker<B> {
     }
 
     /// Resolves the key ids of [secret-store](crate::SecretStore) jobs through `store` (used by
-    /// [`service`](Self::service); with [`service_with`](Self::service_with), give it to your
-    /// [`SigningLayer`]).
+    /// [`service`](Self::service); with [`service_with`](Self::service_with), put
+    /// [`signing_layer`](Self::signing_layer) in your stack).
     pub fn secret_store(mut self, store: impl SecretStore) -> Self {
         self.secret_store = Some(Arc::new(store));
         self
@@ -331,11 +331,16 @@ impl<B: Clone> WebhookWorker<B> {
 
     /// The service with the default stack: signing around HTTP delivery.
     pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError> {
-        let signing = match &self.secret_store {
+        self.service_with(self.signing_layer())
+    }
+
+    /// The signing layer [`service`](Self::service) uses, with this worker's secret store if it
+    /// has one: the one to put in a stack for [`service_with`](Self::service_with).
+    pub fn signing_layer(&self) -> SigningLayer {
+        match &self.secret_store {
             Some(store) => SigningLayer::new().with_shared_secret_store(Arc::clone(store)),
             None => SigningLayer::new(),
-        };
-        self.service_with(signing)
+        }
     }
 
     /// The service with your own `layer` around HTTP delivery (it should include
