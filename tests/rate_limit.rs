@@ -77,14 +77,8 @@ async fn a_local_limit_holds_and_deferred_deliveries_keep_their_attempt() {
                 assert_eq!(attempt, 1);
                 delivered += 1;
             }
-            Seen::Deferred {
-                attempt,
-                reason,
-                deferrals,
-                ..
-            } => {
+            Seen::Deferred { attempt, reason, .. } => {
                 assert_eq!((attempt, reason), (1, DeferReason::RateLimited));
-                assert!(deferrals < 1000);
                 deferred += 1;
             }
             other => panic!("{other:?}"),

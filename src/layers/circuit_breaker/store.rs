@@ -17,6 +17,19 @@ pub(super) enum Store {
     Redis(redis_store::RedisStore),
 }
 
+/// Runs `step` on `breaker` at `now`; returns its result and the phase change it made.
+fn run_step<T>(
+    breaker: &mut Breaker,
+    config: &BreakerConfig,
+    now: u64,
+    step: &impl Fn(&mut Breaker, &BreakerConfig, u64) -> T,
+) -> (T, Change) {
+    let before = breaker.phase;
+    let out = step(breaker, config, now);
+    let change = (before != breaker.phase).then_some((before, breaker.phase));
+    (out, change)
+}
+
 impl Store {
     /// Runs `step` on `key`'s breaker at the store's clock (Unix ms) and saves the result.
     /// Returns what `step` returned and the phase change, if any.
@@ -30,16 +43,14 @@ impl Store {
             Self::Local(breakers) => {
                 let now = crate::clock::unix_millis();
                 let mut breakers = breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                let breaker = breakers.entry(key.to_owned()).or_default();
-                let before = breaker.phase;
-                let out = step(breaker, config, now);
-                let change = (before != breaker.phase).then_some((before, breaker.phase));
-                if *breaker == Breaker::default() {
-                    // A closed breaker with nothing counted is the same as none: keep the map
-                    // to the endpoints that have a story.
-                    breakers.remove(key);
+                let mut breaker = breakers.remove(key).unwrap_or_default();
+                let stepped = run_step(&mut breaker, config, now, &step);
+                // A closed breaker with nothing counted is the same as none: the map keeps only
+                // endpoints that have a story, and a healthy delivery allocates nothing here.
+                if breaker != Breaker::default() {
+                    breakers.insert(key.to_owned(), breaker);
                 }
-                Ok((out, change))
+                Ok(stepped)
             }
             #[cfg(feature = "redis")]
             Self::Redis(redis) => redis.update(config, key, step).await,
@@ -142,9 +153,7 @@ return 1
         ) -> Result<(T, Change), StateUnavailable> {
             for _ in 0..CAS_TRIES {
                 let (json, mut breaker, now) = self.fetch(endpoint).await?;
-                let before = breaker.phase;
-                let out = step(&mut breaker, config, now);
-                let change = (before != breaker.phase).then_some((before, breaker.phase));
+                let (out, change) = super::run_step(&mut breaker, config, now, &step);
                 let next = match breaker == Breaker::default() {
                     true => String::new(),
                     false => serde_json::to_string(&breaker).map_err(unavailable)?,
