@@ -4,7 +4,7 @@ use std::{fmt, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{policy::DeliveryPolicy, secret::Secret, signing::SignatureScheme};
+use crate::{layers::Limit, policy::DeliveryPolicy, registry::EndpointId, secret::Secret, signing::SignatureScheme};
 
 /// The stable id of a delivery: `msg_` and a ULID.
 ///
@@ -74,10 +74,20 @@ pub struct WebhookJob {
     /// The rate-limit key the subscription chose (a tenant id, say); the endpoint otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rate_limit_key: Option<String>,
+    /// The subscription's own rate limit, applied instead of the layer's per-endpoint one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rate_limit: Option<Limit>,
+    /// The registry endpoint this delivery is for (fan-out), which the worker keeps current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) endpoint_id: Option<EndpointId>,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
     pub(crate) parsed: OnceLock<Parsed>,
+    /// Set by `dispatch` on the job it builds and pushes once: a brand-new delivery cannot be
+    /// stored twice, so backends may skip their idempotency bookkeeping for it.
+    #[serde(skip)]
+    pub(crate) fresh: bool,
 }
 
 /// What the job's URL parses into.
@@ -184,6 +194,16 @@ impl WebhookJob {
         self.rate_limit_key.as_deref().unwrap_or_else(|| self.endpoint())
     }
 
+    /// The subscription's own rate limit, if it set one.
+    pub fn own_rate_limit(&self) -> Option<Limit> {
+        self.rate_limit
+    }
+
+    /// The registry endpoint this delivery is for, when it was fanned out from one.
+    pub fn endpoint_id(&self) -> Option<&EndpointId> {
+        self.endpoint_id.as_ref()
+    }
+
     /// The host of the target URL, for logs and spans (never the path, query or credentials).
     pub fn endpoint_host(&self) -> &str {
         &self.parsed().host
@@ -198,6 +218,7 @@ impl WebhookJob {
         Self {
             attempt: self.attempt + 1,
             deferrals: 0,
+            fresh: false,
             ..self.clone()
         }
     }
@@ -206,6 +227,7 @@ impl WebhookJob {
     pub(crate) fn deferred(&self) -> Self {
         Self {
             deferrals: self.deferrals + 1,
+            fresh: false,
             ..self.clone()
         }
     }
@@ -227,6 +249,7 @@ impl WebhookJob {
             attempt: 1,
             replay: self.replay + 1,
             deferrals: 0,
+            fresh: false,
             ..self.clone()
         }
     }
@@ -234,13 +257,12 @@ impl WebhookJob {
 
 impl fmt::Debug for WebhookJob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
         f.debug_struct("WebhookJob")
             .field("webhook_id", &self.webhook_id)
             .field("event_type", &self.event_type)
             .field("endpoint_host", &self.endpoint_host())
             .field("body_bytes", &self.body.len())
-            .field("header_names", &header_names)
+            .field("header_names", &crate::subscription::header_names(&self.headers))
             .field("scheme", &self.scheme)
             .field("secrets", &self.secrets)
             .field("key_id", &self.key_id)
@@ -250,6 +272,8 @@ impl fmt::Debug for WebhookJob {
             .field("replay", &self.replay)
             .field("deferrals", &self.deferrals)
             .field("rate_limit_key", &self.rate_limit_key)
+            .field("rate_limit", &self.rate_limit)
+            .field("endpoint_id", &self.endpoint_id)
             .finish()
     }
 }

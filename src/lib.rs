@@ -56,6 +56,7 @@ pub mod layers;
 mod outcome;
 mod policy;
 mod record;
+pub mod registry;
 mod retry;
 mod secret;
 mod secret_store;

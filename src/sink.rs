@@ -31,6 +31,17 @@ pub trait WebhookSink<K>: Send {
         job: WebhookJob,
         run_at: Option<u64>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Stores `jobs`, all due now: in one round trip (one transaction, one pipeline) on
+    /// SQLite, Postgres and Redis; one by one elsewhere. Used by fan-out.
+    fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        async move {
+            for job in jobs {
+                self.push_job(job, None).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 impl<S, K> WebhookSink<K> for S
@@ -45,13 +56,24 @@ where
         job: WebhookJob,
         run_at: Option<u64>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        let key = job.idempotency_key();
-        let mut task = TaskBuilder::new(job)
-            .idempotency_key(key)
-            .max_attempts(INFRA_MAX_ATTEMPTS as usize);
-        if let Some(run_at) = run_at {
-            task = task.run_at_timestamp(run_at);
-        }
-        self.push_task(task.build())
+        self.push_task(task(job, run_at))
     }
+
+    fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        // Through the backend's buffered sink: apalis-sqlite writes the batch in one flush.
+        let tasks = futures::stream::iter(jobs.into_iter().map(|job| task(job, None)));
+        async move { self.push_all(tasks).await }
+    }
+}
+
+/// The apalis task of one job: its idempotency key, apalis's own attempt limit, its due time.
+fn task(job: WebhookJob, run_at: Option<u64>) -> apalis_core::task::Task<WebhookJob> {
+    let key = job.idempotency_key();
+    let mut task = TaskBuilder::new(job)
+        .idempotency_key(key)
+        .max_attempts(INFRA_MAX_ATTEMPTS as usize);
+    if let Some(run_at) = run_at {
+        task = task.run_at_timestamp(run_at);
+    }
+    task.build()
 }

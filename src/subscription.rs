@@ -8,8 +8,10 @@ use serde::Serialize;
 use crate::{
     delivery::{ATTEMPT_HEADER, EVENT_HEADER},
     job::{WebhookId, WebhookJob},
+    layers::Limit,
     outcome::StatusSet,
     policy::DeliveryPolicy,
+    registry::EndpointId,
     retry::RetrySchedule,
     secret::{Secret, SecretError},
     signing::SignatureScheme,
@@ -68,6 +70,8 @@ pub struct WebhookSubscription {
     secrets: Vec<Secret>,
     key_id: Option<String>,
     rate_limit_key: Option<String>,
+    rate_limit: Option<Limit>,
+    endpoint_id: Option<EndpointId>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -120,12 +124,19 @@ impl WebhookSubscription {
         Self::signed_by(url.into(), vec![secret.into()], None)
     }
 
+    /// A subscription signed with `secrets` (none: a registry endpoint adds its own).
+    pub(crate) fn signed_with(url: String, secrets: Vec<Secret>) -> Self {
+        Self::signed_by(url, secrets, None)
+    }
+
     fn signed_by(url: String, secrets: Vec<Secret>, key_id: Option<String>) -> Self {
         Self {
             url,
             secrets,
             key_id,
             rate_limit_key: None,
+            rate_limit: None,
+            endpoint_id: None,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -163,6 +174,22 @@ impl WebhookSubscription {
     /// key id: visible ASCII, at most 256 bytes.
     pub fn rate_limit_key(mut self, key: impl Into<String>) -> Self {
         self.rate_limit_key = Some(key.into());
+        self
+    }
+
+    /// A rate limit of this subscription's own, which a
+    /// [`RateLimitLayer`](crate::layers::RateLimitLayer) applies to its
+    /// [`rate_limit_key`](Self::rate_limit_key) instead of the layer's per-endpoint limit. Give
+    /// it a key of its own, or every subscription under the same key should carry the same limit.
+    pub fn own_rate_limit(mut self, limit: Limit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// The registry endpoint this subscription delivers for: the worker reports its failures
+    /// and 410s to the [`EndpointRegistry`](crate::registry::EndpointRegistry) under this id.
+    pub fn endpoint_id(mut self, id: impl Into<EndpointId>) -> Self {
+        self.endpoint_id = Some(id.into());
         self
     }
 
@@ -218,6 +245,13 @@ impl WebhookSubscription {
     /// Validates and serializes, returning the job that [`dispatch`](Self::dispatch) would
     /// enqueue. Useful to push with your own `TaskBuilder` options.
     pub fn job<T: Serialize + ?Sized>(&self, event_type: &str, payload: &T) -> Result<WebhookJob, DispatchError> {
+        self.validate(event_type)?;
+        let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
+        self.job_with_body(event_type, body)
+    }
+
+    /// Checks everything but the payload.
+    pub(crate) fn validate(&self, event_type: &str) -> Result<(), DispatchError> {
         validate_url(&self.url)?;
         validate_event_type(event_type)?;
         self.validate_headers()?;
@@ -234,7 +268,11 @@ impl WebhookSubscription {
             }
             None => self.scheme.check_secrets(&self.secrets)?,
         }
-        let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
+        Ok(())
+    }
+
+    /// The job for an already serialized payload; [`validate`](Self::validate) first.
+    pub(crate) fn job_with_body(&self, event_type: &str, body: String) -> Result<WebhookJob, DispatchError> {
         if body.len() > self.max_payload_bytes {
             return Err(DispatchError::PayloadTooLarge {
                 size: body.len(),
@@ -256,7 +294,10 @@ impl WebhookSubscription {
             replay: 0,
             deferrals: 0,
             rate_limit_key: self.rate_limit_key.clone(),
+            rate_limit: self.rate_limit,
+            endpoint_id: self.endpoint_id.clone(),
             parsed: Default::default(),
+            fresh: false,
         })
     }
 
@@ -274,7 +315,8 @@ impl WebhookSubscription {
         S: WebhookSink<K>,
         T: Serialize + ?Sized,
     {
-        let job = self.job(event_type, payload)?;
+        let mut job = self.job(event_type, payload)?;
+        job.fresh = true;
         let id = job.webhook_id.clone();
         sink.push_job(job, None)
             .await
@@ -305,22 +347,32 @@ impl WebhookSubscription {
 
 impl std::fmt::Debug for WebhookSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let host = url::Url::parse(&self.url)
-            .ok()
-            .and_then(|url| url.host_str().map(str::to_owned))
-            .unwrap_or_default();
-        let header_names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
         f.debug_struct("WebhookSubscription")
-            .field("endpoint_host", &host)
+            .field("endpoint_host", &url_host(&self.url))
             .field("secrets", &self.secrets)
             .field("key_id", &self.key_id)
             .field("rate_limit_key", &self.rate_limit_key)
             .field("scheme", &self.scheme)
-            .field("header_names", &header_names)
+            .field("header_names", &header_names(&self.headers))
             .field("policy", &self.policy)
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("rate_limit", &self.rate_limit)
+            .field("endpoint_id", &self.endpoint_id)
             .finish()
     }
+}
+
+/// The host of `url` for `Debug` output: paths and queries often carry tokens.
+pub(crate) fn url_host(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Header names without their values (which may be credentials), for `Debug` output.
+pub(crate) fn header_names(headers: &[(String, String)]) -> Vec<&str> {
+    headers.iter().map(|(name, _)| name.as_str()).collect()
 }
 
 fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {
@@ -356,7 +408,7 @@ fn validate_url(raw: &str) -> Result<(), DispatchError> {
     Ok(())
 }
 
-fn validate_event_type(event_type: &str) -> Result<(), DispatchError> {
+pub(crate) fn validate_event_type(event_type: &str) -> Result<(), DispatchError> {
     if event_type.is_empty() {
         return Err(DispatchError::InvalidEventType("empty"));
     }

@@ -24,6 +24,10 @@ use crate::{
     job::WebhookJob,
     outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
     record::AttemptRecord,
+    registry::{
+        DEFAULT_DISABLE_AFTER, EndpointId, EndpointRegistry,
+        health::{EndpointHealth, Verdict},
+    },
     secret_store::SecretStore,
     signing::{SigningLayer, SigningService},
     sink::WebhookSink,
@@ -188,6 +192,17 @@ pub enum DeliveryEvent<'a> {
         /// Unix seconds at which it is due again.
         until: u64,
     },
+    /// The worker disabled the job's registry endpoint (it answered 410 Gone, or failed for
+    /// [`disable_endpoints_after`](WebhookWorker::disable_endpoints_after)); it receives
+    /// nothing more until the app enables it again.
+    EndpointDisabled {
+        /// The job whose attempt decided it.
+        job: &'a WebhookJob,
+        /// The endpoint.
+        endpoint_id: &'a EndpointId,
+        /// Why, as stored in the registry.
+        reason: &'a str,
+    },
     /// The delivery will not be attempted again.
     DeadLettered {
         /// The job.
@@ -243,6 +258,8 @@ pub struct WebhookWorker<B> {
     secret_store: Option<Arc<dyn SecretStore>>,
     max_response_bytes: Option<usize>,
     hooks: Hooks,
+    registry: Option<Arc<dyn EndpointRegistry>>,
+    disable_after: Duration,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
@@ -252,6 +269,8 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
             .field("egress", &self.egress)
             .field("secret_store", &self.secret_store.is_some())
             .field("hooks", &self.hooks.0.len())
+            .field("registry", &self.registry.is_some())
+            .field("disable_after", &self.disable_after)
             .finish_non_exhaustive()
     }
 }
@@ -271,7 +290,27 @@ impl<B: Clone> WebhookWorker<B> {
             secret_store: None,
             max_response_bytes: None,
             hooks: Hooks::default(),
+            registry: None,
+            disable_after: DEFAULT_DISABLE_AFTER,
         }
+    }
+
+    /// Keeps `registry` current for fanned-out deliveries (jobs with an
+    /// [`endpoint_id`](WebhookJob::endpoint_id)): records their failures and successes, and
+    /// disables an endpoint that answers 410 Gone or fails without a success for
+    /// [`disable_endpoints_after`](Self::disable_endpoints_after), firing
+    /// [`DeliveryEvent::EndpointDisabled`]. A registry that cannot be reached is logged, and
+    /// never holds up or fails a delivery.
+    pub fn registry(mut self, registry: impl EndpointRegistry) -> Self {
+        self.registry = Some(Arc::new(registry));
+        self
+    }
+
+    /// How long an endpoint may fail without a success before it is disabled
+    /// ([`DEFAULT_DISABLE_AFTER`]: five days). Needs a [`registry`](Self::registry).
+    pub fn disable_endpoints_after(mut self, period: Duration) -> Self {
+        self.disable_after = period;
+        self
     }
 
     /// Which addresses deliveries may connect to: public ones only by default (see
@@ -361,6 +400,10 @@ impl<B: Clone> WebhookWorker<B> {
             inner,
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
+            health: self
+                .registry
+                .as_ref()
+                .map(|registry| EndpointHealth::new(Arc::clone(registry), self.disable_after)),
             _kind: PhantomData,
         })
     }
@@ -372,6 +415,7 @@ pub struct WebhookService<S, B, K> {
     inner: S,
     backend: B,
     hooks: Hooks,
+    health: Option<EndpointHealth>,
     _kind: PhantomData<fn() -> K>,
 }
 
@@ -381,6 +425,7 @@ impl<S: Clone, B: Clone, K> Clone for WebhookService<S, B, K> {
             inner: self.inner.clone(),
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
+            health: self.health.clone(),
             _kind: PhantomData,
         }
     }
@@ -422,6 +467,7 @@ where
         let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
         let backend = self.backend.clone();
         let hooks = self.hooks.clone();
+        let health = self.health.clone();
         Box::pin(
             async move {
                 let result = attempt.await.unwrap_or_else(|error| {
@@ -433,7 +479,11 @@ where
                         duration: Duration::ZERO,
                     }
                 });
-                settle(&job, started_at_ms, result, backend, &hooks).await
+                let report = settle(&job, started_at_ms, &result, backend, &hooks).await;
+                if let (Some(health), Some(endpoint_id)) = (&health, job.endpoint_id()) {
+                    report_health(health, &job, endpoint_id, &result, &hooks).await;
+                }
+                report
             }
             .instrument(span),
         )
@@ -444,7 +494,7 @@ where
 async fn settle<B, K>(
     job: &WebhookJob,
     started_at_ms: u64,
-    result: AttemptResult,
+    result: &AttemptResult,
     mut backend: B,
     hooks: &Hooks,
 ) -> Result<DeliveryReport, BoxDynError>
@@ -452,11 +502,11 @@ where
     B: WebhookSink<K>,
 {
     let policy = job.policy();
-    let record = AttemptRecord::new(job, started_at_ms, &result);
+    let record = AttemptRecord::new(job, started_at_ms, result);
     let reason = match result.classify(policy) {
         Outcome::Delivered => {
             tracing::debug!(status = result.status(), "delivered");
-            hooks.emit(&DeliveryEvent::Delivered { job, result: &result });
+            hooks.emit(&DeliveryEvent::Delivered { job, result });
             return Ok(DeliveryReport::Delivered { record });
         }
         Outcome::Retry { retry_after } if job.attempt() < policy.max_attempts => {
@@ -476,7 +526,7 @@ where
             );
             hooks.emit(&DeliveryEvent::RetryScheduled {
                 job,
-                result: &result,
+                result,
                 next_attempt_at,
             });
             return Ok(DeliveryReport::RetryScheduled {
@@ -518,4 +568,30 @@ where
         dead_letter: &dead_letter,
     });
     Err(Box::new(AbortError::new(dead_letter)))
+}
+
+/// Tells the registry how an attempt of one of its endpoints went, once the outcome is stored.
+async fn report_health(
+    health: &EndpointHealth,
+    job: &WebhookJob,
+    endpoint_id: &EndpointId,
+    result: &AttemptResult,
+    hooks: &Hooks,
+) {
+    let verdict = match result.classify(job.policy()) {
+        Outcome::Delivered => {
+            health.succeeded(endpoint_id).await;
+            return;
+        }
+        Outcome::Deferred { .. } => return,
+        Outcome::Gone => health.gone(endpoint_id).await,
+        Outcome::Retry { .. } | Outcome::Fatal => health.failed(endpoint_id).await,
+    };
+    if let Verdict::Disabled(reason) = verdict {
+        hooks.emit(&DeliveryEvent::EndpointDisabled {
+            job,
+            endpoint_id,
+            reason: &reason,
+        });
+    }
 }

@@ -106,6 +106,7 @@ async fn status_matrix() {
                 "fatal"
             }
             Seen::Deferred { .. } => "deferred",
+            Seen::Disabled { .. } => "disabled",
         };
         assert_eq!(got, expected, "status {status}: {seen:?}");
         if expected == "fatal" && (300..400).contains(&status) {

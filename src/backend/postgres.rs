@@ -134,6 +134,10 @@ impl WebhookSink<Postgres> for PostgresSink {
     async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Error> {
         insert(&self.pool, &self.queue, &job, run_at).await
     }
+
+    async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
+        insert_all(&self.pool, &self.queue, &jobs).await
+    }
 }
 
 /// Pushes webhook jobs inside the caller's transaction: they become visible to workers when
@@ -167,6 +171,10 @@ impl WebhookSink<Postgres> for InTransaction<'_> {
     async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Error> {
         insert(&mut *self.conn, &self.queue, &job, run_at).await
     }
+
+    async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
+        insert_all(&mut *self.conn, &self.queue, &jobs).await
+    }
 }
 
 /// apalis-postgres's own insert (`queries/task/sink.sql`), one row, plus `ON CONFLICT DO NOTHING`.
@@ -191,6 +199,36 @@ where
     .bind(crate::sink::INFRA_MAX_ATTEMPTS as i32)
     .bind(run_at.map(|t| t as i64))
     .bind(job.idempotency_key())
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// As [`insert`] for many jobs due now, in one statement (fan-out): all are stored or none.
+async fn insert_all<'e, E>(executor: E, queue: &str, jobs: &[WebhookJob]) -> Result<(), Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut bodies = Vec::with_capacity(jobs.len());
+    let mut keys = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        ids.push(ulid::Ulid::new().to_string());
+        bodies.push(serde_json::to_vec(job).map_err(Error::JsonError)?);
+        keys.push(job.idempotency_key());
+    }
+    sqlx::query(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, \
+         idempotency_key) \
+         SELECT id, $2, job, 'Pending', 0, $4, now(), 0, ''::hstore, key \
+         FROM unnest($1::text[], $3::bytea[], $5::text[]) AS t(id, job, key) \
+         ON CONFLICT (job_type, idempotency_key) DO NOTHING",
+    )
+    .bind(ids)
+    .bind(queue)
+    .bind(bodies)
+    .bind(crate::sink::INFRA_MAX_ATTEMPTS as i32)
+    .bind(keys)
     .execute(executor)
     .await?;
     Ok(())

@@ -61,7 +61,10 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const MISSED_HEARTBEATS: usize = 3;
 
 /// How long the marker that makes a push idempotent lives. It only has to outlast the gap
-/// between a worker storing the next attempt and acknowledging this one.
+/// between a worker storing the next attempt and acknowledging this one (a killed worker's
+/// tasks may wait for its restart). The job a `dispatch` builds sets no marker: it carries a
+/// fresh webhook id and is pushed once, and a marker per delivery would hold a key of memory
+/// for this long.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Opens a connection manager on `url` (for example `redis://127.0.0.1/`) that reconnects on
@@ -232,9 +235,42 @@ impl WebhookSink<Redis> for RedisSink {
     type Error = Error;
 
     async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Error> {
-        let body = serde_json::to_string(&job).map_err(Error::Json)?;
+        let _stored: bool = self.push_invocation(&job, run_at)?.invoke_async(&mut self.conn).await?;
+        Ok(())
+    }
+
+    /// One pipeline of push scripts: one round trip for the whole fan-out. Not a transaction:
+    /// should the connection fail part-way, the first jobs may be stored and not the rest.
+    async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
+        // Load the script once, then EVALSHA per job in one pipeline.
+        let mut pipeline = ::redis::pipe();
+        for job in &jobs {
+            pipeline.invoke_script(&self.push_invocation(job, None)?);
+        }
+        match pipeline.query_async::<Vec<bool>>(&mut self.conn).await {
+            Err(error) if error.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
+                PUSH_SCRIPT.prepare_invoke().load_async(&mut self.conn).await?;
+                pipeline.query_async::<Vec<bool>>(&mut self.conn).await?;
+            }
+            other => {
+                other?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RedisSink {
+    fn push_invocation(
+        &self,
+        job: &WebhookJob,
+        run_at: Option<u64>,
+    ) -> Result<::redis::ScriptInvocation<'static>, Error> {
+        let body = serde_json::to_string(job).map_err(Error::Json)?;
         let due_later = run_at.filter(|&t| t > unix_seconds()).unwrap_or(0);
-        let _stored: bool = PUSH_SCRIPT
+        let marker_ttl = if job.fresh { 0 } else { IDEMPOTENCY_TTL.as_secs() };
+        let mut invocation = PUSH_SCRIPT.prepare_invoke();
+        invocation
             .key(&self.keys.data)
             .key(&self.keys.meta)
             .key(&self.keys.active)
@@ -247,10 +283,8 @@ impl WebhookSink<Redis> for RedisSink {
             .arg(crate::sink::INFRA_MAX_ATTEMPTS)
             .arg(due_later)
             .arg(job.idempotency_key())
-            .arg(IDEMPOTENCY_TTL.as_secs())
-            .invoke_async(&mut self.conn)
-            .await?;
-        Ok(())
+            .arg(marker_ttl);
+        Ok(invocation)
     }
 }
 
@@ -260,8 +294,8 @@ static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 -- KEYS: data, meta prefix, active, signal, scheduled, idempotency prefix, history
--- ARGV: task id, job, max attempts, due at (0: now), idempotency key, idempotency ttl
-if not redis.call("set", KEYS[6] .. ":" .. ARGV[5], ARGV[1], "NX", "EX", ARGV[6]) then
+-- ARGV: task id, job, max attempts, due at (0: now), idempotency key, marker ttl (0: none)
+if tonumber(ARGV[6]) > 0 and not redis.call("set", KEYS[6] .. ":" .. ARGV[5], ARGV[1], "NX", "EX", ARGV[6]) then
     return 0
 end
 redis.call("hset", KEYS[1], ARGV[1], ARGV[2])
@@ -271,9 +305,9 @@ redis.call("rpush", KEYS[7], ARGV[1])
 if tonumber(ARGV[4]) > 0 then
     redis.call("zadd", KEYS[5], ARGV[4], ARGV[1])
 else
+    -- No write to the signal list (KEYS[4]): apalis-redis 1.0 never waits on it, and the
+    -- worker polls on its own ticks (`listening`); two commands less per delivery.
     redis.call("rpush", KEYS[3], ARGV[1])
-    redis.call("del", KEYS[4])
-    redis.call("lpush", KEYS[4], 1)
 end
 return 1
 "#,

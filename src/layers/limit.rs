@@ -13,10 +13,38 @@ use std::time::Duration;
 /// assert_eq!(limit.interval(), Duration::from_millis(100));
 /// assert_eq!(Limit::per_minute(0).interval(), Duration::from_secs(60)); // at least one
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Serialized (in jobs and registries) as `{"interval_us": …, "burst": …}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Stored", into = "Stored")]
 pub struct Limit {
     interval: Duration,
     burst: u32,
+}
+
+/// How a [`Limit`] is stored; read back through the same clamps as the constructors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    interval_us: u64,
+    burst: u32,
+}
+
+impl From<Stored> for Limit {
+    fn from(stored: Stored) -> Self {
+        Limit {
+            interval: Duration::from_micros(stored.interval_us.max(1)),
+            burst: stored.burst.max(1),
+        }
+    }
+}
+
+impl From<Limit> for Stored {
+    fn from(limit: Limit) -> Self {
+        Stored {
+            interval_us: u64::try_from(limit.interval.as_micros()).unwrap_or(u64::MAX),
+            burst: limit.burst,
+        }
+    }
 }
 
 impl Limit {

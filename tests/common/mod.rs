@@ -184,6 +184,11 @@ pub enum Seen {
         deferrals: u32,
         reason: DeferReason,
     },
+    Disabled {
+        webhook_id: String,
+        endpoint_id: String,
+        reason: String,
+    },
 }
 
 impl Seen {
@@ -193,7 +198,8 @@ impl Seen {
             | Seen::RetryScheduled { webhook_id, .. }
             | Seen::Gone { webhook_id }
             | Seen::Dead { webhook_id, .. }
-            | Seen::Deferred { webhook_id, .. } => webhook_id,
+            | Seen::Deferred { webhook_id, .. }
+            | Seen::Disabled { webhook_id, .. } => webhook_id,
         }
     }
 
@@ -227,6 +233,15 @@ impl Seen {
                 attempt: job.attempt(),
                 deferrals: job.deferrals(),
                 reason: *reason,
+            },
+            DeliveryEvent::EndpointDisabled {
+                job,
+                endpoint_id,
+                reason,
+            } => Seen::Disabled {
+                webhook_id: job.webhook_id().to_string(),
+                endpoint_id: endpoint_id.to_string(),
+                reason: reason.to_string(),
             },
             other => panic!("unexpected event {other:?}"),
         }

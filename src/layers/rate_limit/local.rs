@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     num::NonZeroU32,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -24,6 +24,8 @@ const SWEEP_EVERY: u64 = 10_000;
 pub(super) struct LocalBudget {
     endpoint: DefaultKeyedRateLimiter<String>,
     endpoint_limit: Limit,
+    /// One keyed limiter per other limit that jobs carry (registry endpoints with their own).
+    own: Mutex<HashMap<Limit, Arc<DefaultKeyedRateLimiter<String>>>>,
     global: Option<DefaultDirectRateLimiter>,
     adaptations: Mutex<HashMap<String, (Adaptation, Instant)>>,
     admitted: AtomicU64,
@@ -35,6 +37,7 @@ impl LocalBudget {
         Self {
             endpoint: RateLimiter::keyed(endpoint.quota()),
             endpoint_limit: endpoint,
+            own: Mutex::default(),
             global: global.map(|limit| RateLimiter::direct(limit.quota())),
             adaptations: Mutex::default(),
             admitted: AtomicU64::new(0),
@@ -42,20 +45,24 @@ impl LocalBudget {
         }
     }
 
-    pub(super) fn acquire(&self, key: &str) -> Decision {
+    /// Admits one delivery under `key`, whose limit is `limit` (the job's own) or the layer's.
+    pub(super) fn acquire(&self, key: &str, limit: Option<Limit>) -> Decision {
         let now = Instant::now();
         let factor = match self.lock().get(key) {
             Some((_, cooldown_until)) if *cooldown_until > now => return Decision::Wait(*cooldown_until - now),
             Some((adaptation, _)) => adaptation.factor,
             None => 1.0,
         };
-        let cost = NonZeroU32::new(super::cost(factor, self.endpoint_limit.burst_size())).unwrap_or(NonZeroU32::MIN);
+        let limit = limit.unwrap_or(self.endpoint_limit);
+        let own = (limit != self.endpoint_limit).then(|| self.own_limiter(limit));
+        let limiter = own.as_deref().unwrap_or(&self.endpoint);
+        let cost = NonZeroU32::new(super::cost(factor, limit.burst_size())).unwrap_or(NonZeroU32::MIN);
         let key = key.to_owned();
-        match self.endpoint.check_key_n(&key, cost) {
+        match limiter.check_key_n(&key, cost) {
             Ok(Ok(())) => {}
             Ok(Err(not_until)) => return Decision::Wait(not_until.wait_time_from(self.clock.now())),
             // `cost` never exceeds the burst; wait one interval should it ever.
-            Err(_) => return Decision::Wait(self.endpoint_limit.interval()),
+            Err(_) => return Decision::Wait(limit.interval()),
         }
         if let Some(global) = &self.global
             && let Err(not_until) = global.check()
@@ -64,8 +71,19 @@ impl LocalBudget {
         }
         if self.admitted.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.endpoint.retain_recent();
+            for limiter in self.own.lock().unwrap_or_else(|p| p.into_inner()).values() {
+                limiter.retain_recent();
+            }
         }
         Decision::Admit { factor }
+    }
+
+    fn own_limiter(&self, limit: Limit) -> Arc<DefaultKeyedRateLimiter<String>> {
+        let mut own = self.own.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(
+            own.entry(limit)
+                .or_insert_with(|| Arc::new(RateLimiter::keyed(limit.quota()))),
+        )
     }
 
     /// Applies `change` to the key's adaptation; an adaptation back at full rate is forgotten.

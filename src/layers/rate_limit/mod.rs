@@ -32,7 +32,9 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 ///
 /// * **Keys.** Deliveries count under their job's
 ///   [`rate_limit_key`](crate::WebhookJob::rate_limit_key): the endpoint (`host[:port]`), or a
-///   key the subscription set (a tenant id).
+///   key the subscription set (a tenant id). A job with a limit of its own
+///   ([`WebhookSubscription::own_rate_limit`](crate::WebhookSubscription::own_rate_limit), a
+///   registry endpoint's rate limit) is held to that limit instead of the layer's.
 /// * **Deferral, not failure.** Over budget, the attempt is answered with
 ///   [`AttemptResult::Deferred`]: stored again for when the budget allows (spread one interval
 ///   apart per key, so a held-back backlog comes due at the rate it can go), not counted as an
@@ -206,11 +208,11 @@ impl RateLimitLayer {
 }
 
 impl Shared {
-    async fn decide(&self, key: &str) -> Result<Decision, StateUnavailable> {
+    async fn decide(&self, key: &str, limit: Option<Limit>) -> Result<Decision, StateUnavailable> {
         match &self.budget {
-            Budget::Local(local) => Ok(local.acquire(key)),
+            Budget::Local(local) => Ok(local.acquire(key, limit)),
             #[cfg(feature = "redis")]
-            Budget::Redis(redis) => redis.acquire(key).await,
+            Budget::Redis(redis) => redis.acquire(key, limit).await,
         }
     }
 
@@ -314,10 +316,12 @@ where
         Box::pin(async move {
             let job = Arc::clone(&request.job);
             let key = job.rate_limit_key();
-            let factor = match shared.decide(key).await {
+            let limit = job.own_rate_limit();
+            let factor = match shared.decide(key, limit).await {
                 Ok(Decision::Admit { factor }) => factor,
                 Ok(Decision::Wait(wait)) => {
-                    let delay = shared.spread.delay(key, wait, shared.endpoint.interval());
+                    let interval = limit.unwrap_or(shared.endpoint).interval();
+                    let delay = shared.spread.delay(key, wait, interval);
                     return Ok(AttemptResult::Deferred {
                         delay,
                         reason: DeferReason::RateLimited,

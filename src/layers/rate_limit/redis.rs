@@ -113,7 +113,9 @@ impl RedisBudget {
         format!("{}:rate:adapt:{key}", self.prefix)
     }
 
-    pub(super) async fn acquire(&self, key: &str) -> Result<Decision, StateUnavailable> {
+    /// Admits one delivery under `key`, whose limit is `limit` (the job's own) or the layer's.
+    pub(super) async fn acquire(&self, key: &str, limit: Option<Limit>) -> Result<Decision, StateUnavailable> {
+        let endpoint = limit.unwrap_or(self.endpoint);
         let (global_interval, global_burst) = self
             .global
             .map_or((0, 0), |limit| (micros(limit.interval()), limit.burst_size()));
@@ -121,8 +123,8 @@ impl RedisBudget {
             .key(format!("{}:rate:tat:{key}", self.prefix))
             .key(format!("{}:rate:global", self.prefix))
             .key(self.adaptation_key(key))
-            .arg(micros(self.endpoint.interval()))
-            .arg(self.endpoint.burst_size())
+            .arg(micros(endpoint.interval()))
+            .arg(endpoint.burst_size())
             .arg(global_interval)
             .arg(global_burst)
             .invoke_async(&mut self.conn.clone())

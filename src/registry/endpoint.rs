@@ -1,0 +1,283 @@
+//! [`Endpoint`]: one registered webhook endpoint.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::filter::{EventFilter, InvalidFilter};
+use crate::{
+    layers::Limit,
+    secret::Secret,
+    signing::SignatureScheme,
+    subscription::{WebhookSubscription, header_names, url_host},
+};
+
+/// The app's id of an endpoint (`ep_…`, a database key, whatever the app uses).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EndpointId(String);
+
+impl EndpointId {
+    /// Wraps `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for EndpointId {
+    fn from(id: &str) -> Self {
+        Self::new(id)
+    }
+}
+
+impl From<String> for EndpointId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+/// A registered webhook endpoint: where to deliver, how to sign, which events, and whether it
+/// is enabled.
+///
+/// A new endpoint receives every event (`*`) until [`filter`](Self::filter) narrows it. `Debug`
+/// shows the host only and no secrets or header values, as for [`WebhookSubscription`].
+///
+/// ```
+/// use apalis_webhooks::{layers::Limit, registry::Endpoint};
+///
+/// let endpoint = Endpoint::new("ep_1", "https://example.com/hooks", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+///     .filter("order.*").unwrap()
+///     .filter("user.deleted").unwrap()
+///     .header("x-api-version", "2")
+///     .rate_limit(Limit::per_second(5))
+///     .tenant("acme");
+/// assert!(endpoint.accepts("order.paid"));
+/// assert!(!endpoint.accepts("user.created"));
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    id: EndpointId,
+    url: String,
+    #[serde(default)]
+    secrets: Vec<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(default)]
+    scheme: SignatureScheme,
+    filters: Vec<EventFilter>,
+    enabled: bool,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<Limit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disabled_reason: Option<String>,
+}
+
+impl Endpoint {
+    /// An enabled endpoint `id` at `url`, signed with `secret`, receiving every event.
+    pub fn new(id: impl Into<EndpointId>, url: impl Into<String>, secret: impl Into<Secret>) -> Self {
+        Self::signed_by(id.into(), url.into(), vec![secret.into()], None)
+    }
+
+    /// An endpoint in secret-store mode: its deliveries carry `key_id`, which the worker's
+    /// [`SecretStore`](crate::SecretStore) resolves (see
+    /// [`WebhookSubscription::with_key_id`]).
+    pub fn with_key_id(id: impl Into<EndpointId>, url: impl Into<String>, key_id: impl Into<String>) -> Self {
+        Self::signed_by(id.into(), url.into(), Vec::new(), Some(key_id.into()))
+    }
+
+    fn signed_by(id: EndpointId, url: String, secrets: Vec<Secret>, key_id: Option<String>) -> Self {
+        Self {
+            id,
+            url,
+            secrets,
+            key_id,
+            scheme: SignatureScheme::default(),
+            filters: vec![EventFilter::all()],
+            enabled: true,
+            headers: Vec::new(),
+            rate_limit: None,
+            tenant: None,
+            disabled_reason: None,
+        }
+    }
+
+    /// Adds an event filter (`user.created`, `user.*`, `*`). The first call replaces the
+    /// default `*`.
+    pub fn filter(mut self, filter: impl TryInto<EventFilter, Error = InvalidFilter>) -> Result<Self, InvalidFilter> {
+        let filter = filter.try_into()?;
+        if self.filters == [EventFilter::all()] {
+            self.filters.clear();
+        }
+        if !self.filters.contains(&filter) {
+            self.filters.push(filter);
+        }
+        Ok(self)
+    }
+
+    /// Replaces the event filters (an empty list receives nothing).
+    pub fn filters(mut self, filters: impl IntoIterator<Item = EventFilter>) -> Self {
+        self.filters = filters.into_iter().collect();
+        self.filters.sort();
+        self.filters.dedup();
+        self
+    }
+
+    /// Adds another active secret (rotation).
+    pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
+        self.secrets.push(secret.into());
+        self
+    }
+
+    /// The signature scheme (Standard Webhooks by default).
+    pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
+    /// Adds a header to every delivery.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// This endpoint's own rate limit, which a [`RateLimitLayer`](crate::layers::RateLimitLayer)
+    /// applies instead of its per-endpoint default.
+    pub fn rate_limit(mut self, limit: Limit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// The tenant (customer, account) the endpoint belongs to.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Enables or disables the endpoint (a disabled endpoint receives nothing).
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        if enabled {
+            self.disabled_reason = None;
+        }
+        self
+    }
+
+    pub(crate) fn disabled_because(mut self, reason: Option<String>) -> Self {
+        self.enabled = reason.is_none();
+        self.disabled_reason = reason;
+        self
+    }
+
+    /// The endpoint's id.
+    pub fn id(&self) -> &EndpointId {
+        &self.id
+    }
+
+    /// The URL deliveries go to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The event filters.
+    pub fn event_filters(&self) -> &[EventFilter] {
+        &self.filters
+    }
+
+    /// Whether deliveries go to it.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Why it was disabled, when a worker disabled it (410 Gone, failing too long).
+    pub fn disabled_reason(&self) -> Option<&str> {
+        self.disabled_reason.as_deref()
+    }
+
+    /// The tenant, if any.
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// The endpoint's own rate limit, if any.
+    pub fn limit(&self) -> Option<Limit> {
+        self.rate_limit
+    }
+
+    /// The key id, in secret-store mode.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref()
+    }
+
+    /// Checks that deliveries to it can be made: URL, headers, secrets or key id, as
+    /// [`WebhookSubscription::dispatch`] would.
+    pub fn validate(&self) -> Result<(), super::RegistryError> {
+        // Any valid event type: the event is checked when one is dispatched.
+        self.subscription()
+            .validate("endpoint.check")
+            .map_err(|source| super::RegistryError::Invalid {
+                id: self.id.to_string(),
+                source,
+            })
+    }
+
+    /// Whether the endpoint is enabled and one of its filters matches `event_type`.
+    pub fn accepts(&self, event_type: &str) -> bool {
+        self.enabled && self.filters.iter().any(|filter| filter.matches(event_type))
+    }
+
+    /// The subscription its deliveries are made with: URL, secrets or key id, scheme, headers,
+    /// and the endpoint id. An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
+    /// under its id (`endpoint:{id}`), so that its limit is not shared with other endpoints on
+    /// the same host; the others under their host, as any subscription.
+    pub fn subscription(&self) -> WebhookSubscription {
+        let mut subscription = match &self.key_id {
+            Some(key_id) => WebhookSubscription::with_key_id(self.url.clone(), key_id.clone()),
+            None => WebhookSubscription::signed_with(self.url.clone(), Vec::new()),
+        };
+        for secret in &self.secrets {
+            subscription = subscription.secret(secret.clone());
+        }
+        subscription = subscription.scheme(self.scheme.clone()).endpoint_id(self.id.clone());
+        for (name, value) in &self.headers {
+            subscription = subscription.header(name.clone(), value.clone());
+        }
+        if let Some(limit) = self.rate_limit {
+            subscription = subscription
+                .rate_limit_key(format!("endpoint:{}", self.id))
+                .own_rate_limit(limit);
+        }
+        subscription
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", &self.id)
+            .field("host", &url_host(&self.url))
+            .field("secrets", &self.secrets)
+            .field("key_id", &self.key_id)
+            .field("filters", &self.filters)
+            .field("enabled", &self.enabled)
+            .field("header_names", &header_names(&self.headers))
+            .field("rate_limit", &self.rate_limit)
+            .field("tenant", &self.tenant)
+            .field("disabled_reason", &self.disabled_reason)
+            .finish_non_exhaustive()
+    }
+}
