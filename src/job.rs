@@ -80,6 +80,9 @@ pub struct WebhookJob {
     /// The registry endpoint this delivery is for (fan-out), which the worker keeps current.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) endpoint_id: Option<EndpointId>,
+    /// Deliveries with the same key to the same endpoint arrive in dispatch order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ordering_key: Option<String>,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
@@ -204,6 +207,26 @@ impl WebhookJob {
         self.endpoint_id.as_ref()
     }
 
+    /// The ordering key, for ordered delivery (see [`crate::ordering`]).
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.ordering_key.as_deref()
+    }
+
+    /// The line of an ordered delivery: its endpoint (registry id, else URL) and ordering key.
+    pub(crate) fn line(&self) -> Option<String> {
+        let key = self.ordering_key.as_deref()?;
+        Some(match &self.endpoint_id {
+            Some(id) => format!("id:{id}|{key}"),
+            None => format!("url:{}|{key}", self.url),
+        })
+    }
+
+    /// The first attempt of a delivery that was never stored before (not a retry, deferral or
+    /// replay).
+    pub(crate) fn is_new_delivery(&self) -> bool {
+        self.attempt == 1 && self.deferrals == 0 && self.replay == 0
+    }
+
     /// The host of the target URL, for logs and spans (never the path, query or credentials).
     pub fn endpoint_host(&self) -> &str {
         &self.parsed().host
@@ -274,6 +297,7 @@ impl fmt::Debug for WebhookJob {
             .field("rate_limit_key", &self.rate_limit_key)
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
+            .field("ordering_key", &self.ordering_key)
             .finish()
     }
 }

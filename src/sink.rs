@@ -32,6 +32,12 @@ pub trait WebhookSink<K>: Send {
         run_at: Option<u64>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
+    /// Whether deliveries with an ordering key are kept in order
+    /// ([`OrderedSink`](crate::ordering::OrderedSink)); `dispatch` refuses them otherwise.
+    fn orders(&self) -> bool {
+        false
+    }
+
     /// Stores `jobs`, all due now: in one round trip (one transaction, one pipeline) on
     /// SQLite, Postgres and Redis; one by one elsewhere. Used by fan-out.
     fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {

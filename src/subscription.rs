@@ -72,6 +72,7 @@ pub struct WebhookSubscription {
     rate_limit_key: Option<String>,
     rate_limit: Option<Limit>,
     endpoint_id: Option<EndpointId>,
+    ordering_key: Option<String>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -113,6 +114,10 @@ pub enum DispatchError {
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
+    /// The subscription has an ordering key but the sink does not keep order: dispatch
+    /// through [`OrderedLines::sink`](crate::ordering::OrderedLines::sink).
+    #[error("an ordered delivery must be dispatched through OrderedLines::sink")]
+    NotOrdered,
     /// The backend refused or failed the push.
     #[error("backend push failed: {0}")]
     Backend(#[source] BoxDynError),
@@ -137,6 +142,7 @@ impl WebhookSubscription {
             rate_limit_key: None,
             rate_limit: None,
             endpoint_id: None,
+            ordering_key: None,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -190,6 +196,17 @@ impl WebhookSubscription {
     /// and 410s to the [`EndpointRegistry`](crate::registry::EndpointRegistry) under this id.
     pub fn endpoint_id(mut self, id: impl Into<EndpointId>) -> Self {
         self.endpoint_id = Some(id.into());
+        self
+    }
+
+    /// Delivers in dispatch order with every other delivery of the same `key` to the same
+    /// endpoint (a customer id, say): each waits until the one before is delivered or
+    /// dead-lettered. Dispatch through an [`OrderedLines::sink`](crate::ordering::OrderedLines::sink)
+    /// (others refuse it with [`DispatchError::NotOrdered`]) to a worker with the same lines
+    /// ([`WebhookWorker::ordered`](crate::WebhookWorker::ordered)). Same rules as a key id:
+    /// visible ASCII, at most 256 bytes. See [`crate::ordering`] for guarantees and costs.
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
         self
     }
 
@@ -258,6 +275,9 @@ impl WebhookSubscription {
         if let Some(key) = &self.rate_limit_key {
             validate_key_id(key)?;
         }
+        if let Some(key) = &self.ordering_key {
+            validate_key_id(key)?;
+        }
         match &self.key_id {
             Some(key_id) => {
                 validate_key_id(key_id)?;
@@ -296,6 +316,7 @@ impl WebhookSubscription {
             rate_limit_key: self.rate_limit_key.clone(),
             rate_limit: self.rate_limit,
             endpoint_id: self.endpoint_id.clone(),
+            ordering_key: self.ordering_key.clone(),
             parsed: Default::default(),
             fresh: false,
         })
@@ -316,6 +337,9 @@ impl WebhookSubscription {
         T: Serialize + ?Sized,
     {
         let mut job = self.job(event_type, payload)?;
+        if job.ordering_key.is_some() && !sink.orders() {
+            return Err(DispatchError::NotOrdered);
+        }
         job.fresh = true;
         let id = job.webhook_id.clone();
         sink.push_job(job, None)
@@ -358,6 +382,7 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
+            .field("ordering_key", &self.ordering_key)
             .finish()
     }
 }

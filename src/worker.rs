@@ -22,6 +22,7 @@ use crate::{
     clock::{unix_millis, unix_seconds_after},
     delivery::{DeliveryRequest, HttpDelivery},
     job::WebhookJob,
+    ordering::OrderedLines,
     outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
     record::AttemptRecord,
     registry::{
@@ -260,6 +261,7 @@ pub struct WebhookWorker<B> {
     hooks: Hooks,
     registry: Option<Arc<dyn EndpointRegistry>>,
     disable_after: Duration,
+    lines: Option<OrderedLines>,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
@@ -271,6 +273,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
             .field("hooks", &self.hooks.0.len())
             .field("registry", &self.registry.is_some())
             .field("disable_after", &self.disable_after)
+            .field("lines", &self.lines)
             .finish_non_exhaustive()
     }
 }
@@ -292,7 +295,17 @@ impl<B: Clone> WebhookWorker<B> {
             hooks: Hooks::default(),
             registry: None,
             disable_after: DEFAULT_DISABLE_AFTER,
+            lines: None,
         }
+    }
+
+    /// Delivers ordered deliveries (those with an
+    /// [`ordering_key`](crate::WebhookSubscription::ordering_key)) one after the other through
+    /// `lines`, the same lines they were dispatched into (see [`crate::ordering`]). A worker
+    /// without lines dead-letters an ordered delivery, as it could not move its line on.
+    pub fn ordered(mut self, lines: OrderedLines) -> Self {
+        self.lines = Some(lines);
+        self
     }
 
     /// Keeps `registry` current for fanned-out deliveries (jobs with an
@@ -404,6 +417,7 @@ impl<B: Clone> WebhookWorker<B> {
                 .registry
                 .as_ref()
                 .map(|registry| EndpointHealth::new(Arc::clone(registry), self.disable_after)),
+            lines: self.lines.clone(),
             _kind: PhantomData,
         })
     }
@@ -416,6 +430,7 @@ pub struct WebhookService<S, B, K> {
     backend: B,
     hooks: Hooks,
     health: Option<EndpointHealth>,
+    lines: Option<OrderedLines>,
     _kind: PhantomData<fn() -> K>,
 }
 
@@ -426,6 +441,7 @@ impl<S: Clone, B: Clone, K> Clone for WebhookService<S, B, K> {
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
             health: self.health.clone(),
+            lines: self.lines.clone(),
             _kind: PhantomData,
         }
     }
@@ -456,6 +472,13 @@ where
 
     fn call(&mut self, task: Task<WebhookJob>) -> Self::Future {
         let job = Arc::new(task.args);
+        // An ordered delivery (replays go outside their line) needs the lines to move on.
+        let ordered = job.line().is_some() && job.replay() == 0;
+        if ordered && self.lines.is_none() {
+            tracing::error!(webhook.id = %job.webhook_id(), "ordered delivery on a worker without lines");
+            return Box::pin(async { Err(Box::new(AbortError::new(NoLines)) as BoxDynError) });
+        }
+        let lines = self.lines.clone().filter(|_| ordered);
         let span = tracing::info_span!(
             "webhook.attempt",
             webhook.id = %job.webhook_id(),
@@ -479,7 +502,18 @@ where
                         duration: Duration::ZERO,
                     }
                 });
-                let report = settle(&job, started_at_ms, &result, backend, &hooks).await;
+                let report = settle(&job, started_at_ms, &result, backend.clone(), &hooks).await;
+                if let Some(lines) = lines
+                    && is_final(&job, &result)
+                {
+                    // If the next one cannot be pushed, this attempt is run again (a repeat
+                    // delivery) rather than leaving the line stuck.
+                    let mut backend = backend;
+                    lines
+                        .advance(&job, &mut backend)
+                        .await
+                        .map_err(|e| Box::new(e) as BoxDynError)?;
+                }
                 if let (Some(health), Some(endpoint_id)) = (&health, job.endpoint_id()) {
                     report_health(health, &job, endpoint_id, &result, &hooks).await;
                 }
@@ -595,3 +629,20 @@ async fn report_health(
         });
     }
 }
+
+/// Whether `result` ends the delivery: delivered, or dead-lettered.
+fn is_final(job: &WebhookJob, result: &AttemptResult) -> bool {
+    let policy = job.policy();
+    match result.classify(policy) {
+        Outcome::Delivered | Outcome::Gone | Outcome::Fatal => true,
+        Outcome::Retry { .. } => job.attempt() >= policy.max_attempts,
+        Outcome::Deferred { .. } => false,
+    }
+}
+
+/// An ordered delivery reached a worker without [`WebhookWorker::ordered`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "ordered delivery on a worker without lines: configure WebhookWorker::ordered with the lines it was dispatched into"
+)]
+struct NoLines;

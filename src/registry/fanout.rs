@@ -15,6 +15,7 @@ pub struct Event {
     event_type: String,
     body: Result<String, serde_json::Error>,
     tenant: Option<String>,
+    ordering_key: Option<String>,
 }
 
 impl std::fmt::Debug for Event {
@@ -23,6 +24,7 @@ impl std::fmt::Debug for Event {
             .field("event_type", &self.event_type)
             .field("body_bytes", &self.body.as_ref().map(String::len).ok())
             .field("tenant", &self.tenant)
+            .field("ordering_key", &self.ordering_key)
             .finish()
     }
 }
@@ -34,12 +36,21 @@ impl Event {
             event_type: event_type.into(),
             body: serde_json::to_string(payload),
             tenant: None,
+            ordering_key: None,
         }
     }
 
     /// Only endpoints of `tenant` receive it.
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Delivers it to each endpoint in order with the endpoint's other deliveries of the same
+    /// `key` (see [`crate::ordering`]); the sink must be an
+    /// [`OrderedSink`](crate::ordering::OrderedSink).
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
         self
     }
 
@@ -87,11 +98,17 @@ where
         }
         .into());
     }
+    if event.ordering_key.is_some() && !sink.orders() {
+        return Err(DispatchError::NotOrdered.into());
+    }
     let endpoints = registry.matching(&event.event_type, event.tenant.as_deref()).await?;
     let mut jobs = Vec::with_capacity(endpoints.len());
     let mut sent = Vec::with_capacity(endpoints.len());
     for endpoint in endpoints {
-        let subscription = endpoint.subscription();
+        let mut subscription = endpoint.subscription();
+        if let Some(key) = &event.ordering_key {
+            subscription = subscription.ordering_key(key.clone());
+        }
         subscription.validate(&event.event_type)?;
         let mut job = subscription.job_with_body(&event.event_type, body.clone())?;
         job.fresh = true;

@@ -114,3 +114,25 @@ impl LocalBudget {
         self.adaptations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_with_its_own_limit_is_held_to_it() {
+        let budget = LocalBudget::new(Limit::per_second(1000), None);
+        let own = Limit::per_minute(2);
+        let admitted = |key: &str, limit| matches!(budget.acquire(key, limit), Decision::Admit { .. });
+        // Its own burst of two, then a wait of about 30 s, while the layer's limit has room.
+        assert!(admitted("endpoint:a", Some(own)));
+        assert!(admitted("endpoint:a", Some(own)));
+        match budget.acquire("endpoint:a", Some(own)) {
+            Decision::Wait(wait) => assert!(wait > Duration::from_secs(25), "{wait:?}"),
+            Decision::Admit { .. } => panic!("over its own limit"),
+        }
+        // Other keys, under the layer's limit or their own, are not affected.
+        assert!(admitted("endpoint:b", Some(own)));
+        assert!((0..100).all(|_| admitted("api.example.com", None)));
+    }
+}

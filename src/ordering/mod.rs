@@ -1,0 +1,163 @@
+//! Ordered delivery per partition key: deliveries with the same
+//! [`ordering_key`](crate::WebhookSubscription::ordering_key) to the same endpoint arrive in
+//! dispatch order, each waiting until the one before it is delivered or dead-lettered; other
+//! keys and endpoints proceed in parallel.
+//!
+//! **How.** Each (endpoint, key) pair has a *line* in an [`OrderedLines`] store. Dispatching
+//! through [`OrderedLines::sink`] puts the delivery in its line, and into the backend only if
+//! it is the line's head; the others wait *in the line*, not in the backend, so they hold no
+//! worker slot and are not polled. When the head is delivered or dead-lettered the worker
+//! (given the same lines with [`WebhookWorker::ordered`](crate::WebhookWorker::ordered))
+//! pushes the next one, then takes the head out of the line. Retries of the head keep their
+//! backoff in the backend as usual, and the line waits for them.
+//!
+//! **Cost.** One line operation per dispatch and one per finished delivery (one Redis script
+//! each), and a key's deliveries go one at a time: a key's throughput is one delivery per
+//! receiver round trip plus the backend's pick-up latency. Spread load over many keys.
+//!
+//! **Guarantees and limits.**
+//! - Order holds across any number of workers sharing the lines (Redis), under retries, rate
+//!   limits and open breakers (those defer the head; the line waits).
+//! - At least once, like every delivery: a worker killed after the receiver's 2xx but before
+//!   the next one was pushed repeats the delivery, so a receiver may see a repeat of the
+//!   previous event before the next one (dedupe on `webhook-id`).
+//! - A replayed dead letter is delivered outside its line: the line moved on when it died.
+//! - [`OrderedLines::memory`] keeps lines in this process: for the memory backend and tests;
+//!   waiting deliveries are lost with the process. Use [`OrderedLines::redis`] with durable
+//!   backends.
+//! - A process killed between putting a head in its line and pushing it leaves that line
+//!   waiting until [`OrderedLines::repair`] pushes the heads again (safe at any time: pushes
+//!   are idempotent on SQLite, Postgres and Redis); run it at start-up.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::redis, ordering::OrderedLines};
+//!
+//! let conn = redis::connect("redis://127.0.0.1/").await?;
+//! let storage = redis::storage(conn.clone());
+//! let sink = redis::RedisSink::new(&storage);
+//! let lines = OrderedLines::redis(conn, "webhooks");
+//! let service = WebhookWorker::new(sink.clone()).ordered(lines.clone()).service()?;
+//! WebhookSubscription::new("https://example.com/hook", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+//!     .ordering_key("customer-42")
+//!     .dispatch(&mut lines.sink(sink.clone()), "order.created", &1)
+//!     .await?;
+//! # drop(service); Ok(()) }
+//! ```
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+mod sink;
+
+use std::{fmt, sync::Arc};
+
+use futures::future::BoxFuture;
+
+pub use sink::{OrderedSink, OrderedSinkError};
+
+use crate::{job::WebhookJob, sink::WebhookSink};
+
+/// The line store could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("ordered lines unavailable: {0}")]
+pub struct LineError(#[source] pub(crate) apalis_core::error::BoxDynError);
+
+/// Where lines live: in memory or in Redis. Each operation is atomic.
+pub(crate) trait LineStore: Send + Sync + 'static {
+    /// Appends `member` with its job to `line`; whether it is now the head.
+    fn enter<'a>(&'a self, line: &'a str, member: &'a str, job: String) -> BoxFuture<'a, Result<bool, LineError>>;
+    /// The job right after `member` in `line`, if any.
+    fn next<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>>;
+    /// Takes `member` out of `line`; the job of the new head, if any.
+    fn leave<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>>;
+    /// The job of every line's head.
+    fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>>;
+}
+
+/// The lines of ordered deliveries (see the [module docs](self)). Cheap to clone; clones share
+/// the lines.
+#[derive(Clone)]
+pub struct OrderedLines {
+    store: Arc<dyn LineStore>,
+    kind: &'static str,
+}
+
+impl fmt::Debug for OrderedLines {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrderedLines").field("store", &self.kind).finish()
+    }
+}
+
+impl OrderedLines {
+    /// Lines in this process's memory.
+    pub fn memory() -> Self {
+        Self {
+            store: Arc::new(memory::MemoryLines::default()),
+            kind: "memory",
+        }
+    }
+
+    /// Lines in Redis under `prefix`, shared by every process using the same prefix.
+    #[cfg(feature = "redis")]
+    pub fn redis(conn: crate::backend::redis::ConnectionManager, prefix: impl Into<String>) -> Self {
+        Self {
+            store: Arc::new(redis::RedisLines::new(conn, prefix.into())),
+            kind: "redis",
+        }
+    }
+
+    /// `sink`, ordering the deliveries that have an ordering key.
+    pub fn sink<S>(&self, sink: S) -> OrderedSink<S> {
+        OrderedSink::new(self.clone(), sink)
+    }
+
+    /// Pushes every line's head into `sink` again, so that a line whose head was never pushed
+    /// (its dispatcher died in between) moves on. A head already in the backend is not stored
+    /// twice on SQLite, Postgres and Redis (idempotency keys); do not call it with the memory
+    /// backend, which has none. Returns how many heads were pushed.
+    pub async fn repair<S: WebhookSink<K>, K>(&self, sink: &mut S) -> Result<usize, OrderedSinkError<S::Error>> {
+        let heads = self.store.heads().await?;
+        let count = heads.len();
+        for head in heads {
+            sink.push_job(decode(&head)?, None)
+                .await
+                .map_err(OrderedSinkError::Backend)?;
+        }
+        Ok(count)
+    }
+
+    /// After `job` (the head of its line) was delivered or dead-lettered: pushes the next one
+    /// into `backend`, then takes `job` out of the line. Pushing first means a crash in between
+    /// repeats this delivery rather than stranding the line.
+    pub(crate) async fn advance<S: WebhookSink<K>, K>(
+        &self,
+        job: &WebhookJob,
+        backend: &mut S,
+    ) -> Result<(), OrderedSinkError<S::Error>> {
+        let Some(line) = job.line() else { return Ok(()) };
+        let member = job.webhook_id().as_str();
+        if let Some(next) = self.store.next(&line, member).await? {
+            backend
+                .push_job(decode(&next)?, None)
+                .await
+                .map_err(OrderedSinkError::Backend)?;
+        }
+        self.store.leave(&line, member).await?;
+        Ok(())
+    }
+
+    pub(crate) fn store(&self) -> &dyn LineStore {
+        &*self.store
+    }
+}
+
+/// A job as a line stores it.
+pub(crate) fn encode(job: &WebhookJob) -> Result<String, LineError> {
+    serde_json::to_string(job).map_err(|e| LineError(Box::new(e)))
+}
+
+/// A job from a line. Never `fresh`: pushing it again must be deduplicated by the backend.
+pub(crate) fn decode(text: &str) -> Result<WebhookJob, LineError> {
+    serde_json::from_str(text).map_err(|e| LineError(Box::new(e)))
+}
