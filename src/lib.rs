@@ -53,6 +53,7 @@ mod clock;
 mod delivery;
 mod job;
 pub mod layers;
+pub mod observe;
 pub mod ordering;
 mod outcome;
 mod policy;

@@ -22,6 +22,7 @@ use crate::{
     clock::{unix_millis, unix_seconds_after},
     delivery::{DeliveryRequest, HttpDelivery},
     job::WebhookJob,
+    observe::{self, Settled},
     ordering::OrderedLines,
     outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
     record::AttemptRecord,
@@ -479,13 +480,7 @@ where
             return Box::pin(async { Err(Box::new(AbortError::new(NoLines)) as BoxDynError) });
         }
         let lines = self.lines.clone().filter(|_| ordered);
-        let span = tracing::info_span!(
-            "webhook.attempt",
-            webhook.id = %job.webhook_id(),
-            webhook.event = job.event_type(),
-            webhook.attempt = job.attempt(),
-            endpoint.host = %job.endpoint_host(),
-        );
+        let span = observe::attempt_span(&job);
         let started_at_ms = unix_millis();
         let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
         let backend = self.backend.clone();
@@ -502,6 +497,7 @@ where
                         duration: Duration::ZERO,
                     }
                 });
+                observe::record_result(&tracing::Span::current(), &result);
                 let report = settle(&job, started_at_ms, &result, backend.clone(), &hooks).await;
                 if let Some(lines) = lines
                     && is_final(&job, &result)
@@ -540,6 +536,7 @@ where
     let reason = match result.classify(policy) {
         Outcome::Delivered => {
             tracing::debug!(status = result.status(), "delivered");
+            observe::settled(job, result, Settled::Delivered);
             hooks.emit(&DeliveryEvent::Delivered { job, result });
             return Ok(DeliveryReport::Delivered { record });
         }
@@ -558,6 +555,7 @@ where
                 next_attempt_at,
                 "retry scheduled"
             );
+            observe::settled(job, result, Settled::RetryScheduled);
             hooks.emit(&DeliveryEvent::RetryScheduled {
                 job,
                 result,
@@ -582,6 +580,7 @@ where
                 .await
                 .map_err(|e| Box::new(e) as BoxDynError)?;
             tracing::debug!(%reason, until, "deferred");
+            observe::settled(job, result, Settled::Deferred(reason));
             hooks.emit(&DeliveryEvent::Deferred { job, reason, until });
             return Ok(DeliveryReport::Deferred {
                 webhook_id: job.webhook_id().clone(),
@@ -597,6 +596,7 @@ where
         record,
     };
     tracing::warn!(status = result.status(), error = result.error(), ?reason, "dead letter");
+    observe::settled(job, result, Settled::DeadLettered(reason));
     hooks.emit(&DeliveryEvent::DeadLettered {
         job,
         dead_letter: &dead_letter,
@@ -622,6 +622,7 @@ async fn report_health(
         Outcome::Retry { .. } | Outcome::Fatal => health.failed(endpoint_id).await,
     };
     if let Verdict::Disabled(reason) = verdict {
+        observe::endpoint_disabled(job);
         hooks.emit(&DeliveryEvent::EndpointDisabled {
             job,
             endpoint_id,

@@ -28,7 +28,9 @@ mod limit;
 pub mod rate_limit;
 mod spread;
 
-pub use circuit_breaker::{BreakerState, CircuitBreakerLayer, CircuitBreakerService};
+pub use circuit_breaker::{
+    BreakerConfig, BreakerState, CircuitBreakerLayer, CircuitBreakerService, Phase, StateChange, Trip,
+};
 pub use limit::Limit;
 pub use rate_limit::{RateLimitLayer, RateLimitService};
 

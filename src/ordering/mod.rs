@@ -37,7 +37,7 @@
 //! let storage = redis::storage(conn.clone());
 //! let sink = redis::RedisSink::new(&storage);
 //! let lines = OrderedLines::redis(conn, "webhooks");
-//! let service = WebhookWorker::new(sink.clone()).ordered(lines.clone()).service()?;
+//! let service = WebhookWorker::new(sink.clone()).ordered(lines.clone()).service::<redis::Redis>()?;
 //! WebhookSubscription::new("https://example.com/hook", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
 //!     .ordering_key("customer-42")
 //!     .dispatch(&mut lines.sink(sink.clone()), "order.created", &1)

@@ -200,6 +200,7 @@ impl CircuitBreakerLayer {
 impl Shared {
     fn report(&self, endpoint: &str, change: store::Change) {
         let Some((from, to)) = change else { return };
+        crate::observe::breaker_changed(endpoint, to);
         match to {
             Phase::Open => tracing::warn!(endpoint, ?from, ?to, "circuit breaker opened"),
             _ => tracing::info!(endpoint, ?from, ?to, "circuit breaker changed"),

@@ -1,0 +1,41 @@
+//! The `metrics` facade calls (feature `metrics`); names and labels are listed in the module
+//! docs of [`crate::observe`].
+
+use metrics::{counter, gauge, histogram};
+
+use super::{Settled, dead_letter_label, defer_label};
+use crate::{job::WebhookJob, layers::Phase, outcome::AttemptResult};
+
+pub(super) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled) {
+    let endpoint = job.endpoint().to_owned();
+    let outcome = settled.label();
+    counter!("webhook_attempts_total", "endpoint" => endpoint.clone(), "outcome" => outcome).increment(1);
+    if let Some(duration) = result.duration() {
+        histogram!("webhook_attempt_duration_seconds", "endpoint" => endpoint.clone(), "outcome" => outcome)
+            .record(duration.as_secs_f64());
+    }
+    match settled {
+        Settled::RetryScheduled => counter!("webhook_retries_total", "endpoint" => endpoint).increment(1),
+        Settled::DeadLettered(reason) => {
+            counter!("webhook_dead_letters_total", "endpoint" => endpoint, "reason" => dead_letter_label(reason))
+                .increment(1)
+        }
+        Settled::Deferred(reason) => {
+            counter!("webhook_deferrals_total", "endpoint" => endpoint, "reason" => defer_label(reason)).increment(1)
+        }
+        Settled::Delivered => {}
+    }
+}
+
+pub(super) fn breaker_changed(endpoint: &str, to: Phase) {
+    let value = match to {
+        Phase::Closed => 0.0,
+        Phase::HalfOpen => 1.0,
+        Phase::Open => 2.0,
+    };
+    gauge!("webhook_circuit_breaker_state", "endpoint" => endpoint.to_owned()).set(value);
+}
+
+pub(super) fn endpoint_disabled(job: &WebhookJob) {
+    counter!("webhook_endpoints_disabled_total", "endpoint" => job.endpoint().to_owned()).increment(1);
+}

@@ -1,0 +1,105 @@
+//! Observability: metrics (feature `metrics`), one tracing span per attempt, and in-process
+//! per-endpoint statistics ([`EndpointStats`]).
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature the worker records through the [`metrics`](https://docs.rs/metrics)
+//! facade, to whatever recorder the app installed (Prometheus, StatsD, OpenTelemetry…).
+//! `endpoint` is the job's [`endpoint`](crate::WebhookJob::endpoint) (`host[:port]`).
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `webhook_attempts_total` | counter | `endpoint`, `outcome` | attempts by outcome: `delivered`, `retry_scheduled`, `dead_lettered`, `deferred` |
+//! | `webhook_attempt_duration_seconds` | histogram | `endpoint`, `outcome` | request to response read, for attempts that were made |
+//! | `webhook_retries_total` | counter | `endpoint` | retries scheduled |
+//! | `webhook_dead_letters_total` | counter | `endpoint`, `reason` | `attempts_exhausted`, `endpoint_gone`, `fatal` |
+//! | `webhook_deferrals_total` | counter | `endpoint`, `reason` | `rate_limited`, `circuit_open`, `limiter_unavailable` |
+//! | `webhook_circuit_breaker_state` | gauge | `endpoint` | 0 closed, 1 half-open, 2 open (set on every change) |
+//! | `webhook_endpoints_disabled_total` | counter | `endpoint` | registry endpoints disabled by the worker |
+//!
+//! # Tracing
+//!
+//! Every attempt runs in an `INFO` span `webhook.attempt` with OpenTelemetry HTTP client field
+//! names:
+//!
+//! | field | value |
+//! |---|---|
+//! | `http.request.method` | `POST` |
+//! | `url.full` | the URL without query, fragment or credentials, and with token-like path segments (16+ characters mixing letters and digits, as in Slack or Discord hook URLs) replaced by `REDACTED` |
+//! | `server.address`, `server.port` | host and port |
+//! | `http.response.status_code` | the status, when the receiver answered |
+//! | `error.type` | the status code for a non-2xx answer; `timeout`, `connect`, `transport`, `refused` otherwise |
+//! | `webhook.id`, `webhook.event`, `webhook.attempt` | the delivery, its event type, the 1-based attempt |
+//! | `webhook.outcome` | `delivered`, `retry_scheduled`, `dead_lettered` or `deferred` |
+
+#[cfg(feature = "metrics")]
+mod metrics;
+mod span;
+mod stats;
+
+pub use stats::{EndpointSnapshot, EndpointStats, LastError};
+
+pub(crate) use span::{attempt_span, record_result};
+
+use crate::{job::WebhookJob, layers::Phase, outcome::AttemptResult, outcome::DeferReason, worker::DeadLetterReason};
+
+/// The `outcome` label of an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    Delivered,
+    RetryScheduled,
+    DeadLettered(DeadLetterReason),
+    Deferred(DeferReason),
+}
+
+impl Settled {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::RetryScheduled => "retry_scheduled",
+            Self::DeadLettered(_) => "dead_lettered",
+            Self::Deferred(_) => "deferred",
+        }
+    }
+}
+
+pub(crate) fn defer_label(reason: DeferReason) -> &'static str {
+    match reason {
+        DeferReason::RateLimited => "rate_limited",
+        DeferReason::CircuitOpen => "circuit_open",
+        DeferReason::LimiterUnavailable => "limiter_unavailable",
+    }
+}
+
+pub(crate) fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
+    match reason {
+        DeadLetterReason::AttemptsExhausted => "attempts_exhausted",
+        DeadLetterReason::EndpointGone => "endpoint_gone",
+        DeadLetterReason::Fatal => "fatal",
+    }
+}
+
+/// Records how an attempt was settled (metrics and the span).
+pub(crate) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled) {
+    tracing::Span::current().record("webhook.outcome", settled.label());
+    #[cfg(feature = "metrics")]
+    metrics::settled(job, result, settled);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (job, result);
+}
+
+/// A circuit breaker changed phase.
+pub(crate) fn breaker_changed(endpoint: &str, to: Phase) {
+    #[cfg(feature = "metrics")]
+    metrics::breaker_changed(endpoint, to);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (endpoint, to);
+}
+
+/// The worker disabled a registry endpoint.
+pub(crate) fn endpoint_disabled(job: &WebhookJob) {
+    #[cfg(feature = "metrics")]
+    metrics::endpoint_disabled(job);
+    #[cfg(not(feature = "metrics"))]
+    let _ = job;
+}
