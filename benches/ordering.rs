@@ -35,8 +35,14 @@ async fn main() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     println!("{EVENTS} events on Redis, 64 slots        deliveries/s");
-    for (name, keys) in [("unordered", None), ("ordered, 64 keys", Some(64)), ("ordered, 1 key", Some(1))] {
-        let Some(backend) = harness::Redis::open("bench-ordering").await else { return };
+    for (name, keys) in [
+        ("unordered", None),
+        ("ordered, 64 keys", Some(64)),
+        ("ordered, 1 key", Some(1)),
+    ] {
+        let Some(backend) = harness::Redis::open("bench-ordering").await else {
+            return;
+        };
         let lines = OrderedLines::redis(backend.conn.clone(), format!("bench-{}", ulid::Ulid::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let builder = WebhookWorker::new(backend.sink())

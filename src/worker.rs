@@ -303,7 +303,8 @@ impl<B: Clone> WebhookWorker<B> {
     /// Delivers ordered deliveries (those with an
     /// [`ordering_key`](crate::WebhookSubscription::ordering_key)) one after the other through
     /// `lines`, the same lines they were dispatched into (see [`crate::ordering`]). A worker
-    /// without lines dead-letters an ordered delivery, as it could not move its line on.
+    /// without lines kills an ordered delivery's task (its error names this method) rather than
+    /// deliver it out of order, as it could not move its line on.
     pub fn ordered(mut self, lines: OrderedLines) -> Self {
         self.lines = Some(lines);
         self
@@ -483,7 +484,7 @@ where
         let span = observe::attempt_span(&job);
         let started_at_ms = unix_millis();
         let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
-        let backend = self.backend.clone();
+        let mut backend = self.backend.clone();
         let hooks = self.hooks.clone();
         let health = self.health.clone();
         Box::pin(
@@ -498,13 +499,12 @@ where
                     }
                 });
                 observe::record_result(&tracing::Span::current(), &result);
-                let report = settle(&job, started_at_ms, &result, backend.clone(), &hooks).await;
+                let report = settle(&job, started_at_ms, &result, &mut backend, &hooks).await;
                 if let Some(lines) = lines
                     && is_final(&job, &result)
                 {
                     // If the next one cannot be pushed, this attempt is run again (a repeat
                     // delivery) rather than leaving the line stuck.
-                    let mut backend = backend;
                     lines
                         .advance(&job, &mut backend)
                         .await
@@ -525,7 +525,7 @@ async fn settle<B, K>(
     job: &WebhookJob,
     started_at_ms: u64,
     result: &AttemptResult,
-    mut backend: B,
+    backend: &mut B,
     hooks: &Hooks,
 ) -> Result<DeliveryReport, BoxDynError>
 where

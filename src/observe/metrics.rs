@@ -3,8 +3,13 @@
 
 use metrics::{counter, gauge, histogram};
 
-use super::{Settled, dead_letter_label, defer_label};
-use crate::{job::WebhookJob, layers::Phase, outcome::AttemptResult};
+use super::Settled;
+use crate::{
+    job::WebhookJob,
+    layers::Phase,
+    outcome::{AttemptResult, DeferReason},
+    worker::DeadLetterReason,
+};
 
 pub(super) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled) {
     let endpoint = job.endpoint().to_owned();
@@ -38,4 +43,20 @@ pub(super) fn breaker_changed(endpoint: &str, to: Phase) {
 
 pub(super) fn endpoint_disabled(job: &WebhookJob) {
     counter!("webhook_endpoints_disabled_total", "endpoint" => job.endpoint().to_owned()).increment(1);
+}
+
+fn defer_label(reason: DeferReason) -> &'static str {
+    match reason {
+        DeferReason::RateLimited => "rate_limited",
+        DeferReason::CircuitOpen => "circuit_open",
+        DeferReason::LimiterUnavailable => "limiter_unavailable",
+    }
+}
+
+fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
+    match reason {
+        DeadLetterReason::AttemptsExhausted => "attempts_exhausted",
+        DeadLetterReason::EndpointGone => "endpoint_gone",
+        DeadLetterReason::Fatal => "fatal",
+    }
 }

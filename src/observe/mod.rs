@@ -63,22 +63,6 @@ impl Settled {
     }
 }
 
-pub(crate) fn defer_label(reason: DeferReason) -> &'static str {
-    match reason {
-        DeferReason::RateLimited => "rate_limited",
-        DeferReason::CircuitOpen => "circuit_open",
-        DeferReason::LimiterUnavailable => "limiter_unavailable",
-    }
-}
-
-pub(crate) fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
-    match reason {
-        DeadLetterReason::AttemptsExhausted => "attempts_exhausted",
-        DeadLetterReason::EndpointGone => "endpoint_gone",
-        DeadLetterReason::Fatal => "fatal",
-    }
-}
-
 /// Records how an attempt was settled (metrics and the span).
 pub(crate) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled) {
     tracing::Span::current().record("webhook.outcome", settled.label());

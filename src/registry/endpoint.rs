@@ -177,9 +177,11 @@ impl Endpoint {
         self
     }
 
-    pub(crate) fn disabled_because(mut self, reason: Option<String>) -> Self {
-        self.enabled = reason.is_none();
-        self.disabled_reason = reason;
+    /// The state a registry stored: enabled, or disabled (with the worker's reason, if a
+    /// worker disabled it).
+    pub(crate) fn with_state(mut self, enabled: bool, disabled_reason: Option<String>) -> Self {
+        self.enabled = enabled;
+        self.disabled_reason = if enabled { None } else { disabled_reason };
         self
     }
 

@@ -139,7 +139,7 @@ impl EndpointRegistry for MemoryRegistry {
         let mut inner = self.write();
         let was_enabled = match inner.endpoints.get_mut(id) {
             Some(stored) if stored.endpoint.is_enabled() => {
-                stored.endpoint = stored.endpoint.clone().disabled_because(Some(reason.to_owned()));
+                stored.endpoint = stored.endpoint.clone().with_state(false, Some(reason.to_owned()));
                 true
             }
             _ => false,
@@ -151,7 +151,7 @@ impl EndpointRegistry for MemoryRegistry {
         let mut inner = self.write();
         let exists = match inner.endpoints.get_mut(id) {
             Some(stored) => {
-                stored.endpoint = stored.endpoint.clone().disabled_because(None);
+                stored.endpoint = stored.endpoint.clone().with_state(true, None);
                 stored.failing_since = None;
                 true
             }

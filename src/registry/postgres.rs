@@ -126,7 +126,7 @@ impl PostgresRegistry {
         }
         let enabled: bool = row.get("enabled");
         let reason: Option<String> = row.get("disabled_reason");
-        Ok(endpoint.disabled_because(if enabled { None } else { reason.or(Some(String::new())) }))
+        Ok(endpoint.with_state(enabled, reason))
     }
 
     const COLUMNS: &'static str = "id, enabled, disabled_reason, endpoint";

@@ -80,7 +80,9 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             result
         }
         "postgres" => {
-            let Ok(url) = std::env::var("TEST_POSTGRES_URL") else { return Ok(None) };
+            let Ok(url) = std::env::var("TEST_POSTGRES_URL") else {
+                return Ok(None);
+            };
             let pool = postgres::connect(&url).await?;
             let storage = apalis_postgres::PostgresStorage::<apalis_webhooks::WebhookJob>::new(&pool)
                 .with_config(postgres::config().queue(&queue));
@@ -97,7 +99,9 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             result
         }
         "redis" => {
-            let Ok(url) = std::env::var("TEST_REDIS_URL") else { return Ok(None) };
+            let Ok(url) = std::env::var("TEST_REDIS_URL") else {
+                return Ok(None);
+            };
             let conn = redis::connect(&url).await?;
             let storage = apalis_redis::RedisStorage::<apalis_webhooks::WebhookJob>::new(conn)
                 .with_config(redis::config().queue(&queue));

@@ -43,6 +43,20 @@ struct Row {
     per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time of this whole process (worker, receiver, enqueuers) per delivery, µs.
+    cpu_us: f64,
+}
+
+/// User + system CPU time of this process so far, in µs (from /proc; 0 elsewhere).
+fn process_cpu_us() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: state is 3rd, utime 14th, stime 15th (clock ticks of 10 ms).
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) * 10_000.0
 }
 
 /// Runs `enqueue(seq)` for every event from `ENQUEUERS` tasks, waits for all to arrive, and
@@ -60,6 +74,7 @@ where
 {
     let before = receiver.arrived();
     let _ = receiver.take_latencies();
+    let cpu_before = process_cpu_us();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for lane in 0..ENQUEUERS {
@@ -79,6 +94,7 @@ where
         .await
         .unwrap_or_else(|_| panic!("{contender} on {backend}: not every event arrived"));
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_us = (process_cpu_us() - cpu_before) / events as f64;
     let (p50_ms, p99_ms) = receiver.take_latencies();
     let row = Row {
         contender,
@@ -86,15 +102,19 @@ where
         per_sec: events as f64 / elapsed,
         p50_ms,
         p99_ms,
+        cpu_us,
     };
     eprintln!(
-        "{contender:>16} {backend:>8}: {:>8.0}/s  p50 {:>8.1} ms  p99 {:>8.1} ms",
-        row.per_sec, row.p50_ms, row.p99_ms
+        "{contender:>16} {backend:>8}: {:>8.0}/s  p50 {:>8.1} ms  p99 {:>8.1} ms  cpu {:>5.1} µs",
+        row.per_sec, row.p50_ms, row.p99_ms, row.cpu_us
     );
     row
 }
 
-fn stop_signal() -> (tokio::sync::oneshot::Sender<()>, impl Future<Output = Result<(), WorkerError>> + Send) {
+fn stop_signal() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl Future<Output = Result<(), WorkerError>> + Send,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     (stop, async move {
         let _ = stopped.await;
@@ -111,11 +131,23 @@ fn bare_job(url: &str, seq: u64) -> bare::BareJob {
 
 /// Dispatches event `seq` through apalis-webhooks into `sink`.
 async fn dispatch<S: WebhookSink<K>, K>(subscription: &WebhookSubscription, sink: &mut S, seq: u64) {
-    let probe = Probe { seq, t: now_us(), pad: PAD };
-    subscription.dispatch(sink, "bench.event", &probe).await.expect("dispatch");
+    let probe = Probe {
+        seq,
+        t: now_us(),
+        pad: PAD,
+    };
+    subscription
+        .dispatch(sink, "bench.event", &probe)
+        .await
+        .expect("dispatch");
 }
 
-async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64, rows: &mut Vec<Row>) -> Result<(), Error> {
+async fn run_backend(
+    backend: &'static str,
+    receiver: &mut Receiver,
+    events: u64,
+    rows: &mut Vec<Row>,
+) -> Result<(), Error> {
     let url = receiver.url.clone();
     let client = reqwest::Client::new();
     let subscription = WebhookSubscription::new(url.clone(), Secret::generate());
@@ -170,8 +202,8 @@ async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64
             let dir = tempfile::tempdir()?;
             let pool = sqlite::connect(&format!("sqlite://{}", dir.path().join("bench.db").display())).await?;
 
-            let storage =
-                apalis_sqlite::SqliteStorage::<bare::BareJob>::new(&pool).with_config(sqlite::config().queue(&queue("bare")));
+            let storage = apalis_sqlite::SqliteStorage::<bare::BareJob>::new(&pool)
+                .with_config(sqlite::config().queue(&queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
                 .backend(sqlite::polling(storage.clone()))
@@ -188,8 +220,8 @@ async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64
             let _ = stop.send(());
             handle.await??;
 
-            let storage =
-                apalis_sqlite::SqliteStorage::<apalis_webhooks::WebhookJob>::new(&pool).with_config(sqlite::config().queue(&queue("webhooks")));
+            let storage = apalis_sqlite::SqliteStorage::<apalis_webhooks::WebhookJob>::new(&pool)
+                .with_config(sqlite::config().queue(&queue("webhooks")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
                 .backend(sqlite::polling(storage.clone()))
@@ -306,7 +338,10 @@ async fn run_backend(backend: &'static str, receiver: &mut Receiver, events: u64
 fn medians(all: &[Row]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     for row in all {
-        if rows.iter().any(|r| r.contender == row.contender && r.backend == row.backend) {
+        if rows
+            .iter()
+            .any(|r| r.contender == row.contender && r.backend == row.backend)
+        {
             continue;
         }
         let same: Vec<&Row> = all
@@ -324,6 +359,7 @@ fn medians(all: &[Row]) -> Vec<Row> {
             per_sec: median(|r| r.per_sec),
             p50_ms: median(|r| r.p50_ms),
             p99_ms: median(|r| r.p99_ms),
+            cpu_us: median(|r| r.cpu_us),
         });
     }
     rows
@@ -344,7 +380,9 @@ fn sink_for(
     tx: &futures::channel::mpsc::UnboundedSender<BareTask>,
 ) -> apalis_core::backend::memory::MemorySink<bare::BareJob> {
     use futures::SinkExt;
-    let sink = tx.clone().sink_map_err(apalis_core::backend::memory::MemoryStorageError::from);
+    let sink = tx
+        .clone()
+        .sink_map_err(apalis_core::backend::memory::MemoryStorageError::from);
     apalis_core::backend::memory::MemorySink::new(std::sync::Arc::new(futures::lock::Mutex::new(Box::new(sink))))
 }
 
@@ -396,13 +434,17 @@ async fn main() -> Result<(), Error> {
         receiver.wait_for(before + events as usize).await;
         let (p50_ms, p99_ms) = receiver.take_latencies();
         let per_sec = events as f64 / started.elapsed().as_secs_f64();
-        eprintln!("{:>16} {:>8}: {per_sec:>8.0}/s  p50 {p50_ms:>8.1} ms  p99 {p99_ms:>8.1} ms", "raw HTTP", "-");
+        eprintln!(
+            "{:>16} {:>8}: {per_sec:>8.0}/s  p50 {p50_ms:>8.1} ms  p99 {p99_ms:>8.1} ms",
+            "raw HTTP", "-"
+        );
         all.push(Row {
             contender: "raw HTTP",
             backend: "-",
             per_sec,
             p50_ms,
             p99_ms,
+            cpu_us: 0.0,
         });
         for backend in &backends {
             run_backend(backend, &mut receiver, events, &mut all).await?;
@@ -411,16 +453,21 @@ async fn main() -> Result<(), Error> {
     let rows = medians(&all);
 
     println!("\n{events} events of 1 KiB, 64 in flight, loopback receiver answering 204; median of {runs} runs\n");
-    println!("| contender | backend | deliveries/s | p50 ms | p99 ms | vs bare apalis |");
-    println!("|---|---|---:|---:|---:|---:|");
+    println!("| contender | backend | deliveries/s | p50 ms | p99 ms | vs bare apalis | process CPU µs/delivery |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         let bare = rows
             .iter()
             .find(|r| r.backend == row.backend && r.contender == "bare apalis")
             .map(|bare| format!("{:.2}×", row.per_sec / bare.per_sec))
             .unwrap_or_default();
+        let cpu = if row.cpu_us > 0.0 {
+            format!("{:.1}", row.cpu_us)
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {bare} |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {bare} | {cpu} |",
             row.contender, row.backend, row.per_sec, row.p50_ms, row.p99_ms
         );
     }

@@ -22,12 +22,19 @@ pub struct Probe<'a> {
 pub const PAD: &str = include_str!("pad.txt");
 
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The 1 KiB body of event `seq`, stamped now.
 pub fn body(seq: u64) -> String {
-    serde_json::to_string(&Probe { seq, t: now_us(), pad: PAD }).expect("serializable")
+    serde_json::to_string(&Probe {
+        seq,
+        t: now_us(),
+        pad: PAD,
+    })
+    .expect("serializable")
 }
 
 #[derive(Clone)]
@@ -62,7 +69,11 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { url, latencies, arrived }
+        Self {
+            url,
+            latencies,
+            arrived,
+        }
     }
 
     /// Waits until `n` requests arrived in all.
