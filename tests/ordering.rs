@@ -81,6 +81,15 @@ async fn handle(State(log): State<Log>, body: Bytes) -> StatusCode {
     StatusCode::from_u16(status).unwrap()
 }
 
+/// A 204 for event `seq` of `key`.
+fn ok(key: &str, seq: u32) -> Arrival {
+    Arrival {
+        key: key.to_owned(),
+        seq,
+        status: 204,
+    }
+}
+
 async fn next(rx: &mut mpsc::UnboundedReceiver<Arrival>) -> Arrival {
     tokio::time::timeout(PATIENCE, rx.recv())
         .await
@@ -199,33 +208,12 @@ async fn other_keys_are_not_held_up() {
     // All of "free" arrives while "held" 1 is still waiting for its answer: were keys one
     // line, this would never finish.
     for seq in 1..=3 {
-        assert_eq!(
-            next(&mut rx).await,
-            Arrival {
-                key: "free".into(),
-                seq,
-                status: 204
-            }
-        );
+        assert_eq!(next(&mut rx).await, ok("free", seq));
     }
     log.release.notify_one();
-    assert_eq!(
-        next(&mut rx).await,
-        Arrival {
-            key: "held".into(),
-            seq: 1,
-            status: 204
-        }
-    );
+    assert_eq!(next(&mut rx).await, ok("held", 1));
     log.release.notify_one();
-    assert_eq!(
-        next(&mut rx).await,
-        Arrival {
-            key: "held".into(),
-            seq: 2,
-            status: 204
-        }
-    );
+    assert_eq!(next(&mut rx).await, ok("held", 2));
     worker.stop().await;
 }
 

@@ -130,6 +130,16 @@ impl PostgresRegistry {
     }
 
     const COLUMNS: &'static str = "id, enabled, disabled_reason, endpoint";
+
+    /// Runs `sql` (a statement on this table whose only parameter is the id); rows changed.
+    async fn execute_for(&self, sql: String, id: &EndpointId) -> Result<u64, RegistryError> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
 }
 
 impl EndpointRegistry for PostgresRegistry {
@@ -200,12 +210,7 @@ impl EndpointRegistry for PostgresRegistry {
     fn remove<'a>(&'a self, id: &'a EndpointId) -> BoxFuture<'a, Result<bool, RegistryError>> {
         async move {
             let sql = format!("DELETE FROM {} WHERE id = $1", self.table);
-            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
-            Ok(done.rows_affected() > 0)
+            Ok(self.execute_for(sql, id).await? > 0)
         }
         .boxed()
     }
@@ -235,12 +240,7 @@ impl EndpointRegistry for PostgresRegistry {
                  WHERE id = $1",
                 self.table
             );
-            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
-            Ok(done.rows_affected() > 0)
+            Ok(self.execute_for(sql, id).await? > 0)
         }
         .boxed()
     }
@@ -269,11 +269,7 @@ impl EndpointRegistry for PostgresRegistry {
                 "UPDATE {} SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
                 self.table
             );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
+            self.execute_for(sql, id).await?;
             Ok(())
         }
         .boxed()
