@@ -129,7 +129,9 @@ impl OrderedLines {
 
     /// After `job` (the head of its line) was delivered or dead-lettered: pushes the next one
     /// into `backend`, then takes `job` out of the line. Pushing first means a crash in between
-    /// repeats this delivery rather than stranding the line.
+    /// repeats this delivery rather than stranding the line. A delivery that entered the line
+    /// after the next one was looked up (it found `job` still at the head, so it waits) is
+    /// pushed when taking `job` out makes it the head.
     pub(crate) async fn advance<S: WebhookSink<K>, K>(
         &self,
         job: &WebhookJob,
@@ -137,13 +139,21 @@ impl OrderedLines {
     ) -> Result<(), OrderedSinkError<S::Error>> {
         let Some(line) = job.line() else { return Ok(()) };
         let member = job.webhook_id().as_str();
-        if let Some(next) = self.store.next(&line, member).await? {
-            backend
-                .push_job(decode(&next)?, None)
-                .await
-                .map_err(OrderedSinkError::Backend)?;
+        let pushed = match self.store.next(&line, member).await? {
+            Some(next) => {
+                let next = decode(&next)?;
+                let id = next.webhook_id().clone();
+                backend.push_job(next, None).await.map_err(OrderedSinkError::Backend)?;
+                Some(id)
+            }
+            None => None,
+        };
+        if let Some(head) = self.store.leave(&line, member).await? {
+            let head = decode(&head)?;
+            if pushed.as_ref() != Some(head.webhook_id()) {
+                backend.push_job(head, None).await.map_err(OrderedSinkError::Backend)?;
+            }
         }
-        self.store.leave(&line, member).await?;
         Ok(())
     }
 
@@ -160,4 +170,87 @@ pub(crate) fn encode(job: &WebhookJob) -> Result<String, LineError> {
 /// A job from a line. Never `fresh`: pushing it again must be deduplicated by the backend.
 pub(crate) fn decode(text: &str) -> Result<WebhookJob, LineError> {
     serde_json::from_str(text).map_err(|e| LineError(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{WebhookSubscription, secret::Secret};
+
+    /// Memory lines where another dispatcher enters `late` right after `next` looked.
+    struct RacingLines {
+        inner: memory::MemoryLines,
+        late: std::sync::Mutex<Option<(String, String, String)>>,
+    }
+
+    impl LineStore for RacingLines {
+        fn enter<'a>(&'a self, line: &'a str, member: &'a str, job: String) -> BoxFuture<'a, Result<bool, LineError>> {
+            self.inner.enter(line, member, job)
+        }
+
+        fn next<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>> {
+            Box::pin(async move {
+                let next = self.inner.next(line, member).await?;
+                let late = self.late.lock().unwrap().take();
+                if let Some((line, member, job)) = late {
+                    assert!(!self.inner.enter(&line, &member, job).await?, "the late one waits");
+                }
+                Ok(next)
+            })
+        }
+
+        fn leave<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>> {
+            self.inner.leave(line, member)
+        }
+
+        fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>> {
+            self.inner.heads()
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorded(Vec<WebhookJob>);
+
+    impl WebhookSink<()> for Recorded {
+        type Error = std::io::Error;
+
+        async fn push_job(&mut self, job: WebhookJob, _: Option<u64>) -> Result<(), Self::Error> {
+            self.0.push(job);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_entering_while_the_head_finishes_is_pushed() {
+        let subscription = WebhookSubscription::new("https://example.com/hook", Secret::generate()).ordering_key("k");
+        let head = subscription.job("a.b", &1).unwrap();
+        let late = subscription.job("a.b", &2).unwrap();
+        let line = head.line().unwrap();
+        let store = RacingLines {
+            inner: memory::MemoryLines::default(),
+            late: std::sync::Mutex::new(Some((
+                line.clone(),
+                late.webhook_id().to_string(),
+                encode(&late).unwrap(),
+            ))),
+        };
+        assert!(
+            store
+                .enter(&line, head.webhook_id().as_str(), encode(&head).unwrap())
+                .await
+                .unwrap()
+        );
+        let lines = OrderedLines {
+            store: Arc::new(store),
+            kind: "racing",
+        };
+        let mut sink = Recorded::default();
+        lines.advance(&head, &mut sink).await.unwrap();
+        let pushed: Vec<_> = sink.0.iter().map(|job| job.webhook_id().clone()).collect();
+        assert_eq!(
+            pushed,
+            [late.webhook_id().clone()],
+            "the late one is the head now and must go"
+        );
+    }
 }
