@@ -1,6 +1,6 @@
 //! Ordered delivery per key: dispatch order per (endpoint, key) under retries and with two
 //! workers, keys in parallel, dead letters moving the line on, and repair of a line whose head
-//! was never pushed. Real HTTP on loopback, real Redis (lines and queue per test).
+//! was never pushed. Real HTTP on loopback, real Redis and Postgres (lines and queue per test).
 
 mod common;
 #[path = "common/backends.rs"]
@@ -132,14 +132,51 @@ fn redis_lines(backend: &harness::Redis, test: &str) -> OrderedLines {
     OrderedLines::redis(backend.conn.clone(), format!("t-{test}-{}", ulid::Ulid::new()))
 }
 
-/// Three keys, eight events each, dispatched interleaved; a third of the first attempts fail
-/// with 503 and are retried a second later. Two workers share the queue and the lines.
+/// Lines in a table of their own.
+async fn postgres_lines(backend: &harness::Postgres) -> OrderedLines {
+    let table = format!("lines_{}", ulid::Ulid::new().to_string().to_lowercase());
+    OrderedLines::postgres_in(backend.pool.clone(), &table).await.unwrap()
+}
+
 #[tokio::test]
-async fn each_key_arrives_in_dispatch_order_under_retries_with_two_workers() {
+async fn in_order_under_retries_with_two_workers_on_redis() {
     let Some(backend) = harness::Redis::open("ordered-two-workers").await else {
         return;
     };
     let lines = redis_lines(&backend, "ordered");
+    in_order_under_retries_with_two_workers(backend, lines).await;
+}
+
+#[tokio::test]
+async fn in_order_under_retries_with_two_workers_on_postgres() {
+    let Some(backend) = harness::Postgres::open("ordered-two-workers").await else {
+        return;
+    };
+    let lines = postgres_lines(&backend).await;
+    in_order_under_retries_with_two_workers(backend, lines).await;
+}
+
+#[tokio::test]
+async fn repair_moves_a_stranded_line_on_redis() {
+    let Some(backend) = harness::Redis::open("ordered-repair").await else {
+        return;
+    };
+    let lines = redis_lines(&backend, "repair");
+    repair_moves_a_stranded_line_on(backend, lines).await;
+}
+
+#[tokio::test]
+async fn repair_moves_a_stranded_line_on_postgres() {
+    let Some(backend) = harness::Postgres::open("ordered-repair").await else {
+        return;
+    };
+    let lines = postgres_lines(&backend).await;
+    repair_moves_a_stranded_line_on(backend, lines).await;
+}
+
+/// Three keys, eight events each, dispatched interleaved; a third of the first attempts fail
+/// with 503 and are retried a second later. Two workers share the queue and the lines.
+async fn in_order_under_retries_with_two_workers<B: TestBackend>(backend: B, lines: OrderedLines) {
     let (url, log, mut rx) = receiver(|_, seq, attempt| if seq % 3 == 0 && attempt == 1 { 503 } else { 204 }).await;
     let workers: Vec<RunningWorker> = (0..2)
         .map(|_| {
@@ -316,12 +353,7 @@ impl WebhookSink<()> for Lost {
 
 /// A line whose head never reached the backend waits; `repair` pushes the head and the line
 /// drains in order. Repairing again stores nothing twice.
-#[tokio::test]
-async fn repair_moves_a_stranded_line_on() {
-    let Some(backend) = harness::Redis::open("ordered-repair").await else {
-        return;
-    };
-    let lines = redis_lines(&backend, "repair");
+async fn repair_moves_a_stranded_line_on<B: TestBackend>(backend: B, lines: OrderedLines) {
     let (url, log, mut rx) = receiver(|_, _, _| 204).await;
     subscription(&url, "k")
         .dispatch(

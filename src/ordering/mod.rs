@@ -23,8 +23,8 @@
 //!   previous event before the next one (dedupe on `webhook-id`).
 //! - A replayed dead letter is delivered outside its line: the line moved on when it died.
 //! - [`OrderedLines::memory`] keeps lines in this process: for the memory backend and tests;
-//!   waiting deliveries are lost with the process. Use [`OrderedLines::redis`] with durable
-//!   backends.
+//!   waiting deliveries are lost with the process. With durable backends use
+//!   [`OrderedLines::redis`] or [`OrderedLines::postgres`] (any backend can use either).
 //! - A process killed between putting a head in its line and pushing it leaves that line
 //!   waiting until [`OrderedLines::repair`] pushes the heads again (safe at any time: pushes
 //!   are idempotent on SQLite, Postgres and Redis); run it at start-up.
@@ -46,6 +46,8 @@
 //! ```
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod sink;
@@ -58,12 +60,16 @@ pub use sink::{OrderedSink, OrderedSinkError};
 
 use crate::{job::WebhookJob, sink::WebhookSink};
 
+/// The table [`OrderedLines::postgres`] keeps lines in.
+#[cfg(feature = "postgres")]
+pub const DEFAULT_LINES_TABLE: &str = "webhook_lines";
+
 /// The line store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 #[error("ordered lines unavailable: {0}")]
 pub struct LineError(#[source] pub(crate) apalis_core::error::BoxDynError);
 
-/// Where lines live: in memory or in Redis. Each operation is atomic.
+/// Where lines live: in memory, Redis or Postgres. Each operation is atomic.
 pub(crate) trait LineStore: Send + Sync + 'static {
     /// Appends `member` with its job to `line`; whether it is now the head.
     fn enter<'a>(&'a self, line: &'a str, member: &'a str, job: String) -> BoxFuture<'a, Result<bool, LineError>>;
@@ -105,6 +111,26 @@ impl OrderedLines {
             store: Arc::new(redis::RedisLines::new(conn, prefix.into())),
             kind: "redis",
         }
+    }
+
+    /// Lines in a Postgres table of the app's database ([`DEFAULT_LINES_TABLE`], created if
+    /// missing), shared by every process using the same table: ordered delivery for a fleet on
+    /// Postgres without Redis. Each line change is one short transaction holding the line's
+    /// advisory lock.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(pool: sqlx::PgPool) -> Result<Self, LineError> {
+        Self::postgres_in(pool, DEFAULT_LINES_TABLE).await
+    }
+
+    /// As [`postgres`](Self::postgres), in `table` (`name` or `schema.name`: lower-case
+    /// letters, digits and `_`).
+    #[cfg(feature = "postgres")]
+    pub async fn postgres_in(pool: sqlx::PgPool, table: &str) -> Result<Self, LineError> {
+        let table = crate::registry::postgres::checked_table(table).map_err(|e| LineError(Box::new(e)))?;
+        Ok(Self {
+            store: Arc::new(postgres::PostgresLines::open(pool, table).await?),
+            kind: "postgres",
+        })
     }
 
     /// `sink`, ordering the deliveries that have an ordering key.

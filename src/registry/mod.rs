@@ -40,7 +40,7 @@ mod filter;
 pub(crate) mod health;
 mod memory;
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 
 use futures::future::BoxFuture;
 

@@ -46,6 +46,23 @@ impl fmt::Debug for PostgresRegistry {
 #[error("invalid table name {0:?}: use 1 to 63 of a-z, 0-9 and _, optionally schema-qualified")]
 pub struct InvalidTableName(String);
 
+/// `table` if it is `name` or `schema.name` of lower-case letters, digits and `_` (so it can be
+/// put into SQL text).
+pub(crate) fn checked_table(table: &str) -> Result<String, InvalidTableName> {
+    let plain = |part: &str| {
+        (1..=63).contains(&part.len())
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !part.as_bytes()[0].is_ascii_digit()
+    };
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|part| plain(part)) {
+        return Err(InvalidTableName(table.to_owned()));
+    }
+    Ok(table.to_owned())
+}
+
 fn unavailable(error: sqlx::Error) -> RegistryError {
     RegistryError::Unavailable(Box::new(error))
 }
@@ -61,18 +78,7 @@ impl PostgresRegistry {
 
     /// Uses `table` (`name` or `schema.name`, lower-case letters, digits and `_`) instead.
     pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
-        let plain = |part: &str| {
-            (1..=63).contains(&part.len())
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-                && !part.as_bytes()[0].is_ascii_digit()
-        };
-        let parts: Vec<&str> = table.split('.').collect();
-        if parts.len() > 2 || !parts.iter().all(|part| plain(part)) {
-            return Err(InvalidTableName(table.to_owned()));
-        }
-        self.table = table.to_owned();
+        self.table = checked_table(table)?;
         Ok(self)
     }
 

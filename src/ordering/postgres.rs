@@ -1,0 +1,129 @@
+//! Lines in a Postgres table: one row per waiting or in-flight delivery; each change of a line
+//! runs in a transaction holding that line's advisory lock, so entries are numbered and heads
+//! decided one at a time per line.
+
+use futures::future::{BoxFuture, FutureExt};
+use sqlx::PgPool;
+
+use super::{LineError, LineStore};
+
+pub(super) struct PostgresLines {
+    pool: PgPool,
+    table: String,
+}
+
+fn unavailable(error: sqlx::Error) -> LineError {
+    LineError(Box::new(error))
+}
+
+impl PostgresLines {
+    /// Lines in `table` (already checked to be a plain identifier), created if missing.
+    pub(super) async fn open(pool: PgPool, table: String) -> Result<Self, LineError> {
+        let index = table.replace('.', "_");
+        for statement in [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {table} (line text NOT NULL, seq bigserial, member text NOT NULL, \
+                 job text NOT NULL, PRIMARY KEY (line, member))"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {index}_order ON {table} (line, seq)"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(Self { pool, table })
+    }
+
+    /// The job of `line`'s head, inside `tx`.
+    async fn head(&self, tx: &mut sqlx::PgConnection, line: &str) -> Result<Option<(String, String)>, LineError> {
+        let sql = format!(
+            "SELECT member, job FROM {} WHERE line = $1 ORDER BY seq LIMIT 1",
+            self.table
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(line)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// A transaction holding `line`'s lock until it ends.
+    async fn locked(&self, line: &str) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, LineError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7411))")
+            .bind(line)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        Ok(tx)
+    }
+}
+
+impl LineStore for PostgresLines {
+    fn enter<'a>(&'a self, line: &'a str, member: &'a str, job: String) -> BoxFuture<'a, Result<bool, LineError>> {
+        async move {
+            let mut tx = self.locked(line).await?;
+            let sql = format!(
+                "INSERT INTO {} (line, member, job) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                self.table
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(line)
+                .bind(member)
+                .bind(job)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            let head = self.head(&mut tx, line).await?;
+            tx.commit().await.map_err(unavailable)?;
+            Ok(head.is_some_and(|(head, _)| head == member))
+        }
+        .boxed()
+    }
+
+    fn next<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>> {
+        async move {
+            let sql = format!(
+                "SELECT job FROM {t} WHERE line = $1 AND seq > (SELECT seq FROM {t} WHERE line = $1 AND member = $2) \
+                 ORDER BY seq LIMIT 1",
+                t = self.table
+            );
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(line)
+                .bind(member)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn leave<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>> {
+        async move {
+            let mut tx = self.locked(line).await?;
+            let sql = format!("DELETE FROM {} WHERE line = $1 AND member = $2", self.table);
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(line)
+                .bind(member)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            let head = self.head(&mut tx, line).await?;
+            tx.commit().await.map_err(unavailable)?;
+            Ok(head.map(|(_, job)| job))
+        }
+        .boxed()
+    }
+
+    fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>> {
+        async move {
+            let sql = format!("SELECT DISTINCT ON (line) job FROM {} ORDER BY line, seq", self.table);
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+}
