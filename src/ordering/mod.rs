@@ -28,6 +28,9 @@
 //! - A process killed between putting a head in its line and pushing it leaves that line
 //!   waiting until [`OrderedLines::repair`] pushes the heads again (safe at any time: pushes
 //!   are idempotent on SQLite, Postgres and Redis); run it at start-up.
+//! - The line is not part of a Postgres [`InTransaction`](crate::backend::postgres::InTransaction)
+//!   dispatch: an ordered event dispatched in a transaction that then rolls back stays in its
+//!   line (and `repair` would deliver it). Dispatch ordered events after the commit.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
