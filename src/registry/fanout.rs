@@ -77,9 +77,10 @@ pub enum FanOutError {
 /// pushed with one [`WebhookSink::push_jobs`] (one round trip on SQLite, Postgres and Redis).
 /// Returns the endpoints and the webhook ids of their deliveries.
 ///
-/// All or nothing: an invalid event, an endpoint whose stored settings no longer validate, or a
-/// failed push returns an error and the event is not enqueued for any endpoint (on Redis a
-/// failure part-way through the pipeline can leave the earlier ones stored).
+/// All or nothing: an invalid event ([`FanOutError::Dispatch`]), an endpoint that does not
+/// validate ([`RegistryError::Invalid`], only from registries that do not check on `upsert`), or
+/// a failed push returns an error and the event is not enqueued for any endpoint (on Redis a
+/// connection lost part-way through the pipeline can leave the first ones stored).
 pub async fn dispatch_event<R, S, K>(
     registry: &R,
     sink: &mut S,
@@ -109,7 +110,13 @@ where
         if let Some(key) = &event.ordering_key {
             subscription = subscription.ordering_key(key.clone());
         }
-        subscription.validate(&event.event_type)?;
+        // Registries check endpoints when they are stored; one of another registry may not be.
+        subscription
+            .validate(&event.event_type)
+            .map_err(|source| RegistryError::Invalid {
+                id: endpoint.id().to_string(),
+                source,
+            })?;
         let mut job = subscription.job_with_body(&event.event_type, body.clone())?;
         job.fresh = true;
         sent.push((endpoint.id().clone(), job.webhook_id().clone()));
