@@ -52,6 +52,7 @@ pub mod backend;
 mod clock;
 mod delivery;
 mod job;
+mod json;
 pub mod layers;
 pub mod observe;
 pub mod ordering;

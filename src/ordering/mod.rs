@@ -193,12 +193,17 @@ impl OrderedLines {
 
 /// A job as a line stores it.
 pub(crate) fn encode(job: &WebhookJob) -> Result<String, LineError> {
-    serde_json::to_string(job).map_err(|e| LineError(Box::new(e)))
+    serde_json::to_string(job).map_err(json_error)
 }
 
 /// A job from a line. Never `fresh`: pushing it again must be deduplicated by the backend.
 pub(crate) fn decode(text: &str) -> Result<WebhookJob, LineError> {
-    serde_json::from_str(text).map_err(|e| LineError(Box::new(e)))
+    serde_json::from_str(text).map_err(json_error)
+}
+
+/// Stored jobs hold secrets: the error says what went wrong, not what it read.
+fn json_error(error: serde_json::Error) -> LineError {
+    LineError(crate::json::describe(&error).into())
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ impl PostgresRegistry {
         let json: sqlx::types::Json<serde_json::Value> = row.get("endpoint");
         let endpoint: Endpoint = serde_json::from_value(json.0).map_err(|error| RegistryError::Corrupt {
             id: id.clone(),
-            reason: error.to_string(),
+            reason: crate::json::describe(&error),
         })?;
         if endpoint.id().as_str() != id {
             return Err(RegistryError::Corrupt {
@@ -177,7 +177,7 @@ impl EndpointRegistry for PostgresRegistry {
             let filters: Vec<&str> = endpoint.event_filters().iter().map(EventFilter::as_str).collect();
             let json = serde_json::to_value(&endpoint).map_err(|error| RegistryError::Corrupt {
                 id: endpoint.id().to_string(),
-                reason: error.to_string(),
+                reason: crate::json::describe(&error),
             })?;
             let sql = format!(
                 "INSERT INTO {} (id, tenant, filters, enabled, disabled_reason, endpoint) VALUES ($1, $2, $3, $4, $5, $6) \

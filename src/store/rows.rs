@@ -100,11 +100,11 @@ impl TaskRow {
             task_id: task_id.clone(),
             reason,
         };
-        let job = serde_json::from_slice(&job).map_err(|e| corrupt(e.to_string()))?;
+        let job = serde_json::from_slice(&job).map_err(|e| corrupt(crate::json::describe(&e)))?;
         let last_result = last_result
             .map(|text| serde_json::from_str(&text))
             .transpose()
-            .map_err(|e| corrupt(e.to_string()))?;
+            .map_err(|e| corrupt(crate::json::describe(&e)))?;
         let position = Position {
             died_at: done_at.unwrap_or_default().max(0) as u64,
             task_id: task_id.clone(),
