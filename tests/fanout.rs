@@ -442,3 +442,29 @@ async fn failing_too_long_disables_the_endpoint_in_postgres() {
     };
     health_disables_after_failing_too_long(registry).await;
 }
+
+/// A Redis that has forgotten the push script (restarted, `SCRIPT FLUSH`) still takes a
+/// fan-out in one pipeline.
+#[tokio::test]
+async fn redis_fan_out_survives_a_flushed_script_cache() {
+    let Some(backend) = harness::Redis::open("fanout-noscript").await else {
+        return;
+    };
+    let registry = MemoryRegistry::new();
+    for id in ["a", "b"] {
+        registry
+            .upsert(Endpoint::new(id, "http://127.0.0.1:9/hook", Secret::generate()))
+            .await
+            .unwrap();
+    }
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut backend.conn.clone())
+        .await
+        .unwrap();
+    let sent = dispatch_event(&registry, &mut backend.sink(), Event::new("user.created", &1))
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(backend.store().unwrap().outstanding().await.unwrap(), 2);
+}

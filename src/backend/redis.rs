@@ -242,20 +242,14 @@ impl WebhookSink<Redis> for RedisSink {
     /// One pipeline of push scripts: one round trip for the whole fan-out. Not a transaction:
     /// should the connection fail part-way, the first jobs may be stored and not the rest.
     async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
-        // Load the script once, then EVALSHA per job in one pipeline.
+        // SCRIPT LOAD heads the pipeline, so the EVALSHAs after it never meet NOSCRIPT (a
+        // restarted or flushed Redis) and it all stays one round trip.
         let mut pipeline = ::redis::pipe();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(PUSH_LUA).ignore();
         for job in &jobs {
             pipeline.invoke_script(&self.push_invocation(job, None)?);
         }
-        match pipeline.query_async::<Vec<bool>>(&mut self.conn).await {
-            Err(error) if error.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) => {
-                PUSH_SCRIPT.prepare_invoke().load_async(&mut self.conn).await?;
-                pipeline.query_async::<Vec<bool>>(&mut self.conn).await?;
-            }
-            other => {
-                other?;
-            }
-        }
+        let _stored: Vec<bool> = pipeline.query_async(&mut self.conn).await?;
         Ok(())
     }
 }
@@ -290,9 +284,7 @@ impl RedisSink {
 
 /// One task as apalis-redis's `batch_push.lua` stores it (data hash, meta hash), placed in the
 /// active list when due and in this crate's scheduled set otherwise. Returns whether it was new.
-static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const PUSH_LUA: &str = r#"
 -- KEYS: data, meta prefix, active, signal, scheduled, idempotency prefix, history
 -- ARGV: task id, job, max attempts, due at (0: now), idempotency key, marker ttl (0: none)
 if tonumber(ARGV[6]) > 0 and not redis.call("set", KEYS[6] .. ":" .. ARGV[5], ARGV[1], "NX", "EX", ARGV[6]) then
@@ -310,9 +302,9 @@ else
     redis.call("rpush", KEYS[3], ARGV[1])
 end
 return 1
-"#,
-    )
-});
+"#;
+
+static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PUSH_LUA));
 
 /// Moves up to ARGV[2] tasks due by ARGV[1] from this crate's scheduled set to the active list.
 static PROMOTE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
