@@ -11,7 +11,6 @@ use std::{
 use crate::{
     clock::unix_millis,
     layers::{CircuitBreakerLayer, Phase},
-    outcome::AttemptResult,
     worker::DeliveryEvent,
 };
 
@@ -124,23 +123,17 @@ impl EndpointStats {
     }
 
     fn record(&self, event: &DeliveryEvent<'_>) {
-        let (job, result) = match event {
+        // (job, status, error, duration) of the attempt the event settles.
+        let (job, status, error, duration) = match event {
             DeliveryEvent::Delivered { job, result } | DeliveryEvent::RetryScheduled { job, result, .. } => {
-                (*job, Some(*result))
+                (*job, result.status(), result.error(), result.duration())
             }
+            // A dead letter is the only event of its (last) attempt.
             DeliveryEvent::DeadLettered { job, dead_letter } => {
-                // A dead letter after a retryable failure was not reported as a retry: count it.
-                let mut stats = self.lock();
-                let endpoint = stats.entry(job.endpoint().to_owned()).or_default();
                 let record = &dead_letter.record;
-                endpoint.attempts += 1;
-                endpoint.push_latency(Duration::from_millis(record.duration_ms));
-                endpoint.last_error = Some(LastError {
-                    at_ms: unix_millis(),
-                    status: record.status,
-                    error: record.error.clone(),
-                });
-                return;
+                let sent = record.status.is_some() || record.duration_ms > 0;
+                let duration = sent.then(|| Duration::from_millis(record.duration_ms));
+                (*job, record.status, record.error.clone(), duration)
             }
             DeliveryEvent::Deferred { job, .. } => {
                 self.lock().entry(job.endpoint().to_owned()).or_default().deferred += 1;
@@ -148,22 +141,20 @@ impl EndpointStats {
             }
             _ => return,
         };
-        let Some(result) = result else { return };
         let mut stats = self.lock();
         let endpoint = stats.entry(job.endpoint().to_owned()).or_default();
         endpoint.attempts += 1;
-        if let Some(duration) = result.duration() {
+        if let Some(duration) = duration {
             endpoint.push_latency(duration);
         }
-        match result {
-            AttemptResult::Response { status, .. } if (200..300).contains(status) => endpoint.delivered += 1,
-            _ => {
-                endpoint.last_error = Some(LastError {
-                    at_ms: unix_millis(),
-                    status: result.status(),
-                    error: result.error(),
-                })
-            }
+        if status.is_some_and(|status| (200..300).contains(&status)) {
+            endpoint.delivered += 1;
+        } else {
+            endpoint.last_error = Some(LastError {
+                at_ms: unix_millis(),
+                status,
+                error,
+            });
         }
     }
 
