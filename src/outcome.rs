@@ -245,18 +245,20 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// An answer with `status` and nothing else, for tests.
+#[cfg(test)]
+pub(crate) fn response(status: u16) -> AttemptResult {
+    AttemptResult::Response {
+        status,
+        retry_after: None,
+        body_excerpt: String::new(),
+        duration: Duration::ZERO,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn response(status: u16) -> AttemptResult {
-        AttemptResult::Response {
-            status,
-            retry_after: None,
-            body_excerpt: String::new(),
-            duration: Duration::ZERO,
-        }
-    }
 
     #[test]
     fn default_status_matrix() {

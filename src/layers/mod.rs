@@ -59,16 +59,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{DeferReason, TransportErrorKind};
-
-    fn response(status: u16) -> AttemptResult {
-        AttemptResult::Response {
-            status,
-            retry_after: None,
-            body_excerpt: String::new(),
-            duration: Duration::ZERO,
-        }
-    }
+    use crate::{DeferReason, TransportErrorKind, outcome::response};
 
     #[test]
     fn breakers_count_transport_errors_5xx_and_429_but_not_other_4xx() {
