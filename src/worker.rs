@@ -120,6 +120,12 @@ pub enum DeadLetterReason {
     EndpointGone,
     /// The outcome cannot be fixed by retrying (3xx, most 4xx, a refused request).
     Fatal,
+    /// The backend holds the task as finished and failed without a dead letter of this crate:
+    /// apalis ran out of its own attempts after the worker failed for a reason of the
+    /// infrastructure on every try (storing the next attempt, say), or killed the task itself.
+    /// Only the `WebhookStore` reports it (backend features); the record's `error` holds the
+    /// last error text the backend stored.
+    InfrastructureFailed,
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an

@@ -58,5 +58,6 @@ fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
         DeadLetterReason::AttemptsExhausted => "attempts_exhausted",
         DeadLetterReason::EndpointGone => "endpoint_gone",
         DeadLetterReason::Fatal => "fatal",
+        DeadLetterReason::InfrastructureFailed => "infrastructure_failed",
     }
 }
