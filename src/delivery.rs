@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use http::{HeaderMap, HeaderValue, header};
@@ -67,7 +67,13 @@ pub struct HttpDelivery {
     client: reqwest::Client,
     egress: EgressPolicy,
     max_response_bytes: usize,
+    max_attempt_timeout: Duration,
 }
+
+/// Longest an attempt may take, whatever its subscription asks for: the worker's backends
+/// presume a worker dead after a silence longer than this (see
+/// [`WebhookWorker::max_attempt_timeout`](crate::WebhookWorker::max_attempt_timeout)).
+pub const DEFAULT_MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl HttpDelivery {
     /// A delivery service with a pooled client: rustls, HTTP/1.1 and HTTP/2, no redirects, no
@@ -98,6 +104,7 @@ impl HttpDelivery {
             client,
             egress: EgressPolicy::default(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
         }
     }
 
@@ -111,6 +118,13 @@ impl HttpDelivery {
     /// Cap of the response body read per attempt (64 KiB by default).
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = limit;
+        self
+    }
+
+    /// Cap of each attempt's timeout ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`]): a subscription's own
+    /// [`timeout`](crate::WebhookSubscription::timeout) applies up to it.
+    pub fn max_attempt_timeout(mut self, limit: Duration) -> Self {
+        self.max_attempt_timeout = limit;
         self
     }
 }
@@ -128,11 +142,18 @@ impl Service<DeliveryRequest> for HttpDelivery {
         let client = self.client.clone();
         let egress = self.egress.clone();
         let cap = self.max_response_bytes;
-        Box::pin(async move { Ok(send(client, &egress, request, cap).await) })
+        let timeout = request.job.policy().timeout().min(self.max_attempt_timeout);
+        Box::pin(async move { Ok(send(client, &egress, request, cap, timeout).await) })
     }
 }
 
-async fn send(client: reqwest::Client, egress: &EgressPolicy, request: DeliveryRequest, cap: usize) -> AttemptResult {
+async fn send(
+    client: reqwest::Client,
+    egress: &EgressPolicy,
+    request: DeliveryRequest,
+    cap: usize,
+    timeout: Duration,
+) -> AttemptResult {
     let DeliveryRequest { job, headers } = request;
     let url = match target(egress, &job) {
         Ok(url) => url,
@@ -140,7 +161,7 @@ async fn send(client: reqwest::Client, egress: &EgressPolicy, request: DeliveryR
     };
     let mut builder = client
         .post(url)
-        .timeout(job.policy().timeout())
+        .timeout(timeout)
         .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(EVENT_HEADER, job.event_type())
         .header(ATTEMPT_HEADER, job.attempt());

@@ -75,8 +75,8 @@ mod worker;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;
 pub use delivery::{
-    ATTEMPT_HEADER, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER, HttpDelivery, RESPONSE_EXCERPT_BYTES,
-    USER_AGENT,
+    ATTEMPT_HEADER, DEFAULT_MAX_ATTEMPT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER,
+    HttpDelivery, RESPONSE_EXCERPT_BYTES, USER_AGENT,
 };
 pub use job::{WebhookId, WebhookJob};
 pub use outcome::{AttemptResult, DeferReason, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
@@ -96,5 +96,5 @@ pub use subscription::{
 };
 pub use worker::{
     BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,
-    DeliveryEvent, DeliveryReport, WebhookService, WebhookWorker,
+    DeliveryEvent, DeliveryReport, SETTLE_PATIENCE, WebhookService, WebhookWorker,
 };

@@ -38,6 +38,14 @@ pub trait WebhookSink<K>: Send {
         false
     }
 
+    /// How long the backend waits for a silent worker before handing its tasks to another
+    /// (heartbeat interval × missed heartbeats), if it does. A worker must finish any attempt
+    /// within it: [`WebhookWorker`](crate::WebhookWorker) checks its
+    /// [`max_attempt_timeout`](crate::WebhookWorker::max_attempt_timeout) against it.
+    fn orphan_window(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Stores `jobs`, all due now: in one round trip (one transaction, one pipeline) on
     /// SQLite, Postgres and Redis; one by one elsewhere. Used by fan-out.
     fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {

@@ -19,8 +19,9 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{
+    backend::resilient::Backoff,
     clock::{unix_millis, unix_seconds_after},
-    delivery::{DeliveryRequest, HttpDelivery},
+    delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
     job::WebhookJob,
     observe::{self, Settled},
     ordering::OrderedLines,
@@ -42,6 +43,21 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Deliveries one worker runs at once, a sensible start for HTTP-bound work.
 pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// How long a worker keeps trying to store what an attempt decided (its next attempt, its
+/// deferral, the next delivery of its ordered line) while the backend fails or does not
+/// answer. Each store is idempotent, so it is tried again with capped backoff rather than
+/// repeating the HTTP request. Past this the delivery becomes a dead letter
+/// ([`DeadLetterReason::OutcomeNotStored`]), which can be replayed.
+pub const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Longest one try of a backend write may take before it is tried again. The write may have
+/// succeeded: it is idempotent.
+const STORE_TRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time the layers (rate limiter, breaker, signer with its secret store) may add to an
+/// attempt's HTTP timeout before the worker gives up on the attempt.
+const LAYER_ALLOWANCE: Duration = Duration::from_secs(5);
 
 /// What a finished attempt reports to apalis; stored as the task's result.
 ///
@@ -120,6 +136,9 @@ pub enum DeadLetterReason {
     EndpointGone,
     /// The outcome cannot be fixed by retrying (3xx, most 4xx, a refused request).
     Fatal,
+    /// The attempt failed or was put off, and the backend did not store its next attempt for
+    /// [`SETTLE_PATIENCE`]. Replay it once the backend is back.
+    OutcomeNotStored,
     /// The backend holds the task as finished and failed without a dead letter of this crate:
     /// apalis ran out of its own attempts after the worker failed for a reason of the
     /// infrastructure on every try (storing the next attempt, say), or killed the task itself.
@@ -269,6 +288,7 @@ pub struct WebhookWorker<B> {
     registry: Option<Arc<dyn EndpointRegistry>>,
     disable_after: Duration,
     lines: Option<OrderedLines>,
+    max_attempt_timeout: Duration,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
@@ -281,14 +301,35 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
             .field("registry", &self.registry.is_some())
             .field("disable_after", &self.disable_after)
             .field("lines", &self.lines)
+            .field("max_attempt_timeout", &self.max_attempt_timeout)
             .finish_non_exhaustive()
     }
 }
 
-/// Could not build the HTTP client (for example, no TLS roots could be loaded).
+/// Why [`WebhookWorker`] could not build its service.
 #[derive(Debug, thiserror::Error)]
-#[error("could not build the HTTP client: {0}")]
-pub struct BuildError(#[from] reqwest::Error);
+#[non_exhaustive]
+pub enum BuildError {
+    /// Could not build the HTTP client (for example, no TLS roots could be loaded).
+    #[error("could not build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// The backend hands a silent worker's tasks to another after `orphan_window`, which is
+    /// not longer than the longest attempt this worker may run: a worker busy with a slow
+    /// receiver would have its deliveries sent again by a peer.
+    #[error(
+        "the backend's orphan window ({orphan_window:?}: heartbeat interval × missed heartbeats) must be longer \
+         than the worker's max_attempt_timeout ({max_attempt_timeout:?}) plus {allowance:?} for the layers; \
+         raise the backend's missed heartbeats or lower WebhookWorker::max_attempt_timeout"
+    )]
+    OrphanWindowTooShort {
+        /// The backend's orphan window.
+        orphan_window: Duration,
+        /// The worker's cap on one attempt's HTTP timeout.
+        max_attempt_timeout: Duration,
+        /// What the layers may add to it.
+        allowance: Duration,
+    },
+}
 
 impl<B: Clone> WebhookWorker<B> {
     /// A builder for the service that delivers the jobs stored in `backend`.
@@ -303,7 +344,17 @@ impl<B: Clone> WebhookWorker<B> {
             registry: None,
             disable_after: DEFAULT_DISABLE_AFTER,
             lines: None,
+            max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
         }
+    }
+
+    /// Cap of each attempt's HTTP timeout ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`], 20 s): a
+    /// subscription's own [`timeout`](crate::WebhookSubscription::timeout) applies up to it,
+    /// and the whole attempt, layers included, is abandoned (a transport timeout) 5 s past
+    /// it. Building the service fails if the backend's orphan window is not longer than that.
+    pub fn max_attempt_timeout(mut self, limit: Duration) -> Self {
+        self.max_attempt_timeout = limit;
+        self
     }
 
     /// Delivers ordered deliveries (those with an
@@ -311,6 +362,10 @@ impl<B: Clone> WebhookWorker<B> {
     /// `lines`, the same lines they were dispatched into (see [`crate::ordering`]). A worker
     /// without lines kills an ordered delivery's task (its error names this method) rather than
     /// deliver it out of order, as it could not move its line on.
+    ///
+    /// Give it lines [`with_repair`](OrderedLines::with_repair) so that each service it builds
+    /// repairs them periodically (until the service is dropped): a line whose head's dispatch
+    /// was cut short, or whose head's task apalis gave up on, then moves on by itself.
     pub fn ordered(mut self, lines: OrderedLines) -> Self {
         self.lines = Some(lines);
         self
@@ -390,7 +445,10 @@ impl<B: Clone> WebhookWorker<B> {
     }
 
     /// The service with the default stack: signing around HTTP delivery.
-    pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError> {
+    pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError>
+    where
+        B: WebhookSink<K>,
+    {
         self.service_with(self.signing_layer())
     }
 
@@ -408,7 +466,18 @@ impl<B: Clone> WebhookWorker<B> {
     pub fn service_with<L, K>(&self, layer: L) -> Result<WebhookService<L::Service, B, K>, BuildError>
     where
         L: Layer<HttpDelivery>,
+        B: WebhookSink<K>,
     {
+        let attempt_limit = self.max_attempt_timeout.saturating_add(LAYER_ALLOWANCE);
+        if let Some(orphan_window) = self.backend.orphan_window()
+            && orphan_window <= attempt_limit
+        {
+            return Err(BuildError::OrphanWindowTooShort {
+                orphan_window,
+                max_attempt_timeout: self.max_attempt_timeout,
+                allowance: LAYER_ALLOWANCE,
+            });
+        }
         let mut delivery = match &self.client {
             Some(client) => HttpDelivery::with_client(client.clone()).egress(self.egress.clone()),
             None => HttpDelivery::with_egress(self.egress.clone())?,
@@ -416,7 +485,7 @@ impl<B: Clone> WebhookWorker<B> {
         if let Some(limit) = self.max_response_bytes {
             delivery = delivery.max_response_bytes(limit);
         }
-        let inner = layer.layer(delivery);
+        let inner = layer.layer(delivery.max_attempt_timeout(self.max_attempt_timeout));
         Ok(WebhookService {
             inner,
             backend: self.backend.clone(),
@@ -425,7 +494,9 @@ impl<B: Clone> WebhookWorker<B> {
                 .registry
                 .as_ref()
                 .map(|registry| EndpointHealth::new(Arc::clone(registry), self.disable_after)),
-            lines: self.lines.clone(),
+            // Starts the lines' periodic repair, if they have one; it ends with the service.
+            lines: self.lines.as_ref().map(OrderedLines::for_worker),
+            attempt_limit,
             _kind: PhantomData,
         })
     }
@@ -439,6 +510,7 @@ pub struct WebhookService<S, B, K> {
     hooks: Hooks,
     health: Option<EndpointHealth>,
     lines: Option<OrderedLines>,
+    attempt_limit: Duration,
     _kind: PhantomData<fn() -> K>,
 }
 
@@ -450,6 +522,7 @@ impl<S: Clone, B: Clone, K> Clone for WebhookService<S, B, K> {
             hooks: self.hooks.clone(),
             health: self.health.clone(),
             lines: self.lines.clone(),
+            attempt_limit: self.attempt_limit,
             _kind: PhantomData,
         }
     }
@@ -490,31 +563,44 @@ where
         let span = observe::attempt_span(&job);
         let started_at_ms = unix_millis();
         let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
+        let attempt_limit = self.attempt_limit;
         let mut backend = self.backend.clone();
         let hooks = self.hooks.clone();
         let health = self.health.clone();
         Box::pin(
             async move {
-                let result = attempt.await.unwrap_or_else(|error| {
+                let result = match tokio::time::timeout(attempt_limit, attempt).await {
+                    Ok(Ok(result)) => result,
                     // A layer failed instead of answering: count it as a transport failure.
-                    let message = Into::<BoxDynError>::into(error).to_string();
-                    AttemptResult::Transport {
+                    Ok(Err(error)) => AttemptResult::Transport {
                         kind: TransportErrorKind::Other,
-                        message,
+                        message: Into::<BoxDynError>::into(error).to_string(),
                         duration: Duration::ZERO,
-                    }
-                });
+                    },
+                    // The HTTP timeout is below this limit: something in the layers hung.
+                    Err(_) => AttemptResult::Transport {
+                        kind: TransportErrorKind::Timeout,
+                        message: format!("the attempt took longer than {attempt_limit:?}"),
+                        duration: attempt_limit,
+                    },
+                };
                 observe::record_result(&tracing::Span::current(), &result);
                 let report = settle(&job, started_at_ms, &result, &mut backend, &hooks).await;
                 if let Some(lines) = lines
                     && is_final(&job, &result)
                 {
-                    // If the next one cannot be pushed, this attempt is run again (a repeat
-                    // delivery) rather than leaving the line stuck.
-                    lines
-                        .advance(&job, &mut backend)
-                        .await
-                        .map_err(|e| Box::new(e) as BoxDynError)?;
+                    // The line must move on whatever happened to the backend meanwhile; every
+                    // try is idempotent. If it cannot for SETTLE_PATIENCE, the periodic repair
+                    // of the lines frees it later.
+                    let mut patience = Patience::new("advancing the ordered line");
+                    let advanced = loop {
+                        if let Some(done) = patience.try_once(lines.advance(&job, &mut backend)).await {
+                            break done;
+                        }
+                    };
+                    if let Err(error) = advanced {
+                        tracing::error!(%error, "the ordered line could not move on; its repair will free it");
+                    }
                 }
                 if let (Some(health), Some(endpoint_id)) = (&health, job.endpoint_id()) {
                     report_health(health, &job, endpoint_id, &result, &hooks).await;
@@ -523,6 +609,45 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Tries of one backend write whose repetition is harmless (an idempotent push, a line move):
+/// capped backoff between tries, each try bounded by [`STORE_TRY_TIMEOUT`], for at most
+/// [`SETTLE_PATIENCE`]. The attempt's outcome is stored once the backend answers, and the HTTP
+/// request is never repeated for it.
+struct Patience {
+    what: &'static str,
+    deadline: tokio::time::Instant,
+    backoff: Backoff,
+}
+
+impl Patience {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            deadline: tokio::time::Instant::now() + SETTLE_PATIENCE,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Runs one try: `Some` with the final result, or `None` (after the backoff wait) to try
+    /// again.
+    async fn try_once<E: Into<BoxDynError>>(
+        &mut self,
+        write: impl Future<Output = Result<(), E>>,
+    ) -> Option<Result<(), BoxDynError>> {
+        let error: BoxDynError = match tokio::time::timeout(STORE_TRY_TIMEOUT, write).await {
+            Ok(Ok(())) => return Some(Ok(())),
+            Ok(Err(error)) => error.into(),
+            Err(_) => format!("no answer within {STORE_TRY_TIMEOUT:?}").into(),
+        };
+        if tokio::time::Instant::now() >= self.deadline {
+            return Some(Err(error));
+        }
+        tracing::warn!(%error, "{} failed; trying again", self.what);
+        self.backoff.wait().await;
+        None
     }
 }
 
@@ -549,12 +674,19 @@ where
         Outcome::Retry { retry_after } if job.attempt() < policy.max_attempts => {
             let delay = policy.next_delay(job.attempt(), retry_after);
             let next_attempt_at = unix_seconds_after(delay);
-            // If this push fails the error goes back to apalis, which runs this same attempt
-            // again: the delivery is repeated, never lost.
-            backend
-                .push_job(job.next_attempt(), Some(next_attempt_at))
-                .await
-                .map_err(|e| Box::new(e) as BoxDynError)?;
+            let next = job.next_attempt();
+            let mut patience = Patience::new("storing the next attempt");
+            let stored = loop {
+                if let Some(done) = patience
+                    .try_once(backend.push_job(next.clone(), Some(next_attempt_at)))
+                    .await
+                {
+                    break done;
+                }
+            };
+            if let Err(error) = stored {
+                return outcome_not_stored(job, record, result, hooks, &error);
+            }
             tracing::info!(
                 status = result.status(),
                 error = result.error(),
@@ -580,11 +712,16 @@ where
         Outcome::Fatal => DeadLetterReason::Fatal,
         Outcome::Deferred { delay, reason } => {
             let until = unix_seconds_after(delay);
-            // As with a retry: if this push fails, apalis runs this task again; nothing is lost.
-            backend
-                .push_job(job.deferred(), Some(until))
-                .await
-                .map_err(|e| Box::new(e) as BoxDynError)?;
+            let deferred = job.deferred();
+            let mut patience = Patience::new("storing the deferred attempt");
+            let stored = loop {
+                if let Some(done) = patience.try_once(backend.push_job(deferred.clone(), Some(until))).await {
+                    break done;
+                }
+            };
+            if let Err(error) = stored {
+                return outcome_not_stored(job, record, result, hooks, &error);
+            }
             tracing::debug!(%reason, until, "deferred");
             observe::settled(job, result, Settled::Deferred(reason));
             hooks.emit(&DeliveryEvent::Deferred { job, reason, until });
@@ -596,9 +733,20 @@ where
             });
         }
     };
+    Err(dead_letter(job, reason, record, result, hooks))
+}
+
+/// Kills the task as a dead letter: apalis stores it `Killed`, with the record as its result.
+fn dead_letter(
+    job: &WebhookJob,
+    reason: DeadLetterReason,
+    record: AttemptRecord,
+    result: &AttemptResult,
+    hooks: &Hooks,
+) -> BoxDynError {
     let dead_letter = DeadLetter {
         reason,
-        max_attempts: policy.max_attempts,
+        max_attempts: job.policy().max_attempts,
         record,
     };
     tracing::warn!(status = result.status(), error = result.error(), ?reason, "dead letter");
@@ -607,7 +755,29 @@ where
         job,
         dead_letter: &dead_letter,
     });
-    Err(Box::new(AbortError::new(dead_letter)))
+    Box::new(AbortError::new(dead_letter))
+}
+
+/// The next attempt could not be stored for [`SETTLE_PATIENCE`]: rather than have apalis run
+/// this attempt again (a repeated request, then a task stuck `Failed`), the delivery becomes
+/// a dead letter that says so, stored with the acknowledgement once the backend is back.
+fn outcome_not_stored(
+    job: &WebhookJob,
+    mut record: AttemptRecord,
+    result: &AttemptResult,
+    hooks: &Hooks,
+    error: &BoxDynError,
+) -> Result<DeliveryReport, BoxDynError> {
+    tracing::error!(%error, "the backend did not store the attempt's outcome");
+    let attempt_error = record.error.take().map(|e| format!("{e}; ")).unwrap_or_default();
+    record.error = Some(format!("{attempt_error}outcome not stored: {error}"));
+    Err(dead_letter(
+        job,
+        DeadLetterReason::OutcomeNotStored,
+        record,
+        result,
+        hooks,
+    ))
 }
 
 /// Tells the registry how an attempt of one of its endpoints went, once the outcome is stored.

@@ -6,7 +6,7 @@ pub mod postgres;
 mod rearmed;
 #[cfg(feature = "redis")]
 pub mod redis;
-mod resilient;
+pub(crate) mod resilient;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

@@ -44,7 +44,7 @@ use apalis_core::backend::ext::poll_strategy::{PollWith, StreamStrategy};
 pub use apalis_redis::{Config, ConnectionManager, Error, RedisStorage};
 
 use super::Rearmed;
-use crate::{clock::unix_seconds, job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
+use crate::{clock::until, job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
 
 /// Tasks fetched per script. apalis's default of 10 costs a round trip per ten deliveries.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -57,8 +57,13 @@ pub const PROMOTE_CHUNK: usize = 1000;
 /// 30 s × 10: five minutes).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// See [`HEARTBEAT_INTERVAL`].
-pub const MISSED_HEARTBEATS: usize = 3;
+/// See [`HEARTBEAT_INTERVAL`]. 6 × 5 s = 30 s: longer than the longest attempt a worker runs
+/// by default ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`](crate::DEFAULT_MAX_ATTEMPT_TIMEOUT), 20 s), which
+/// [`WebhookWorker`](crate::WebhookWorker) checks when it builds its service.
+pub const MISSED_HEARTBEATS: usize = 6;
+
+/// Longest delay stored: 400 days.
+const MAX_DELAY_SECS: u64 = 400 * 24 * 3600;
 
 /// How long the marker that makes a push idempotent lives. It only has to outlast the gap
 /// between a worker storing the next attempt and acknowledging this one (a killed worker's
@@ -136,7 +141,6 @@ async fn promote_due(conn: &mut ConnectionManager, keys: &Keys) -> Result<(), Er
             .key(&keys.scheduled)
             .key(&keys.active)
             .key(&keys.signal)
-            .arg(unix_seconds())
             .arg(PROMOTE_CHUNK)
             .invoke_async(conn)
             .await?;
@@ -193,6 +197,7 @@ impl Keys {
 pub struct RedisSink {
     conn: ConnectionManager,
     keys: Keys,
+    orphan_window: Duration,
 }
 
 impl RedisSink {
@@ -201,6 +206,7 @@ impl RedisSink {
         let mut storage = storage.clone();
         Self {
             keys: Keys::new(storage.get_config()),
+            orphan_window: storage.get_config().orphaned_duration(),
             conn: storage.get_connection().clone(),
         }
     }
@@ -239,6 +245,10 @@ impl WebhookSink<Redis> for RedisSink {
         Ok(())
     }
 
+    fn orphan_window(&self) -> Option<Duration> {
+        Some(self.orphan_window)
+    }
+
     /// One pipeline of push scripts: one round trip for the whole fan-out. Not a transaction:
     /// should the connection fail part-way, the first jobs may be stored and not the rest.
     async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
@@ -261,7 +271,10 @@ impl RedisSink {
         run_at: Option<u64>,
     ) -> Result<::redis::ScriptInvocation<'static>, Error> {
         let body = serde_json::to_string(job).map_err(Error::Json)?;
-        let due_later = run_at.filter(|&t| t > unix_seconds()).unwrap_or(0);
+        // A delay, not a time: the script adds it to Redis's clock, which every worker's
+        // promotion reads, so a skewed clock here moves nothing. Rounded up, and capped.
+        let delay = run_at.map_or(Duration::ZERO, until);
+        let delay_secs = (delay.as_secs() + u64::from(delay.subsec_nanos() > 0)).min(MAX_DELAY_SECS);
         let marker_ttl = if job.fresh { 0 } else { IDEMPOTENCY_TTL.as_secs() };
         let mut invocation = PUSH_SCRIPT.prepare_invoke();
         invocation
@@ -275,7 +288,7 @@ impl RedisSink {
             .arg(ulid::Ulid::new().to_string())
             .arg(body)
             .arg(crate::sink::INFRA_MAX_ATTEMPTS)
-            .arg(due_later)
+            .arg(delay_secs)
             .arg(job.idempotency_key())
             .arg(marker_ttl);
         Ok(invocation)
@@ -286,7 +299,7 @@ impl RedisSink {
 /// active list when due and in this crate's scheduled set otherwise. Returns whether it was new.
 const PUSH_LUA: &str = r#"
 -- KEYS: data, meta prefix, active, signal, scheduled, idempotency prefix, history
--- ARGV: task id, job, max attempts, due at (0: now), idempotency key, marker ttl (0: none)
+-- ARGV: task id, job, max attempts, delay in seconds (0: now), idempotency key, marker ttl (0: none)
 if tonumber(ARGV[6]) > 0 and not redis.call("set", KEYS[6] .. ":" .. ARGV[5], ARGV[1], "NX", "EX", ARGV[6]) then
     return 0
 end
@@ -295,7 +308,7 @@ redis.call("hset", KEYS[2] .. ":" .. ARGV[1], "attempts", 0, "max_attempts", ARG
     "status", "Pending", "idempotency_key", ARGV[5])
 redis.call("rpush", KEYS[7], ARGV[1])
 if tonumber(ARGV[4]) > 0 then
-    redis.call("zadd", KEYS[5], ARGV[4], ARGV[1])
+    redis.call("zadd", KEYS[5], tonumber(redis.call("time")[1]) + tonumber(ARGV[4]), ARGV[1])
 else
     -- No write to the signal list (KEYS[4]): apalis-redis 1.0 never waits on it, and the
     -- worker polls on its own ticks (`listening`); two commands less per delivery.
@@ -306,12 +319,12 @@ return 1
 
 static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PUSH_LUA));
 
-/// Moves up to ARGV[2] tasks due by ARGV[1] from this crate's scheduled set to the active list.
+/// Moves up to ARGV[1] tasks due by Redis's clock from this crate's scheduled set to the active list.
 static PROMOTE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: scheduled, active, signal; ARGV: now, limit
-local ids = redis.call("zrangebyscore", KEYS[1], "-inf", ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
+-- KEYS: scheduled, active, signal; ARGV: limit. Due by Redis's clock, the one pushes used.
+local ids = redis.call("zrangebyscore", KEYS[1], "-inf", redis.call("time")[1], "LIMIT", 0, tonumber(ARGV[1]))
 if #ids == 0 then
     return 0
 end

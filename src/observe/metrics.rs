@@ -59,5 +59,6 @@ fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
         DeadLetterReason::EndpointGone => "endpoint_gone",
         DeadLetterReason::Fatal => "fatal",
         DeadLetterReason::InfrastructureFailed => "infrastructure_failed",
+        DeadLetterReason::OutcomeNotStored => "outcome_not_stored",
     }
 }

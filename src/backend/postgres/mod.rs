@@ -57,8 +57,10 @@ pub const RETRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// minutes before a killed worker's deliveries are retried).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// See [`HEARTBEAT_INTERVAL`].
-pub const MISSED_HEARTBEATS: usize = 3;
+/// See [`HEARTBEAT_INTERVAL`]. 6 × 5 s = 30 s: longer than the longest attempt a worker runs
+/// by default ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`](crate::DEFAULT_MAX_ATTEMPT_TIMEOUT), 20 s), which
+/// [`WebhookWorker`](crate::WebhookWorker) checks when it builds its service.
+pub const MISSED_HEARTBEATS: usize = 6;
 
 /// Connects to `url` and applies apalis's migrations (schema `apalis`; they need the `pgcrypto`
 /// and `hstore` extensions, which a database owner may create). Safe to run from several
@@ -108,6 +110,7 @@ pub fn listening_with<T>(
 pub struct PostgresSink {
     pool: PgPool,
     queue: String,
+    orphan_window: Duration,
 }
 
 impl PostgresSink {
@@ -116,6 +119,7 @@ impl PostgresSink {
         Self {
             pool: storage.pool().clone(),
             queue: storage.config().queue.to_string(),
+            orphan_window: storage.config().orphaned_duration(),
         }
     }
 
@@ -147,6 +151,10 @@ impl WebhookSink<Postgres> for PostgresSink {
 
     async fn push_job(&mut self, job: WebhookJob, run_at: Option<u64>) -> Result<(), Error> {
         insert(&self.pool, &self.queue, &job, run_at).await
+    }
+
+    fn orphan_window(&self) -> Option<Duration> {
+        Some(self.orphan_window)
     }
 
     async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
@@ -191,11 +199,17 @@ impl WebhookSink<Postgres> for InTransaction<'_> {
     }
 }
 
+/// Longest delay stored: 400 days.
+const MAX_DELAY_SECS: f64 = 400.0 * 24.0 * 3600.0;
+
 /// apalis-postgres's own insert (`queries/task/sink.sql`), one row, plus `ON CONFLICT DO NOTHING`.
 ///
-/// A job due now gets `run_at = now()` from the database rather than from this clock: apalis's
-/// `NOTIFY` trigger fires only for `run_at <= now()`, and inside a transaction `now()` is the
-/// transaction's start.
+/// Due times are the database's clock: workers fetch by its `now()`, so `run_at` is stored as
+/// `now()` plus the delay this process measured to it (a clock skew between this machine and
+/// the database moves nothing). A job due now gets `now()` exactly: apalis's `NOTIFY` trigger
+/// fires only for `run_at <= now()`, and inside a transaction `now()` is the transaction's
+/// start. Delays are capped at 400 days, so no stored value can
+/// leave PostgreSQL's range.
 async fn insert<'e, E>(executor: E, queue: &str, job: &WebhookJob, run_at: Option<u64>) -> Result<(), Error>
 where
     E: sqlx::PgExecutor<'e>,
@@ -204,14 +218,14 @@ where
     sqlx::query(
         "INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, \
          idempotency_key) \
-         VALUES ($1, $2, $3, 'Pending', 0, $4, COALESCE(to_timestamp($5::bigint), now()), 0, ''::hstore, $6) \
+         VALUES ($1, $2, $3, 'Pending', 0, $4, now() + make_interval(secs => COALESCE($5::float8, 0)), 0, ''::hstore, $6) \
          ON CONFLICT (job_type, idempotency_key) DO NOTHING",
     )
     .bind(ulid::Ulid::new().to_string())
     .bind(queue)
     .bind(body)
     .bind(crate::sink::INFRA_MAX_ATTEMPTS as i32)
-    .bind(run_at.map(|t| t as i64))
+    .bind(run_at.map(|t| crate::clock::until(t).as_secs_f64().min(MAX_DELAY_SECS)))
     .bind(job.idempotency_key())
     .execute(executor)
     .await?;
