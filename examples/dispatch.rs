@@ -15,8 +15,12 @@
 //! Payloads are `{"seq": i}`. Progress goes to stderr; the last line on stdout is
 //! `{"enqueued":N,"delivered":D,"dead_lettered":X,"elapsed_s":F,"per_sec":F}`. Run it again
 //! with `--count 0` and the same `--database-url` to drain what a killed run left behind (a
-//! killed worker's deliveries come back after its heartbeats stop: about 15 s on Postgres and
+//! killed worker's deliveries come back after its heartbeats stop: about 30 s on Postgres and
 //! Redis).
+//!
+//! The process rides through an outage of its database: the worker waits for it, the progress
+//! line says `backend unavailable`, and a dispatch that fails is tried again (the same job, so
+//! an ambiguous failure stores it once on Postgres).
 
 use std::{
     process::ExitCode,
@@ -200,7 +204,7 @@ async fn run(args: Args) -> Result<(), Error> {
                 Some(WebhookStore::postgres(&sink)),
                 |builder, stop| {
                     let worker = WorkerBuilder::new(worker_name("dispatch"))
-                        .backend(postgres::listening(storage))
+                        .backend(postgres::listening_with(storage, concurrency))
                         .concurrency(concurrency)
                         .build(builder.service_with(layers.clone()).expect("HTTP client"));
                     tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
@@ -276,7 +280,17 @@ where
         let delivered = counts.delivered.load(Ordering::Relaxed);
         let dead = counts.dead.load(Ordering::Relaxed);
         let outstanding = match &store {
-            Some(store) => store.outstanding().await?,
+            Some(store) => match store.outstanding().await {
+                Ok(outstanding) => outstanding,
+                Err(error) => {
+                    if last_report.elapsed() >= Duration::from_secs(1) {
+                        eprintln!("enqueued {enqueued}  delivered {delivered}  dead {dead}  backend unavailable: {error}");
+                        last_report = Instant::now();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
             None => enqueued.saturating_sub(delivered + dead),
         };
         if last_report.elapsed() >= Duration::from_secs(1) || outstanding == 0 {
@@ -324,11 +338,17 @@ where
         let (subscription, mut sink, count) = (Arc::clone(&subscription), sink.clone(), args.count);
         tasks.spawn(async move {
             for seq in (lane..count).step_by(lanes as usize) {
-                subscription
-                    .dispatch(&mut sink, "load.test", &serde_json::json!({ "seq": seq }))
-                    .await?;
+                let job = subscription.job("load.test", &serde_json::json!({ "seq": seq }))?;
+                // The database may be away for a while: try the same job again until it is
+                // stored.
+                let mut wait = Duration::from_millis(100);
+                while let Err(error) = sink.push_job(job.clone(), None).await {
+                    eprintln!("dispatch of seq {seq} failed, trying again: {error}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
             }
-            Ok::<_, apalis_webhooks::DispatchError>(())
+            Ok::<_, Error>(())
         });
     }
     while let Some(done) = tasks.join_next().await {

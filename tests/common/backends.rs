@@ -174,7 +174,7 @@ impl TestBackend for Postgres {
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
-            .backend(postgres::listening(self.storage()))
+            .backend(postgres::listening_with(self.storage(), concurrency))
             .concurrency(concurrency)
             .build(builder.service().unwrap());
         spawn_until!(worker, stop)
