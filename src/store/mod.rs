@@ -2,7 +2,10 @@
 //! live in.
 //!
 //! Nothing is kept beside apalis's own tables and keys: every attempt is an apalis task whose
-//! result holds its [`AttemptRecord`], and a dead letter is a task apalis marked `Killed`. A
+//! result holds its [`AttemptRecord`], and a dead letter is a task apalis marked `Killed`, or
+//! one apalis left `Failed` with its own attempts used up (reported as
+//! [`InfrastructureFailed`](crate::DeadLetterReason::InfrastructureFailed), with the last error
+//! text the backend stored). A
 //! replay pushes the delivery again (same webhook id, attempts from 1, its replay count raised)
 //! and marks the dead task as replayed, in that order and idempotently, so a crash between the
 //! two steps replays once.
@@ -261,8 +264,15 @@ impl WebhookStore {
     /// Status and every attempt of delivery `webhook_id`, or `None` if the queue has no such
     /// delivery.
     pub async fn history(&self, webhook_id: &WebhookId) -> Result<Option<DeliveryHistory>, StoreError> {
-        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
-        Ok(history_from_rows(rows))
+        Ok(history_from_rows(self.task_rows(webhook_id).await?))
+    }
+
+    /// Every task of delivery `webhook_id`: those the backend found for it whose job is indeed
+    /// of that delivery.
+    async fn task_rows(&self, webhook_id: &WebhookId) -> Result<Vec<TaskRow>, StoreError> {
+        let mut rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
+        rows.retain(|row| row.job.webhook_id() == webhook_id);
+        Ok(rows)
     }
 
     /// How many deliveries of the queue are not finished: waiting for an attempt (first or
@@ -354,7 +364,7 @@ impl WebhookStore {
 
     /// The latest task of delivery `webhook_id` and its dead letter, if that task is dead.
     async fn dead_end(&self, webhook_id: &WebhookId) -> Result<Option<(TaskRow, DeadLetter)>, StoreError> {
-        let rows = on_backend!(self, b => b.task_rows(webhook_id).await)?;
+        let rows = self.task_rows(webhook_id).await?;
         let last = rows.into_iter().max_by_key(TaskRow::order).filter(TaskRow::is_dead);
         Ok(last.and_then(|row| row.dead_letter().map(|dead| (row, dead))))
     }

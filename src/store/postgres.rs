@@ -5,8 +5,7 @@ use sqlx::Row;
 use super::{DeadLetterFilter, Position, StoreError, rows::TaskRow};
 use crate::{
     backend::postgres::PostgresSink,
-    job::{WebhookId, WebhookJob, attempt_key},
-    policy::MAX_ATTEMPTS_LIMIT,
+    job::{WebhookId, WebhookJob},
     sink::WebhookSink,
     worker::DeliveryReport,
 };
@@ -20,7 +19,37 @@ pub(super) struct PostgresBackend {
 macro_rules! columns {
     () => {
         "id, job, status, floor(extract(epoch FROM run_at))::bigint AS run_at, \
-                       last_result::text AS last_result, floor(extract(epoch FROM done_at))::bigint AS done_at"
+                       last_result::text AS last_result, floor(extract(epoch FROM done_at))::bigint AS done_at, \
+                       attempts::bigint AS attempts, max_attempts::bigint AS max_attempts"
+    };
+}
+
+/// A task that is dead: killed, or failed with apalis's attempts used up (see
+/// [`ended_dead`](super::rows::ended_dead)).
+macro_rules! dead {
+    () => {
+        "(status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))"
+    };
+}
+
+/// The idempotency key of the task `(replay, attempt, deferrals)` of delivery `$2` in `$t`, as
+/// [`WebhookJob::idempotency_key`] makes it: `{id}:{attempt}`, `{id}:r{replay}:{attempt}`, and
+/// `:d{deferrals}` after either for a deferred attempt.
+macro_rules! key_of {
+    ($t:literal) => {
+        concat!(
+            "$2 || CASE WHEN ",
+            $t,
+            ".replay = 0 THEN '' ELSE ':r' || ",
+            $t,
+            ".replay END || ':' || ",
+            $t,
+            ".attempt || CASE WHEN ",
+            $t,
+            ".deferrals = 0 THEN '' ELSE ':d' || ",
+            $t,
+            ".deferrals END"
+        )
     };
 }
 
@@ -29,38 +58,39 @@ impl PostgresBackend {
         Self { sink }
     }
 
-    /// Every task of one delivery, looked up by the idempotency key of each possible attempt
-    /// (apalis's unique `(job_type, idempotency_key)` index), one round per replay.
+    /// Every task of one delivery, in one query walking apalis's unique
+    /// `(job_type, idempotency_key)` index from task to task.
+    ///
+    /// A delivery's tasks form a chain: the first attempt of its dispatch; after a task
+    /// `(replay, attempt, deferrals)` possibly its deferral `(replay, attempt, deferrals + 1)`, its
+    /// next attempt `(replay, attempt + 1, 0)` and its replay `(replay + 1, 1, 0)`. The query
+    /// follows each task that exists to those three keys, so it costs an index lookup per task
+    /// whatever the database's collation (a key range would depend on it).
     pub(super) async fn task_rows(&self, webhook_id: &WebhookId) -> Result<Vec<TaskRow>, StoreError> {
         const SQL: &str = concat!(
-            "SELECT ",
+            "WITH RECURSIVE chain(replay, attempt, deferrals) AS ( \
+                 SELECT 0, 1, 0 \
+                 UNION \
+                 SELECT next.replay, next.attempt, next.deferrals FROM chain \
+                 JOIN apalis.jobs AS jobs ON jobs.job_type = $1 AND jobs.idempotency_key = ",
+            key_of!("chain"),
+            " CROSS JOIN LATERAL (VALUES \
+                     (chain.replay, chain.attempt, chain.deferrals + 1), \
+                     (chain.replay, chain.attempt + 1, 0), \
+                     (chain.replay + 1, 1, 0)) AS next(replay, attempt, deferrals) \
+             ) \
+             SELECT ",
             columns!(),
-            " FROM apalis.jobs WHERE job_type = $1 AND idempotency_key = ANY($2)"
+            " FROM chain JOIN apalis.jobs AS jobs ON jobs.job_type = $1 AND jobs.idempotency_key = ",
+            key_of!("chain")
         );
-        let mut all = Vec::new();
-        for replay in 0.. {
-            let keys: Vec<String> = (1..=MAX_ATTEMPTS_LIMIT)
-                .map(|a| attempt_key(webhook_id, replay, a))
-                .collect();
-            let rows = sqlx::query(SQL)
-                .bind(self.sink.queue())
-                .bind(&keys)
-                .fetch_all(self.sink.pool())
-                .await
-                .map_err(StoreError::backend)?;
-            let mut round = rows
-                .iter()
-                .map(|row| task_row(row).map(|(_, row)| row))
-                .collect::<Result<Vec<_>, _>>()?;
-            round.sort_by_key(|row| row.job.attempt());
-            // A later round exists only if this one ended in a replay.
-            let go_on = round.last().is_some_and(TaskRow::is_replayed);
-            all.extend(round);
-            if !go_on {
-                break;
-            }
-        }
-        Ok(all)
+        let rows = sqlx::query(SQL)
+            .bind(self.sink.queue())
+            .bind(webhook_id.as_str())
+            .fetch_all(self.sink.pool())
+            .await
+            .map_err(StoreError::backend)?;
+        rows.iter().map(|row| task_row(row).map(|(_, row)| row)).collect()
     }
 
     pub(super) async fn dead_rows(
@@ -72,7 +102,9 @@ impl PostgresBackend {
         const SQL: &str = concat!(
             "SELECT * FROM (SELECT ",
             columns!(),
-            " FROM apalis.jobs WHERE job_type = $1 AND status = 'Killed') AS dead \
+            " FROM apalis.jobs WHERE job_type = $1 AND ",
+            dead!(),
+            ") AS dead \
              WHERE (done_at, id) > ($2, $3) AND done_at >= $4 AND done_at < $5 ORDER BY done_at, id LIMIT $6"
         );
         let rows = sqlx::query(SQL)
@@ -107,16 +139,17 @@ impl PostgresBackend {
     /// Marks dead task `task_id` as settled with `report`, if it is still dead.
     pub(super) async fn settle_dead(&self, task_id: &str, report: &DeliveryReport) -> Result<bool, StoreError> {
         let result = serde_json::json!({ "Ok": report }).to_string();
-        let done = sqlx::query(
-            "UPDATE apalis.jobs SET status = 'Done', last_result = $1::jsonb \
-             WHERE id = $2 AND job_type = $3 AND status = 'Killed'",
-        )
-        .bind(result)
-        .bind(task_id)
-        .bind(self.sink.queue())
-        .execute(self.sink.pool())
-        .await
-        .map_err(StoreError::backend)?;
+        const SQL: &str = concat!(
+            "UPDATE apalis.jobs SET status = 'Done', last_result = $1::jsonb WHERE id = $2 AND job_type = $3 AND ",
+            dead!()
+        );
+        let done = sqlx::query(SQL)
+            .bind(result)
+            .bind(task_id)
+            .bind(self.sink.queue())
+            .execute(self.sink.pool())
+            .await
+            .map_err(StoreError::backend)?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -130,5 +163,7 @@ fn task_row(row: &sqlx::postgres::PgRow) -> Result<(Position, TaskRow), StoreErr
         row.try_get("run_at").map_err(|_| column("run_at"))?,
         row.try_get("last_result").map_err(|_| column("last_result"))?,
         row.try_get("done_at").map_err(|_| column("done_at"))?,
+        row.try_get("attempts").map_err(|_| column("attempts"))?,
+        row.try_get("max_attempts").map_err(|_| column("max_attempts"))?,
     )
 }

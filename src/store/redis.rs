@@ -7,13 +7,34 @@ use std::{collections::HashMap, sync::LazyLock};
 
 use redis::{AsyncCommands, Script};
 
-use super::{DeadLetterFilter, Position, StoreError, rows::TaskRow};
+use super::{
+    DeadLetterFilter, Position, StoreError,
+    rows::{TaskRow, ended_dead},
+};
 use crate::{
     backend::redis::{Keys, RedisSink},
     job::{WebhookId, WebhookJob},
     sink::WebhookSink,
     worker::DeliveryReport,
 };
+
+/// How often apalis-redis runs a failed task at most: its result script hard-codes 25 and
+/// ignores the task's own `max_attempts`; past it the task goes to the dead set, still `Failed`.
+const APALIS_REDIS_MAX_ATTEMPTS: u32 = 25;
+
+/// The attempts apalis recorded in a task's metadata (0 before its first run).
+fn attempts(meta: &HashMap<String, String>) -> Option<u32> {
+    match meta.get("attempts") {
+        None => Some(0),
+        Some(text) => text.parse().ok(),
+    }
+}
+
+/// Whether the task with metadata `meta` is dead (see [`ended_dead`]).
+fn is_dead(meta: &HashMap<String, String>) -> bool {
+    let status = meta.get("status").map_or("", String::as_str);
+    ended_dead(status, attempts(meta).unwrap_or(0), APALIS_REDIS_MAX_ATTEMPTS)
+}
 
 #[derive(Clone)]
 pub(super) struct RedisBackend {
@@ -53,7 +74,7 @@ impl RedisBackend {
         let mut dead: Vec<(Position, HashMap<String, String>)> = ids
             .into_iter()
             .zip(metas)
-            .filter(|(_, meta)| meta.get("status").is_some_and(|s| s == "Killed"))
+            .filter(|(_, meta)| is_dead(meta))
             .map(|(task_id, meta)| {
                 let died_at = meta.get("done_at").and_then(|t| t.parse().ok()).unwrap_or(0);
                 (Position { died_at, task_id }, meta)
@@ -95,6 +116,7 @@ impl RedisBackend {
             .key(format!("{}:done", self.keys().queue))
             .arg(task_id)
             .arg(result)
+            .arg(APALIS_REDIS_MAX_ATTEMPTS)
             .invoke_async(&mut self.sink.connection())
             .await
             .map_err(StoreError::backend)?;
@@ -147,6 +169,10 @@ impl RedisBackend {
                     task_id: task_id.clone(),
                     reason: "no job data".into(),
                 })?;
+                let attempts = attempts(&meta).ok_or_else(|| StoreError::Corrupt {
+                    task_id: task_id.clone(),
+                    reason: "attempts is not a count".into(),
+                })?;
                 TaskRow::from_columns(
                     task_id,
                     job,
@@ -154,18 +180,23 @@ impl RedisBackend {
                     run_at.map_or(0, |t| t as i64),
                     meta.remove("result"),
                     meta.get("done_at").and_then(|t| t.parse().ok()),
+                    attempts.into(),
+                    APALIS_REDIS_MAX_ATTEMPTS.into(),
                 )
             })
             .collect()
     }
 }
 
-/// Moves a task that is still `Killed` from the dead set to the done set, with a new result.
+/// Moves a task that is still dead (`Killed`, or `Failed` with apalis's attempts used up) from
+/// the dead set to the done set, with a new result.
 static SETTLE_DEAD_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: meta of the task, dead set, done set; ARGV: task id, result
-if redis.call("hget", KEYS[1], "status") ~= "Killed" then
+-- KEYS: meta of the task, dead set, done set; ARGV: task id, result, apalis's attempt limit
+local status = redis.call("hget", KEYS[1], "status")
+local attempts = tonumber(redis.call("hget", KEYS[1], "attempts")) or 0
+if status ~= "Killed" and not (status == "Failed" and attempts >= tonumber(ARGV[3])) then
     return 0
 end
 redis.call("hset", KEYS[1], "status", "Done", "result", ARGV[2])

@@ -9,6 +9,10 @@ use crate::{
     worker::{DeadLetter, DeadLetterReason, DeliveryReport},
 };
 
+/// Longest error text of a task apalis gave up on that a synthesised dead letter keeps, in
+/// bytes (cut at a character boundary).
+const MAX_ERROR_TEXT: usize = 2 * 1024;
+
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -70,24 +74,90 @@ pub(crate) struct TaskRow {
     pub(crate) run_at: u64,
     /// apalis's stored result: `{"Ok": report}` or `{"Err": text}`.
     pub(crate) last_result: Option<serde_json::Value>,
+    /// How often apalis has run the task.
+    pub(crate) attempts: u32,
+    /// How often apalis runs it at most: a `Failed` task that reached it is not run again.
+    pub(crate) max_attempts: u32,
+    /// Unix seconds at which the task last finished; 0 if it never did.
+    pub(crate) done_at: u64,
+}
+
+/// Whether a task in apalis state `status`, run `attempts` times of at most `max_attempts`,
+/// ended without delivering and will not run again: `Killed` (a dead letter of the worker, or
+/// a task apalis killed), or `Failed` with apalis's attempts used up. A `Failed` task with
+/// attempts left is run again by apalis: it is outstanding, not dead.
+pub(crate) fn ended_dead(status: &str, attempts: u32, max_attempts: u32) -> bool {
+    match status {
+        "Killed" => true,
+        "Failed" => attempts >= max_attempts,
+        _ => false,
+    }
 }
 
 impl TaskRow {
     pub(crate) fn is_dead(&self) -> bool {
-        self.status == "Killed"
+        ended_dead(&self.status, self.attempts, self.max_attempts)
     }
 
+    /// The dead letter of a dead task: the one the worker stored, or, for a task that ended
+    /// without one (apalis gave up on it, or killed it), one made from its last error text
+    /// ([`DeadLetterReason::InfrastructureFailed`]). `None` for a task that is not dead.
     pub(crate) fn dead_letter(&self) -> Option<DeadLetter> {
-        let text = self.last_result.as_ref()?.get("Err")?.as_str()?;
-        DeadLetter::from_stored_error(text)
+        if !self.is_dead() {
+            return None;
+        }
+        let text = self.error_text();
+        let stored = text
+            .as_deref()
+            .and_then(DeadLetter::from_stored_error)
+            .filter(|dead| dead.record.webhook_id == *self.job.webhook_id());
+        Some(stored.unwrap_or_else(|| self.infrastructure_failure(text)))
     }
 
-    #[cfg(feature = "postgres")]
-    pub(crate) fn is_replayed(&self) -> bool {
-        matches!(self.report(), Some(DeliveryReport::Replayed { .. }))
+    /// The error text apalis stored as the task's result, if any: `{"Err": text}`.
+    fn error_text(&self) -> Option<String> {
+        match self.last_result.as_ref()?.get("Err")? {
+            serde_json::Value::String(text) => Some(text.clone()),
+            serde_json::Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// The dead letter of a task that ended without one of the worker's: its last attempt, as
+    /// far as the backend knows it, with the backend's error text.
+    fn infrastructure_failure(&self, text: Option<String>) -> DeadLetter {
+        let error = match text {
+            Some(mut text) => {
+                if text.len() > MAX_ERROR_TEXT {
+                    let mut end = MAX_ERROR_TEXT;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.truncate(end);
+                }
+                text
+            }
+            None => format!("the backend holds the task as {} without an error", self.status),
+        };
+        DeadLetter {
+            reason: DeadLetterReason::InfrastructureFailed,
+            max_attempts: self.job.policy().max_attempts,
+            record: AttemptRecord {
+                webhook_id: self.job.webhook_id().clone(),
+                attempt: self.job.attempt(),
+                replay: self.job.replay(),
+                // When it ended: the backend keeps no start time.
+                started_at_ms: self.done_at.saturating_mul(1000),
+                duration_ms: 0,
+                status: None,
+                error: Some(error),
+                response_excerpt: None,
+            },
+        }
     }
 
     /// A task from the columns the SQL backends store.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_columns(
         task_id: String,
         job: Vec<u8>,
@@ -95,11 +165,18 @@ impl TaskRow {
         run_at: i64,
         last_result: Option<String>,
         done_at: Option<i64>,
+        attempts: i64,
+        max_attempts: i64,
     ) -> Result<(Position, Self), StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             task_id: task_id.clone(),
             reason,
         };
+        let count = |name: &str, value: i64| {
+            u32::try_from(value).map_err(|_| corrupt(format!("{name} is {value}, not a count")))
+        };
+        let attempts = count("attempts", attempts)?;
+        let max_attempts = count("max_attempts", max_attempts)?;
         let job = serde_json::from_slice(&job).map_err(|e| corrupt(crate::json::describe(&e)))?;
         let last_result = last_result
             .map(|text| serde_json::from_str(&text))
@@ -115,6 +192,9 @@ impl TaskRow {
             status,
             run_at: run_at.max(0) as u64,
             last_result,
+            attempts,
+            max_attempts,
+            done_at: position.died_at,
         };
         Ok((position, row))
     }
@@ -137,20 +217,19 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
         .iter()
         .filter_map(|row| match row.report() {
             Some(report) => report.record().cloned(),
-            None if row.is_dead() => row.dead_letter().map(|dead| dead.record),
-            None => None,
+            None => row.dead_letter().map(|dead| dead.record),
         })
         .collect();
-    let status = match (last.status.as_str(), last.report()) {
-        (_, Some(DeliveryReport::Delivered { .. })) => DeliveryStatus::Delivered,
-        (_, Some(DeliveryReport::Discarded { reason, .. })) => DeliveryStatus::Discarded { reason },
-        (_, Some(DeliveryReport::RetryScheduled { next_attempt_at, .. })) => {
-            DeliveryStatus::Retrying { next_attempt_at }
-        }
-        ("Killed", _) => DeliveryStatus::Dead {
-            reason: last.dead_letter().map_or(DeadLetterReason::Fatal, |dead| dead.reason),
+    let status = match last.report() {
+        Some(DeliveryReport::Delivered { .. }) => DeliveryStatus::Delivered,
+        Some(DeliveryReport::Discarded { reason, .. }) => DeliveryStatus::Discarded { reason },
+        Some(DeliveryReport::RetryScheduled { next_attempt_at, .. }) => DeliveryStatus::Retrying { next_attempt_at },
+        _ if last.is_dead() => DeliveryStatus::Dead {
+            reason: last
+                .dead_letter()
+                .map_or(DeadLetterReason::InfrastructureFailed, |dead| dead.reason),
         },
-        (_, Some(DeliveryReport::Deferred { until, reason, .. })) => DeliveryStatus::Deferred { until, reason },
+        Some(DeliveryReport::Deferred { until, reason, .. }) => DeliveryStatus::Deferred { until, reason },
         // A task that a failure or a deferral scheduled; its due time is in that task's report
         // (Redis forgets a task's due time once it is in the active list).
         _ => match rows.iter().rev().nth(1).and_then(TaskRow::report) {
@@ -185,7 +264,89 @@ mod tests {
             status: status.into(),
             run_at: 0,
             last_result: Some(last_result),
+            attempts: 1,
+            max_attempts: 25,
+            done_at: 1_700_000_000,
         }
+    }
+
+    fn job() -> WebhookJob {
+        WebhookSubscription::new("https://example.com/hook", Secret::generate())
+            .job("e", &1)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failed_task_is_dead_once_apalis_attempts_are_used_up() {
+        let job = job();
+        let mut failed = row(&job, "Failed", serde_json::json!({ "Err": "database is locked" }));
+        failed.attempts = 24;
+        assert!(!failed.is_dead(), "apalis runs it again");
+        assert!(failed.dead_letter().is_none());
+        assert_eq!(history_from_rows(vec![failed.clone()]).unwrap().attempts, []);
+
+        failed.attempts = 25;
+        assert!(failed.is_dead());
+        let dead = failed.dead_letter().unwrap();
+        assert_eq!(dead.reason, DeadLetterReason::InfrastructureFailed);
+        assert_eq!(dead.max_attempts, job.policy().max_attempts);
+        assert_eq!(
+            (dead.record.attempt, dead.record.replay, dead.record.status),
+            (1, 0, None)
+        );
+        assert_eq!(dead.record.error.as_deref(), Some("database is locked"));
+        assert_eq!(dead.record.started_at_ms, 1_700_000_000_000);
+        let history = history_from_rows(vec![failed]).unwrap();
+        assert_eq!(
+            history.status,
+            DeliveryStatus::Dead {
+                reason: DeadLetterReason::InfrastructureFailed
+            }
+        );
+        assert_eq!(history.attempts, [dead.record]);
+    }
+
+    #[test]
+    fn a_killed_task_without_a_dead_letter_of_the_worker_is_still_dead() {
+        let job = job();
+        for result in [
+            serde_json::json!({ "Err": "AbortError: task cancelled" }),
+            serde_json::json!({ "Err": { "unexpected": true } }),
+            serde_json::json!({ "Err": null }),
+            serde_json::json!({ "Ok": null }),
+        ] {
+            let killed = row(&job, "Killed", result.clone());
+            let dead = killed.dead_letter().unwrap_or_else(|| panic!("{result}"));
+            assert_eq!(dead.reason, DeadLetterReason::InfrastructureFailed);
+            assert!(dead.record.error.is_some_and(|e| !e.is_empty()), "{result}");
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_of_another_delivery_is_not_taken_for_this_ones() {
+        let (job, other) = (job(), job());
+        let mut dead = row(&other, "Killed", serde_json::json!({ "Err": "" }))
+            .dead_letter()
+            .unwrap();
+        dead.reason = DeadLetterReason::Fatal;
+        let stored = serde_json::json!({ "Err": format!("AbortError: {dead}") });
+        assert_eq!(
+            row(&other, "Killed", stored.clone()).dead_letter().unwrap().reason,
+            DeadLetterReason::Fatal
+        );
+        let mixed_up = row(&job, "Killed", stored).dead_letter().unwrap();
+        assert_eq!(mixed_up.reason, DeadLetterReason::InfrastructureFailed);
+        assert_eq!(mixed_up.record.webhook_id, *job.webhook_id());
+    }
+
+    #[test]
+    fn a_long_error_text_is_cut_at_a_character_boundary() {
+        let text = "é".repeat(MAX_ERROR_TEXT);
+        let mut failed = row(&job(), "Failed", serde_json::json!({ "Err": text }));
+        failed.attempts = 25;
+        let error = failed.dead_letter().unwrap().record.error.unwrap();
+        assert!(error.len() <= MAX_ERROR_TEXT && error.len() >= MAX_ERROR_TEXT - 1);
+        assert!(text.starts_with(&error));
     }
 
     #[test]

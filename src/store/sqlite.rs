@@ -16,10 +16,18 @@ pub(super) struct SqliteBackend {
     queue: String,
 }
 
+/// A task that is dead: killed, or failed with apalis's attempts used up (see
+/// [`ended_dead`](super::rows::ended_dead)).
+macro_rules! dead {
+    () => {
+        "(status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))"
+    };
+}
+
 /// The columns [`task_row`] reads.
 macro_rules! columns {
     () => {
-        "id, job, status, run_at, last_result, done_at"
+        "id, job, status, run_at, last_result, done_at, attempts, max_attempts"
     };
 }
 
@@ -58,8 +66,9 @@ impl SqliteBackend {
         const SQL: &str = concat!(
             "SELECT ",
             columns!(),
-            " FROM Jobs WHERE job_type = ?1 AND status = 'Killed' AND (done_at, id) > (?2, ?3) \
-             AND done_at >= ?4 AND done_at < ?5 ORDER BY done_at, id LIMIT ?6"
+            " FROM Jobs WHERE job_type = ?1 AND ",
+            dead!(),
+            " AND (done_at, id) > (?2, ?3) AND done_at >= ?4 AND done_at < ?5 ORDER BY done_at, id LIMIT ?6"
         );
         let rows = sqlx::query(SQL)
             .bind(&self.queue)
@@ -94,15 +103,17 @@ impl SqliteBackend {
     /// Marks dead task `task_id` as settled with `report`, if it is still dead.
     pub(super) async fn settle_dead(&self, task_id: &str, report: &DeliveryReport) -> Result<bool, StoreError> {
         let result = serde_json::json!({ "Ok": report }).to_string();
-        let done = sqlx::query(
-            "UPDATE Jobs SET status = 'Done', last_result = ?1 WHERE id = ?2 AND job_type = ?3 AND status = 'Killed'",
-        )
-        .bind(result)
-        .bind(task_id)
-        .bind(&self.queue)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::backend)?;
+        const SQL: &str = concat!(
+            "UPDATE Jobs SET status = 'Done', last_result = ?1 WHERE id = ?2 AND job_type = ?3 AND ",
+            dead!()
+        );
+        let done = sqlx::query(SQL)
+            .bind(result)
+            .bind(task_id)
+            .bind(&self.queue)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -116,5 +127,7 @@ fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<(Position, TaskRow), StoreE
         row.try_get("run_at").map_err(|_| column("run_at"))?,
         row.try_get("last_result").map_err(|_| column("last_result"))?,
         row.try_get("done_at").map_err(|_| column("done_at"))?,
+        row.try_get("attempts").map_err(|_| column("attempts"))?,
+        row.try_get("max_attempts").map_err(|_| column("max_attempts"))?,
     )
 }
