@@ -39,19 +39,50 @@ impl Default for DeliveryPolicy {
 }
 
 impl DeliveryPolicy {
+    /// The longest delay anything of this crate schedules (a retry, a deferral, a receiver's
+    /// `Retry-After`, whatever the settings say): 365 days. Longer ones are cut to it, so that
+    /// every due time is a valid timestamp in every backend.
+    pub const MAX_DELAY: Duration = crate::clock::MAX_DELAY;
+
     /// The attempt timeout.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// The upper bound for a receiver's `Retry-After` (at most [`MAX_DELAY`](Self::MAX_DELAY)).
+    pub fn max_retry_after(&self) -> Duration {
+        Duration::from_millis(self.max_retry_after_ms).min(Self::MAX_DELAY)
+    }
+
     /// The wait after attempt `attempt` failed: the receiver's `Retry-After` clamped to
     /// `max_retry_after`, else the schedule. Never less than a second, so that two attempts
-    /// never share a signature timestamp.
+    /// never share a signature timestamp, and never more than [`MAX_DELAY`](Self::MAX_DELAY).
     pub fn next_delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let delay = match retry_after {
-            Some(wait) => wait.min(Duration::from_millis(self.max_retry_after_ms)),
+            Some(wait) => wait.min(self.max_retry_after()),
             None => self.retry.delay_after(attempt),
         };
-        delay.max(Duration::from_secs(1))
+        delay.clamp(Duration::from_secs(1), Self::MAX_DELAY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_are_clamped_at_the_extremes() {
+        let ceiling = DeliveryPolicy::MAX_DELAY;
+        let policy = DeliveryPolicy {
+            max_retry_after_ms: u64::MAX,
+            retry: RetrySchedule::schedule([Duration::MAX]),
+            ..DeliveryPolicy::default()
+        };
+        assert!(policy.next_delay(1, Some(Duration::MAX)) <= ceiling);
+        assert!(policy.next_delay(u32::MAX, None) <= ceiling);
+        assert_eq!(
+            DeliveryPolicy::default().next_delay(1, Some(Duration::MAX)),
+            Duration::from_secs(24 * 3600)
+        );
     }
 }

@@ -83,7 +83,9 @@ impl RetrySchedule {
         self
     }
 
-    /// The delay after attempt number `attempt` (1-based) failed, jitter included.
+    /// The delay after attempt number `attempt` (1-based) failed, jitter included, at most
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). A stored schedule with
+    /// an out-of-range jitter is read as if clamped to `0.0..=1.0` (not finite: none).
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let index = attempt.saturating_sub(1);
         let (base_ms, jitter) = match self {
@@ -104,12 +106,18 @@ impl RetrySchedule {
                 (grown.min(*max_ms as f64), *jitter)
             }
         };
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let factor = if jitter > 0.0 {
             rand::rng().random_range(1.0 - jitter..=1.0 + jitter)
         } else {
             1.0
         };
-        Duration::from_millis((base_ms * factor).round() as u64)
+        // A float-to-int `as` saturates (NaN is 0): no overflow, then the cap.
+        Duration::from_millis((base_ms * factor).round() as u64).min(crate::clock::MAX_DELAY)
     }
 }
 
@@ -136,6 +144,26 @@ mod tests {
         assert_eq!(schedule.delay_after(1), Duration::from_secs(2));
         assert_eq!(schedule.delay_after(3), Duration::from_secs(18));
         assert_eq!(schedule.delay_after(50), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn stored_schedules_at_the_extremes_do_not_panic_or_overflow() {
+        let ceiling = crate::clock::MAX_DELAY;
+        for jitter in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -3.0, 7.0] {
+            // As a stored job could hold it (JSON has no NaN, but other codecs do).
+            let schedule = RetrySchedule::Schedule {
+                delays_ms: vec![u64::MAX],
+                jitter,
+            };
+            assert!(schedule.delay_after(1) <= ceiling, "{jitter}");
+            let exponential = RetrySchedule::Exponential {
+                base_ms: u64::MAX,
+                factor: f64::INFINITY,
+                max_ms: u64::MAX,
+                jitter,
+            };
+            assert!(exponential.delay_after(u32::MAX) <= ceiling, "{jitter}");
+        }
     }
 
     #[test]

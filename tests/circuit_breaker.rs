@@ -4,6 +4,8 @@
 //! breakers live in Redis and survive a restart.
 
 mod common;
+#[path = "common/deferrals.rs"]
+mod deferrals;
 
 use std::{
     sync::{
@@ -16,7 +18,7 @@ use std::{
 use apalis_webhooks::{
     DeferReason, Secret, SigningLayer, WebhookId, WebhookSubscription,
     layers::{
-        CircuitBreakerLayer,
+        CircuitBreakerLayer, Limit, RateLimitLayer,
         circuit_breaker::{BreakerConfig, Phase},
     },
 };
@@ -183,4 +185,32 @@ async fn a_shared_breaker_is_seen_by_a_restarted_worker() {
     ));
     worker.stop().await;
     assert_eq!(log.requests(), 2, "the open breaker held the delivery back");
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_through_breaker_and_limiter_defers_at_most_the_cap() {
+    const CAP: Duration = Duration::from_secs(1);
+    for retry_after in deferrals::HUGE_RETRY_AFTERS {
+        // The 429 opens the breaker; the limiter holds the endpoint back for the Retry-After.
+        let breakers = CircuitBreakerLayer::new(
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .open_for(Duration::from_secs(1)),
+        )
+        .max_deferral(CAP);
+        let layers = ServiceBuilder::new()
+            .layer(breakers.clone())
+            .layer(RateLimitLayer::per_endpoint(Limit::per_second(100)).max_deferral(CAP))
+            .layer(SigningLayer::new());
+        let (addr, seen) = deferrals::a_huge_retry_after_is_capped(
+            "w-huge-breaker",
+            layers,
+            retry_after,
+            CAP,
+            &[DeferReason::CircuitOpen, DeferReason::RateLimited],
+        )
+        .await;
+        assert!(!seen.is_empty(), "the second delivery was held back");
+        assert_eq!(breakers.state(&addr.to_string()).await.unwrap().phase, Phase::Closed);
+    }
 }

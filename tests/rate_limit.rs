@@ -3,6 +3,8 @@
 //! counted; a 429 slows the endpoint down and successes bring it back.
 
 mod common;
+#[path = "common/deferrals.rs"]
+mod deferrals;
 #[path = "common/dispatch.rs"]
 mod dispatch;
 
@@ -194,4 +196,52 @@ async fn two_worker_processes_sharing_redis_stay_within_one_limit() {
     );
     // One budget for both (burst = rate). Two separate budgets let through twice that.
     assert_within(arrivals, RATE, RATE);
+}
+
+/// The limiter's `max_deferral` in the tests below: shorter than the job's `max_retry_after`.
+const CAP: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_huge_retry_after_is_capped_by_the_local_limiter() {
+    for retry_after in deferrals::HUGE_RETRY_AFTERS {
+        let limiter = RateLimitLayer::per_endpoint(Limit::per_second(100)).max_deferral(CAP);
+        let layers = ServiceBuilder::new().layer(limiter.clone()).layer(SigningLayer::new());
+        let (addr, seen) = deferrals::a_huge_retry_after_is_capped(
+            "w-huge-local",
+            layers,
+            retry_after,
+            CAP,
+            &[DeferReason::RateLimited],
+        )
+        .await;
+        assert!(!seen.is_empty(), "the second delivery was held back");
+        let adaptation = limiter.adaptation(&addr.to_string()).await.unwrap();
+        assert!(adaptation.cooldown <= CAP, "{adaptation:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_is_capped_by_the_shared_limiter() {
+    let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("SKIPPED shared huge Retry-After test: set TEST_REDIS_URL to run it (.ci/run does)");
+        return;
+    };
+    for retry_after in deferrals::HUGE_RETRY_AFTERS {
+        let conn = apalis_webhooks::backend::redis::connect(&redis_url).await.unwrap();
+        let limiter = RateLimitLayer::per_endpoint(Limit::per_second(100))
+            .max_deferral(CAP)
+            .shared(conn, format!("t-huge-{}", ulid::Ulid::new()));
+        let layers = ServiceBuilder::new().layer(limiter.clone()).layer(SigningLayer::new());
+        let (addr, seen) = deferrals::a_huge_retry_after_is_capped(
+            "w-huge-redis",
+            layers,
+            retry_after,
+            CAP,
+            &[DeferReason::RateLimited],
+        )
+        .await;
+        assert!(!seen.is_empty(), "the second delivery was held back");
+        let adaptation = limiter.adaptation(&addr.to_string()).await.unwrap();
+        assert!(adaptation.cooldown <= CAP, "{adaptation:?}");
+    }
 }

@@ -7,6 +7,10 @@
 //! dead-lettered for it. Each keeps its state in process memory, or in Redis (feature `redis`)
 //! so that every worker of a fleet shares one budget and one breaker per endpoint.
 //!
+//! Every deferral is capped: whatever a receiver's `Retry-After`, a stored state or a limit
+//! says, neither layer defers a delivery by more than its `max_deferral` (one hour by default,
+//! [`DEFAULT_MAX_DEFERRAL`]); a delivery held back longer comes back then and is checked again.
+//!
 //! Compose them outside the signer, breaker first, so that a held-back delivery is neither
 //! signed nor counted against a budget:
 //!
@@ -34,7 +38,19 @@ pub use circuit_breaker::{
 pub use limit::Limit;
 pub use rate_limit::{RateLimitLayer, RateLimitService};
 
+use std::time::Duration;
+
 use crate::outcome::AttemptResult;
+
+/// The longest [`RateLimitLayer`] and [`CircuitBreakerLayer`] defer a delivery unless
+/// configured otherwise (their `max_deferral`): one hour.
+pub const DEFAULT_MAX_DEFERRAL: Duration = Duration::from_secs(3600);
+
+/// A configured `max_deferral`: at least a millisecond, at most
+/// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY).
+pub(crate) fn deferral_cap(cap: Duration) -> Duration {
+    cap.clamp(Duration::from_millis(1), crate::clock::MAX_DELAY)
+}
 
 /// Takes the service `poll_ready` readied, for a call that outlives `&mut self`, and leaves a
 /// clone in its place for the next request (the usual tower pattern).
@@ -56,8 +72,6 @@ pub(crate) fn endpoint_failed(result: &AttemptResult) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::{DeferReason, TransportErrorKind, outcome::response};
 

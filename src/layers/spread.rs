@@ -18,19 +18,26 @@ pub(crate) struct Spread {
 
 impl Spread {
     /// The delay for one more delivery of `key` held back for at least `wait`: after the
-    /// ones deferred before it, one `interval` apart.
-    pub(crate) fn delay(&self, key: &str, wait: Duration, interval: Duration) -> Duration {
-        self.delay_at(key, wait, interval, Instant::now())
+    /// ones deferred before it, one `interval` apart; never more than `cap`.
+    pub(crate) fn delay(&self, key: &str, wait: Duration, interval: Duration, cap: Duration) -> Duration {
+        self.delay_at(key, wait, interval, cap, Instant::now())
     }
 
-    fn delay_at(&self, key: &str, wait: Duration, interval: Duration, now: Instant) -> Duration {
+    fn delay_at(&self, key: &str, wait: Duration, interval: Duration, cap: Duration, now: Instant) -> Duration {
         let mut horizons = self.horizons.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if horizons.len() >= SWEEP_AT {
             horizons.retain(|_, horizon| *horizon > now);
         }
-        let horizon = horizons.entry(key.to_owned()).or_insert(now);
-        *horizon = (*horizon).max(now + wait) + interval;
-        *horizon - now
+        // In durations from now, saturating: no `Instant` arithmetic that can overflow.
+        let queued = horizons
+            .get(key)
+            .map_or(Duration::ZERO, |horizon| horizon.saturating_duration_since(now));
+        let delay = queued.max(wait).saturating_add(interval).min(cap);
+        match now.checked_add(delay) {
+            Some(horizon) => horizons.insert(key.to_owned(), horizon),
+            None => horizons.remove(key),
+        };
+        delay
     }
 }
 
@@ -42,11 +49,32 @@ mod tests {
     fn deferrals_of_one_key_queue_up_one_interval_apart() {
         let spread = Spread::default();
         let (now, ms) = (Instant::now(), Duration::from_millis);
-        let delays: Vec<Duration> = (0..3).map(|_| spread.delay_at("a", ms(1000), ms(100), now)).collect();
+        let cap = Duration::from_secs(3600);
+        let delays: Vec<Duration> = (0..3)
+            .map(|_| spread.delay_at("a", ms(1000), ms(100), cap, now))
+            .collect();
         assert_eq!(delays, [ms(1100), ms(1200), ms(1300)]);
         // Later, the queue has drained: a new deferral waits only its own wait.
-        assert_eq!(spread.delay_at("a", ms(500), ms(100), now + ms(5000)), ms(600));
+        assert_eq!(spread.delay_at("a", ms(500), ms(100), cap, now + ms(5000)), ms(600));
         // Another key has its own queue.
-        assert_eq!(spread.delay_at("b", Duration::ZERO, ms(100), now), ms(100));
+        assert_eq!(spread.delay_at("b", Duration::ZERO, ms(100), cap, now), ms(100));
+        // The queue does not grow past the cap.
+        assert_eq!(spread.delay_at("c", ms(900), ms(200), ms(1000), now), ms(1000));
+        assert_eq!(spread.delay_at("c", ms(900), ms(200), ms(1000), now), ms(1000));
+    }
+
+    #[test]
+    fn huge_waits_and_intervals_do_not_overflow() {
+        let spread = Spread::default();
+        let now = Instant::now();
+        let cap = crate::clock::MAX_DELAY;
+        for _ in 0..3 {
+            assert_eq!(spread.delay_at("a", Duration::MAX, Duration::MAX, cap, now), cap);
+            assert_eq!(spread.delay_at("b", Duration::ZERO, Duration::MAX, cap, now), cap);
+            assert_eq!(
+                spread.delay_at("c", Duration::MAX, Duration::MAX, Duration::MAX, now),
+                Duration::MAX
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@ use self::{
     state::{Admission, Breaker},
     store::Store,
 };
-use super::{endpoint_failed, take_ready};
+use super::{DEFAULT_MAX_DEFERRAL, deferral_cap, endpoint_failed, take_ready};
 use crate::{
     delivery::DeliveryRequest,
     outcome::{AttemptResult, DeferReason},
@@ -83,6 +83,10 @@ type Callback = Arc<dyn Fn(&StateChange) + Send + Sync>;
 ///   affected.
 /// * **Half-open** lets the configured number of probes through; enough successes close it,
 ///   a failed probe opens it again.
+/// * **Capped.** No deferral lasts longer than [`max_deferral`](Self::max_deferral) (one hour
+///   by default); an open period found longer than [`BreakerConfig::open_for`] from now (state
+///   written by a worker with another config, or tampered with) is cut to it. The breaker does
+///   not read `Retry-After`: a 429 or 503 counts as one failure, whatever it asks for.
 /// * **Local or shared.** State is in memory by default; with [`shared`](Self::shared) it is
 ///   in Redis, so every worker sees the same breaker and a restart keeps it.
 /// * **Observable.** Changes are tracing events (`info` on close, `warn` on open) and reach
@@ -109,6 +113,7 @@ pub struct CircuitBreakerLayer {
 
 struct Shared {
     config: BreakerConfig,
+    max_deferral: Duration,
     store: Store,
     callbacks: Vec<Callback>,
 }
@@ -122,7 +127,21 @@ impl Default for CircuitBreakerLayer {
 impl CircuitBreakerLayer {
     /// Breakers with `config`, state in memory.
     pub fn new(config: BreakerConfig) -> Self {
-        Self::from_parts(config, Store::Local(Mutex::new(HashMap::new())), Vec::new())
+        let store = Store::Local(Mutex::new(HashMap::new()));
+        Self::from_parts(config, DEFAULT_MAX_DEFERRAL, store, Vec::new())
+    }
+
+    /// The longest this layer defers a delivery: one hour by default
+    /// ([`DEFAULT_MAX_DEFERRAL`]), at least a millisecond, at most
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). While a breaker stays
+    /// open longer ([`BreakerConfig::open_for`]), its deliveries come back after this much and
+    /// are deferred again.
+    pub fn max_deferral(self, max: Duration) -> Self {
+        let mut shared = self.into_shared();
+        shared.max_deferral = deferral_cap(max);
+        Self {
+            shared: Arc::new(shared),
+        }
     }
 
     /// Keeps the breakers in Redis under `prefix`, shared by every worker using the same
@@ -133,7 +152,13 @@ impl CircuitBreakerLayer {
             conn,
             prefix: prefix.into(),
         });
-        Self::from_parts(self.shared.config.clone(), store, self.shared.callbacks.clone())
+        let shared = &self.shared;
+        Self::from_parts(
+            shared.config.clone(),
+            shared.max_deferral,
+            store,
+            shared.callbacks.clone(),
+        )
     }
 
     /// Calls `callback` on every phase change this process makes (in a fleet, the worker that
@@ -157,16 +182,18 @@ impl CircuitBreakerLayer {
             window_requests,
             window_failures,
             open_until: (breaker.phase == state::Phase::Open)
-                .then(|| UNIX_EPOCH + Duration::from_millis(breaker.open_until)),
+                .then(|| UNIX_EPOCH.checked_add(Duration::from_millis(breaker.open_until)))
+                .flatten(),
             probes_sent: breaker.probes_sent,
             probe_successes: breaker.probe_successes,
         })
     }
 
-    fn from_parts(config: BreakerConfig, store: Store, callbacks: Vec<Callback>) -> Self {
+    fn from_parts(config: BreakerConfig, max_deferral: Duration, store: Store, callbacks: Vec<Callback>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 config,
+                max_deferral,
                 store,
                 callbacks,
             }),
@@ -189,6 +216,7 @@ impl CircuitBreakerLayer {
                 };
                 Shared {
                     config: shared.config.clone(),
+                    max_deferral: shared.max_deferral,
                     store,
                     callbacks: shared.callbacks.clone(),
                 }
@@ -246,6 +274,7 @@ impl fmt::Debug for CircuitBreakerLayer {
         };
         f.debug_struct("CircuitBreakerLayer")
             .field("config", &self.shared.config)
+            .field("max_deferral", &self.shared.max_deferral)
             .field("state", &mode)
             .field("callbacks", &self.shared.callbacks.len())
             .finish()
@@ -303,7 +332,7 @@ where
                 Admission::Defer(wait) => {
                     let spread = rand::rng().random_range(Duration::ZERO..=MAX_SPREAD);
                     return Ok(AttemptResult::Deferred {
-                        delay: wait + spread,
+                        delay: wait.saturating_add(spread).min(shared.max_deferral),
                         reason: DeferReason::CircuitOpen,
                     });
                 }

@@ -54,6 +54,12 @@ impl Breaker {
     pub(crate) fn admit(&mut self, config: &BreakerConfig, now: u64) -> Admission {
         if self.phase == Phase::Open {
             if now < self.open_until {
+                // Never open longer than `open_for` from now, whatever the state says (written
+                // with another config, or tampered with).
+                let open_for = millis(config.open_for);
+                if self.open_until - now > open_for {
+                    self.open_until = now.saturating_add(open_for);
+                }
                 return Admission::Defer(Duration::from_millis(self.open_until - now));
             }
             self.half_open(now);
@@ -69,7 +75,7 @@ impl Breaker {
             if self.probes_sent >= config.half_open_probes {
                 return Admission::Defer(config.open_for.min(Duration::from_secs(1)));
             }
-            self.probes_sent += 1;
+            self.probes_sent = self.probes_sent.saturating_add(1);
             return Admission::Go { probe: true };
         }
         Admission::Go { probe: false }
@@ -82,7 +88,7 @@ impl Breaker {
             (Phase::HalfOpen, None) if probe => self.probes_sent = self.probes_sent.saturating_sub(1),
             (Phase::HalfOpen, Some(true)) if probe => self.open(config, now),
             (Phase::HalfOpen, Some(false)) if probe => {
-                self.probe_successes += 1;
+                self.probe_successes = self.probe_successes.saturating_add(1);
                 if self.probe_successes >= config.close_after() {
                     *self = Self::default();
                 }
@@ -100,15 +106,19 @@ impl Breaker {
     }
 
     fn count(&mut self, config: &BreakerConfig, now: u64, failed: bool) {
-        self.consecutive_failures = if failed { self.consecutive_failures + 1 } else { 0 };
+        self.consecutive_failures = if failed {
+            self.consecutive_failures.saturating_add(1)
+        } else {
+            0
+        };
         if let Trip::FailureRatio { window, .. } = config.trip {
             let window = millis(window).max(BUCKETS);
             let bucket = now - now % (window / BUCKETS);
-            self.window.retain(|(start, ..)| start + window > now);
+            self.window.retain(|(start, ..)| start.saturating_add(window) > now);
             match self.window.last_mut() {
                 Some((start, requests, failures)) if *start == bucket => {
-                    *requests += 1;
-                    *failures += u32::from(failed);
+                    *requests = requests.saturating_add(1);
+                    *failures = failures.saturating_add(u32::from(failed));
                 }
                 _ => self.window.push((bucket, 1, u32::from(failed))),
             }
@@ -123,8 +133,10 @@ impl Breaker {
         };
         self.window
             .iter()
-            .filter(|(start, ..)| start + window > now)
-            .fold((0, 0), |(r, f), (_, requests, failures)| (r + requests, f + failures))
+            .filter(|(start, ..)| start.saturating_add(window) > now)
+            .fold((0u32, 0u32), |(r, f), (_, requests, failures)| {
+                (r.saturating_add(*requests), f.saturating_add(*failures))
+            })
     }
 
     fn tripped(&self, config: &BreakerConfig, now: u64) -> bool {
@@ -210,6 +222,34 @@ mod tests {
         assert_eq!(b.admit(&config, 2_003), Admission::Go { probe: true });
         assert!(matches!(b.admit(&config, 2_500), Admission::Defer(_)));
         assert_eq!(b.admit(&config, 3_003), Admission::Go { probe: true });
+    }
+
+    #[test]
+    fn an_open_period_beyond_the_configured_one_is_cut_to_it() {
+        // State written by another process (another config, a hostile store): open "forever".
+        let config = BreakerConfig::default().open_for(Duration::from_secs(30));
+        let mut b = Breaker {
+            phase: Phase::Open,
+            open_until: u64::MAX,
+            ..Breaker::default()
+        };
+        match b.admit(&config, 1_000) {
+            Admission::Defer(wait) => assert!(wait <= Duration::from_secs(30), "{wait:?}"),
+            other => panic!("{other:?}"),
+        }
+        // ... and stays cut: it half-opens once the configured period has passed.
+        assert_eq!(b.open_until, 31_000);
+        assert_eq!(b.admit(&config, 31_000), Admission::Go { probe: true });
+        // Extreme settings and clocks do not overflow either.
+        let forever = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::MAX)
+            .failure_ratio(0.5, Duration::MAX, 1);
+        let mut b = Breaker::default();
+        run(&mut b, &forever, u64::MAX - 10, true);
+        assert_eq!((b.phase, b.open_until), (Phase::Open, u64::MAX));
+        assert!(matches!(b.admit(&forever, u64::MAX - 5), Admission::Defer(_)));
+        assert_eq!(b.admit(&forever, u64::MAX), Admission::Go { probe: true });
     }
 
     #[test]

@@ -96,7 +96,14 @@ impl LocalBudget {
         if next.factor >= 1.0 && cooldown.is_zero() {
             adaptations.remove(key);
         } else {
-            adaptations.insert(key.to_owned(), (next, Instant::now() + cooldown));
+            // The caller caps the cooldown; should it still not fit an `Instant`, hold the key
+            // back as long as the crate ever holds anything back.
+            let now = Instant::now();
+            let until = now
+                .checked_add(cooldown)
+                .or_else(|| now.checked_add(crate::clock::MAX_DELAY))
+                .unwrap_or(now);
+            adaptations.insert(key.to_owned(), (next, until));
         }
     }
 
@@ -118,6 +125,17 @@ impl LocalBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_cooldown_does_not_overflow() {
+        let budget = LocalBudget::new(Limit::per_second(10), None);
+        budget.adapt("k", |current| (Adaptation { factor: 0.5, ..current }, Duration::MAX));
+        assert!(budget.adaptation("k").cooldown > Duration::ZERO);
+        match budget.acquire("k", None) {
+            Decision::Wait(wait) => assert!(wait > Duration::ZERO),
+            Decision::Admit { .. } => panic!("held back"),
+        }
+    }
 
     #[test]
     fn a_job_with_its_own_limit_is_held_to_it() {

@@ -14,7 +14,7 @@ use std::{
 use futures::future::BoxFuture;
 use tower::{Layer, Service};
 
-use super::{Limit, spread::Spread, take_ready};
+use super::{DEFAULT_MAX_DEFERRAL, Limit, deferral_cap, spread::Spread, take_ready};
 use crate::{
     delivery::DeliveryRequest,
     outcome::{AttemptResult, DeferReason},
@@ -41,7 +41,12 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 ///   attempt, holding no worker slot, never dead-lettered for this.
 /// * **Adaptive.** A 429 halves the endpoint's rate (down to [`MIN_RATE_FACTOR`]) and holds
 ///   it back for its `Retry-After` (or one slowed interval); each later success gives back
-///   [`RECOVERY_STEP`] of the rate. Slowing down is done by charging each delivery several
+///   [`RECOVERY_STEP`] of the rate. The `Retry-After` is clamped like the retry path's: to
+///   the job's [`max_retry_after`](crate::DeliveryPolicy::max_retry_after) and to the layer's
+///   [`max_deferral`](Self::max_deferral).
+/// * **Capped.** No deferral lasts longer than [`max_deferral`](Self::max_deferral) (one
+///   hour by default), whatever a receiver, a stored state or a limit says; a delivery held
+///   back longer comes back then and is checked again. Slowing down is done by charging each delivery several
 ///   GCRA cells, so it needs a burst of at least 2 to show below the cooldown.
 /// * **Local or fleet-wide.** State is in memory (governor's GCRA) by default; with
 ///   [`shared`](Self::shared) it is in Redis, one atomic script per decision using Redis's
@@ -60,11 +65,18 @@ pub struct RateLimitLayer {
 }
 
 struct Shared {
+    settings: Settings,
+    budget: Budget,
+    spread: Spread,
+}
+
+/// What the builder sets.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     endpoint: Limit,
     global: Option<Limit>,
     adaptive: bool,
-    budget: Budget,
-    spread: Spread,
+    max_deferral: Duration,
 }
 
 enum Budget {
@@ -110,11 +122,27 @@ pub(super) fn cost(factor: f64, burst: u32) -> u32 {
     cells.clamp(1, burst.max(1))
 }
 
-/// The adaptation after a 429, and how long the key is held back.
-fn slowed(current: Adaptation, retry_after: Option<Duration>, interval: Duration) -> (Adaptation, Duration) {
+/// The adaptation after a 429, and how long the key is held back: the receiver's
+/// `Retry-After` or one slowed interval, at most `cap`.
+fn slowed(
+    current: Adaptation,
+    retry_after: Option<Duration>,
+    interval: Duration,
+    cap: Duration,
+) -> (Adaptation, Duration) {
     let factor = (current.factor / 2.0).max(MIN_RATE_FACTOR);
-    let cooldown = retry_after.unwrap_or_else(|| interval.div_f64(factor));
+    let cooldown = retry_after
+        .unwrap_or_else(|| Duration::try_from_secs_f64(interval.as_secs_f64() / factor).unwrap_or(cap))
+        .min(cap);
     (Adaptation { factor, cooldown }, cooldown)
+}
+
+/// A stored rate factor, read back within [`MIN_RATE_FACTOR`]`..=1` (unreadable: full rate).
+pub(super) fn stored_factor(text: &str) -> f64 {
+    match text.parse::<f64>() {
+        Ok(factor) if factor.is_finite() => factor.clamp(MIN_RATE_FACTOR, 1.0),
+        _ => 1.0,
+    }
 }
 
 /// The adaptation after a success.
@@ -127,25 +155,51 @@ impl RateLimitLayer {
     /// Each endpoint (or subscription key) gets `limit`; no global limit; adaptive; state in
     /// memory.
     pub fn per_endpoint(limit: Limit) -> Self {
-        Self::build(limit, None, true, None)
+        let settings = Settings {
+            endpoint: limit,
+            global: None,
+            adaptive: true,
+            max_deferral: DEFAULT_MAX_DEFERRAL,
+        };
+        Self::build(settings, None)
     }
 
     /// Also holds all deliveries together to `limit`.
     pub fn global(self, limit: Limit) -> Self {
-        Self::build(self.shared.endpoint, Some(limit), self.shared.adaptive, self.redis())
+        let settings = Settings {
+            global: Some(limit),
+            ..self.shared.settings
+        };
+        Self::build(settings, self.redis())
     }
 
     /// Whether a 429 slows its endpoint down (on by default).
     pub fn adaptive(self, adaptive: bool) -> Self {
-        Self::build(self.shared.endpoint, self.shared.global, adaptive, self.redis())
+        let settings = Settings {
+            adaptive,
+            ..self.shared.settings
+        };
+        Self::build(settings, self.redis())
+    }
+
+    /// The longest this layer defers a delivery, and holds an endpoint back after a 429 with a
+    /// `Retry-After`: one hour by default ([`DEFAULT_MAX_DEFERRAL`]), at least a millisecond,
+    /// at most [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). A delivery
+    /// that would wait longer (a receiver asking for days, a limit of one a day) is deferred by
+    /// this much, then checked again.
+    pub fn max_deferral(self, max: Duration) -> Self {
+        let settings = Settings {
+            max_deferral: deferral_cap(max),
+            ..self.shared.settings
+        };
+        Self::build(settings, self.redis())
     }
 
     /// Keeps the budgets in Redis under `prefix`, shared by every worker using the same
     /// prefix (give each fleet, or each test, its own).
     #[cfg(feature = "redis")]
     pub fn shared(self, conn: crate::backend::redis::ConnectionManager, prefix: impl Into<String>) -> Self {
-        let redis = Some((conn, prefix.into()));
-        Self::build(self.shared.endpoint, self.shared.global, self.shared.adaptive, redis)
+        Self::build(self.shared.settings, Some((conn, prefix.into())))
     }
 
     /// How far `key` is slowed down now.
@@ -171,35 +225,32 @@ impl RateLimitLayer {
     }
 
     #[cfg(feature = "redis")]
-    fn build(
-        endpoint: Limit,
-        global: Option<Limit>,
-        adaptive: bool,
-        redis: Option<(crate::backend::redis::ConnectionManager, String)>,
-    ) -> Self {
+    fn build(settings: Settings, redis: Option<(crate::backend::redis::ConnectionManager, String)>) -> Self {
+        let Settings {
+            endpoint,
+            global,
+            max_deferral,
+            ..
+        } = settings;
         let budget = match redis {
-            Some((conn, prefix)) => Budget::Redis(redis::RedisBudget::new(conn, prefix, endpoint, global)),
+            Some((conn, prefix)) => {
+                Budget::Redis(redis::RedisBudget::new(conn, prefix, endpoint, global, max_deferral))
+            }
             None => Budget::Local(local::LocalBudget::new(endpoint, global)),
         };
-        Self::with_budget(endpoint, global, adaptive, budget)
+        Self::with_budget(settings, budget)
     }
 
     #[cfg(not(feature = "redis"))]
-    fn build(endpoint: Limit, global: Option<Limit>, adaptive: bool, _: Option<std::convert::Infallible>) -> Self {
-        Self::with_budget(
-            endpoint,
-            global,
-            adaptive,
-            Budget::Local(local::LocalBudget::new(endpoint, global)),
-        )
+    fn build(settings: Settings, _: Option<std::convert::Infallible>) -> Self {
+        let budget = Budget::Local(local::LocalBudget::new(settings.endpoint, settings.global));
+        Self::with_budget(settings, budget)
     }
 
-    fn with_budget(endpoint: Limit, global: Option<Limit>, adaptive: bool, budget: Budget) -> Self {
+    fn with_budget(settings: Settings, budget: Budget) -> Self {
         Self {
             shared: Arc::new(Shared {
-                endpoint,
-                global,
-                adaptive,
+                settings,
                 budget,
                 spread: Spread::default(),
             }),
@@ -216,19 +267,23 @@ impl Shared {
         }
     }
 
-    /// Slows `key` down after a 429, or gives rate back after a success.
-    async fn observe(&self, key: &str, factor: f64, result: &AttemptResult) {
+    /// Slows `key` down after a 429, or gives rate back after a success. The receiver's
+    /// `Retry-After` holds the key back for at most the job's `max_retry_after` and the
+    /// layer's `max_deferral`.
+    async fn observe(&self, key: &str, factor: f64, max_retry_after: Duration, result: &AttemptResult) {
         let AttemptResult::Response {
             status, retry_after, ..
         } = result
         else {
             return;
         };
-        let interval = self.endpoint.interval();
+        let interval = self.settings.endpoint.interval();
+        let cap = self.settings.max_deferral.min(max_retry_after);
         let outcome = match *status {
             429 => {
                 tracing::info!(key, "429: slowing the endpoint down");
-                self.adapt(key, |current| slowed(current, *retry_after, interval)).await
+                self.adapt(key, |current| slowed(current, *retry_after, interval, cap))
+                    .await
             }
             200..=299 if factor < 1.0 => self.adapt(key, recovered).await,
             _ => Ok(()),
@@ -261,10 +316,12 @@ impl fmt::Debug for RateLimitLayer {
             #[cfg(feature = "redis")]
             Budget::Redis(_) => "redis",
         };
+        let settings = &self.shared.settings;
         f.debug_struct("RateLimitLayer")
-            .field("endpoint", &self.shared.endpoint)
-            .field("global", &self.shared.global)
-            .field("adaptive", &self.shared.adaptive)
+            .field("endpoint", &settings.endpoint)
+            .field("global", &settings.global)
+            .field("adaptive", &settings.adaptive)
+            .field("max_deferral", &settings.max_deferral)
             .field("state", &mode)
             .finish()
     }
@@ -317,11 +374,12 @@ where
             let job = Arc::clone(&request.job);
             let key = job.rate_limit_key();
             let limit = job.own_rate_limit();
+            let settings = shared.settings;
             let factor = match shared.decide(key, limit).await {
                 Ok(Decision::Admit { factor }) => factor,
                 Ok(Decision::Wait(wait)) => {
-                    let interval = limit.unwrap_or(shared.endpoint).interval();
-                    let delay = shared.spread.delay(key, wait, interval);
+                    let interval = limit.unwrap_or(settings.endpoint).interval();
+                    let delay = shared.spread.delay(key, wait, interval, settings.max_deferral);
                     return Ok(AttemptResult::Deferred {
                         delay,
                         reason: DeferReason::RateLimited,
@@ -335,9 +393,10 @@ where
                     });
                 }
             };
+            let max_retry_after = job.policy().max_retry_after();
             let result = inner.call(request).await?;
-            if shared.adaptive {
-                shared.observe(key, factor, &result).await;
+            if settings.adaptive {
+                shared.observe(key, factor, max_retry_after, &result).await;
             }
             Ok(result)
         })
@@ -351,13 +410,14 @@ mod tests {
     #[test]
     fn a_429_halves_the_rate_and_successes_give_it_back() {
         let interval = Duration::from_millis(100);
-        let (slow, cooldown) = slowed(Adaptation::FULL, None, interval);
+        let cap = DEFAULT_MAX_DEFERRAL;
+        let (slow, cooldown) = slowed(Adaptation::FULL, None, interval, cap);
         assert_eq!((slow.factor, cooldown), (0.5, Duration::from_millis(200)));
-        let (slower, cooldown) = slowed(slow, Some(Duration::from_secs(3)), interval);
+        let (slower, cooldown) = slowed(slow, Some(Duration::from_secs(3)), interval, cap);
         assert_eq!((slower.factor, cooldown), (0.25, Duration::from_secs(3)));
         let mut floor = slower;
         for _ in 0..10 {
-            floor = slowed(floor, None, interval).0;
+            floor = slowed(floor, None, interval, cap).0;
         }
         assert_eq!(floor.factor, MIN_RATE_FACTOR);
         let mut back = floor;
@@ -369,5 +429,24 @@ mod tests {
             (cost(1.0, 10), cost(0.5, 10), cost(0.3, 10), cost(MIN_RATE_FACTOR, 4)),
             (1, 2, 4, 4)
         );
+    }
+
+    #[test]
+    fn a_huge_retry_after_or_interval_is_cut_to_the_cap() {
+        let cap = Duration::from_secs(2);
+        for retry_after in [Some(Duration::MAX), Some(Duration::from_secs(9_300_000_000_000)), None] {
+            let (adaptation, cooldown) = slowed(Adaptation::FULL, retry_after, Duration::MAX, cap);
+            assert_eq!((adaptation.cooldown, cooldown), (cap, cap), "{retry_after:?}");
+        }
+        for (text, factor) in [
+            ("0.5", 0.5),
+            ("NaN", 1.0),
+            ("inf", 1.0),
+            ("-3", MIN_RATE_FACTOR),
+            ("x", 1.0),
+        ] {
+            assert_eq!(stored_factor(text), factor, "{text}");
+        }
+        assert_eq!(cost(f64::NAN, 8), 1);
     }
 }
