@@ -40,8 +40,8 @@ pub enum AttemptResult {
         reason: String,
     },
     /// The request was not sent now, for a reason that time fixes (an open circuit breaker,
-    /// a spent rate budget): the same attempt runs again after `delay`, without counting as
-    /// one.
+    /// a spent rate budget, a secret store that cannot answer): the same attempt runs again
+    /// after `delay`, without counting as one.
     Deferred {
         /// How long to wait before trying the same attempt again.
         delay: Duration,
@@ -61,6 +61,9 @@ pub enum DeferReason {
     CircuitOpen,
     /// The shared limiter state (Redis) could not be reached; nothing was sent.
     LimiterUnavailable,
+    /// The [`SecretStore`](crate::SecretStore) could not answer (an error or a timeout), so the
+    /// attempt could not be signed; nothing was sent.
+    SecretStoreUnavailable,
 }
 
 impl std::fmt::Display for DeferReason {
@@ -69,6 +72,7 @@ impl std::fmt::Display for DeferReason {
             Self::RateLimited => "rate limited",
             Self::CircuitOpen => "circuit open",
             Self::LimiterUnavailable => "limiter state unavailable",
+            Self::SecretStoreUnavailable => "secret store unavailable",
         })
     }
 }
@@ -235,14 +239,20 @@ impl From<http::StatusCode> for StatusRange {
     }
 }
 
-/// Parses a `Retry-After` value: delay-seconds or an HTTP-date (a date in the past means now).
+/// Parses a `Retry-After` value: delay-seconds or an HTTP-date (a date in the past means now),
+/// clamped to [`DeliveryPolicy::MAX_DELAY`]. Delay-seconds too large for a `u64` are a very
+/// long delay, not an invalid one.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => Duration::MAX,
+        Err(_) => {
+            let date = httpdate::parse_http_date(value).ok()?;
+            date.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(DeliveryPolicy::MAX_DELAY))
 }
 
 /// An answer with `status` and nothing else, for tests.
@@ -316,5 +326,25 @@ mod tests {
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn huge_retry_after_values_are_clamped_not_overflowed() {
+        let now = SystemTime::now();
+        let ceiling = DeliveryPolicy::MAX_DELAY;
+        for value in [
+            "18446744073709551615",
+            "18446744073709551616",
+            "9300000000000",
+            "99999999999999999999999999",
+        ] {
+            let parsed = parse_retry_after(value, now).expect(value);
+            assert!(
+                parsed > Duration::from_secs(3600) && parsed <= ceiling,
+                "{value}: {parsed:?}"
+            );
+        }
+        let far = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+        assert!(parse_retry_after(&far, now).unwrap() <= ceiling);
     }
 }

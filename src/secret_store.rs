@@ -39,8 +39,9 @@ pub enum SecretStoreError {
     /// [`Fatal`](crate::DeadLetterReason::Fatal) outcome); replay it once the key exists.
     #[error("no active secret for key id {0:?}")]
     UnknownKey(String),
-    /// The store could not answer (a database down, a timeout). The attempt counts as a failed
-    /// one and is retried with backoff.
+    /// The store could not answer (a database down, a timeout). The attempt is deferred
+    /// ([`DeferReason::SecretStoreUnavailable`](crate::DeferReason::SecretStoreUnavailable)):
+    /// not sent, not counted as an attempt nor as a failure of the endpoint, run again shortly.
     #[error("secret store unavailable: {0}")]
     Unavailable(#[source] BoxDynError),
 }

@@ -4,17 +4,23 @@ mod common;
 
 use std::{
     io::Write,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use apalis_webhooks::{
-    DeadLetterFilter, MemorySecretStore, Secret, SecretStore, SecretStoreError, WebhookStore, WebhookSubscription,
-    generate_secret, verify::Verifier,
+    DeadLetterFilter, DeferReason, MemorySecretStore, Secret, SecretStore, SecretStoreError, SigningLayer,
+    WebhookStore, WebhookSubscription, generate_secret,
+    layers::{BreakerConfig, CircuitBreakerLayer, Phase},
+    verify::Verifier,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc::error::TryRecvError;
+use tower::ServiceBuilder;
 
 /// Every raw `job` column of the webhook queue, as text.
 async fn raw_jobs(db: &Db) -> String {
@@ -90,7 +96,7 @@ impl SecretStore for Down {
 }
 
 #[tokio::test]
-async fn unknown_keys_are_dead_letters_and_an_unavailable_store_is_retried() {
+async fn unknown_keys_are_dead_letters_and_an_unavailable_store_defers() {
     let db = Db::new().await;
     let mut receiver = Receiver::answering(204).await;
     let subscription = |key: &str| WebhookSubscription::with_key_id(receiver.url(), key).max_attempts(2);
@@ -119,15 +125,88 @@ async fn unknown_keys_are_dead_letters_and_an_unavailable_store_is_retried() {
 
     let mut worker = RunningWorker::start_with(&db.pool, "w-down", |b| b.secret_store(Down));
     let id = subscription("k").dispatch(&mut db.storage(), "a", &1).await.unwrap();
-    let Seen::RetryScheduled { error, .. } = worker.next_for(id.as_str()).await else {
-        panic!("an unavailable store is retried");
-    };
-    assert!(error.unwrap().contains("secret store unavailable"));
+    assert!(
+        matches!(
+            worker.next_for(id.as_str()).await,
+            Seen::Deferred {
+                attempt: 1,
+                reason: DeferReason::SecretStoreUnavailable,
+                ..
+            }
+        ),
+        "an unavailable store defers the attempt"
+    );
     worker.stop().await;
     assert!(
         matches!(receiver.requests.try_recv(), Err(TryRecvError::Empty)),
         "nothing unsigned is sent"
     );
+}
+
+/// A store whose first lookup never answers, whose second fails, and which answers from
+/// `inner` after that.
+struct Flaky {
+    inner: MemorySecretStore,
+    lookups: AtomicUsize,
+}
+
+impl SecretStore for Flaky {
+    fn secrets<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<Vec<Secret>, SecretStoreError>> {
+        match self.lookups.fetch_add(1, Ordering::SeqCst) {
+            0 => Box::pin(futures::future::pending()),
+            1 => Box::pin(async { Err(SecretStoreError::Unavailable("vault: connection refused".into())) }),
+            _ => self.inner.secrets(key_id),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_secret_store_outage_defers_without_using_an_attempt_or_opening_the_breaker() {
+    let db = Db::new().await;
+    let mut receiver = Receiver::answering(204).await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let memory = MemorySecretStore::new();
+    memory.insert("k", Secret::new(secret));
+    let store = Flaky {
+        inner: memory,
+        lookups: AtomicUsize::new(0),
+    };
+    // The breaker would open on one failure; the signer sits inside it, as in the usual stack.
+    let breakers = CircuitBreakerLayer::new(BreakerConfig::default().consecutive_failures(1));
+    let signer = SigningLayer::new()
+        .with_secret_store(store)
+        .secret_lookup_timeout(Duration::from_millis(100));
+    let layers = ServiceBuilder::new().layer(breakers.clone()).layer(signer);
+    let mut worker = RunningWorker::start_layered(&db.pool, "w-store-outage", |b| b, layers);
+    // One attempt: an outage that used it up would dead-letter the delivery.
+    let id = WebhookSubscription::with_key_id(receiver.url(), "k")
+        .max_attempts(1)
+        .dispatch(&mut db.storage(), "a", &1)
+        .await
+        .unwrap();
+
+    for expected in 1..=2 {
+        match worker.next_for(id.as_str()).await {
+            Seen::Deferred {
+                attempt: 1,
+                deferrals,
+                reason: DeferReason::SecretStoreUnavailable,
+                ..
+            } => assert_eq!(deferrals, expected - 1, "counted when stored again"),
+            other => panic!("a store outage defers: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        worker.next_for(id.as_str()).await,
+        Seen::Delivered { attempt: 1, .. }
+    ));
+    worker.stop().await;
+    let request = receiver.next().await;
+    assert_eq!(request.header(apalis_webhooks::ATTEMPT_HEADER), "1");
+    assert!(Verifier::new(secret).verify(&request.headers, &request.body).is_ok());
+    assert!(receiver.requests.try_recv().is_err(), "sent once, signed");
+    let state = breakers.state(&receiver.addr.to_string()).await.unwrap();
+    assert_eq!((state.phase, state.consecutive_failures), (Phase::Closed, 0));
 }
 
 /// A writer collecting everything tracing prints.

@@ -50,6 +50,7 @@ fn defer_label(reason: DeferReason) -> &'static str {
         DeferReason::RateLimited => "rate_limited",
         DeferReason::CircuitOpen => "circuit_open",
         DeferReason::LimiterUnavailable => "limiter_unavailable",
+        DeferReason::SecretStoreUnavailable => "secret_store_unavailable",
     }
 }
 

@@ -15,10 +15,27 @@ use tower::{Layer, Service};
 use crate::{
     delivery::DeliveryRequest,
     layers::take_ready,
-    outcome::{AttemptResult, TransportErrorKind},
+    outcome::{AttemptResult, DeferReason},
     secret::Secret,
     secret_store::{SecretStore, SecretStoreError},
 };
+
+/// How long a [`SecretStore`] lookup may take by default before the attempt is deferred.
+pub const DEFAULT_SECRET_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first deferral when the secret store cannot answer; each further deferral of the same
+/// attempt doubles it, up to [`STORE_RETRY_MAX`].
+const STORE_RETRY_BASE: Duration = Duration::from_secs(1);
+/// The longest deferral for a secret store that cannot answer.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The deferral after the store failed for an attempt already put off `deferrals` times:
+/// 1 s, 2 s, 4 s, ... at most a minute.
+fn store_retry_delay(deferrals: u32) -> Duration {
+    STORE_RETRY_BASE
+        .checked_mul(1u32.checked_shl(deferrals.min(16)).unwrap_or(u32::MAX))
+        .unwrap_or(STORE_RETRY_MAX)
+        .min(STORE_RETRY_MAX)
+}
 
 /// Adds the signature headers of the job's [`SignatureScheme`](super::SignatureScheme) to
 /// every attempt.
@@ -27,7 +44,13 @@ use crate::{
 /// still inside the receiver's tolerance. Secrets are read from the job at that moment, or, for
 /// a job with a key id, from the layer's [`SecretStore`]. A job that cannot be signed (its
 /// secrets yield no key, its key id is unknown) is answered with [`AttemptResult::Refused`] and
-/// never sent; a store that cannot answer makes the attempt a retryable transport failure.
+/// never sent.
+///
+/// A store that cannot answer ([`SecretStoreError::Unavailable`], or no answer within the
+/// [lookup timeout](Self::secret_lookup_timeout), 5 s by default) defers the attempt with
+/// [`DeferReason::SecretStoreUnavailable`]: nothing is sent, no attempt is used, and it counts
+/// as a failure neither for circuit breakers nor for registry endpoint health. The deferral is
+/// 1 s, doubling with each deferral of the same attempt, at most a minute.
 ///
 /// ```
 /// use apalis_webhooks::{HttpDelivery, MemorySecretStore, SigningLayer};
@@ -38,15 +61,32 @@ use crate::{
 ///     .service(HttpDelivery::new().unwrap());
 /// # drop(service);
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SigningLayer {
     store: Option<Arc<dyn SecretStore>>,
+    lookup_timeout: Duration,
+}
+
+impl Default for SigningLayer {
+    fn default() -> Self {
+        Self {
+            store: None,
+            lookup_timeout: DEFAULT_SECRET_LOOKUP_TIMEOUT,
+        }
+    }
 }
 
 impl SigningLayer {
     /// The signing layer; jobs sign with the secrets they carry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a secret store lookup may take before the attempt is deferred
+    /// ([`DEFAULT_SECRET_LOOKUP_TIMEOUT`], 5 s, by default; at least a millisecond).
+    pub fn secret_lookup_timeout(mut self, timeout: Duration) -> Self {
+        self.lookup_timeout = timeout.max(Duration::from_millis(1));
+        self
     }
 
     /// Resolves the key id of secret-store jobs through `store`.
@@ -65,6 +105,7 @@ impl fmt::Debug for SigningLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningLayer")
             .field("secret_store", &self.store.is_some())
+            .field("lookup_timeout", &self.lookup_timeout)
             .finish()
     }
 }
@@ -76,6 +117,7 @@ impl<S> Layer<S> for SigningLayer {
         SigningService {
             inner,
             store: self.store.clone(),
+            lookup_timeout: self.lookup_timeout,
         }
     }
 }
@@ -85,6 +127,7 @@ impl<S> Layer<S> for SigningLayer {
 pub struct SigningService<S> {
     inner: S,
     store: Option<Arc<dyn SecretStore>>,
+    lookup_timeout: Duration,
 }
 
 impl<S: fmt::Debug> fmt::Debug for SigningService<S> {
@@ -92,6 +135,7 @@ impl<S: fmt::Debug> fmt::Debug for SigningService<S> {
         f.debug_struct("SigningService")
             .field("inner", &self.inner)
             .field("secret_store", &self.store.is_some())
+            .field("lookup_timeout", &self.lookup_timeout)
             .finish()
     }
 }
@@ -126,19 +170,25 @@ where
             return Either::Left(Either::Left(ready(Ok(AttemptResult::Refused { reason }))));
         };
         let mut inner = take_ready(&mut self.inner);
+        let lookup_timeout = self.lookup_timeout;
         Either::Right(Box::pin(async move {
-            let mut secrets = match store.secrets(&key_id).await {
-                Ok(secrets) => secrets,
-                Err(SecretStoreError::UnknownKey(_)) => {
+            let unavailable = |deferrals: u32| AttemptResult::Deferred {
+                delay: store_retry_delay(deferrals),
+                reason: DeferReason::SecretStoreUnavailable,
+            };
+            let mut secrets = match tokio::time::timeout(lookup_timeout, store.secrets(&key_id)).await {
+                Ok(Ok(secrets)) => secrets,
+                Ok(Err(SecretStoreError::UnknownKey(_))) => {
                     let reason = format!("no active secret for key id {key_id:?}");
                     return Ok(AttemptResult::Refused { reason });
                 }
-                Err(error @ SecretStoreError::Unavailable(_)) => {
-                    return Ok(AttemptResult::Transport {
-                        kind: TransportErrorKind::Other,
-                        message: error.to_string(),
-                        duration: Duration::ZERO,
-                    });
+                Ok(Err(error @ SecretStoreError::Unavailable(_))) => {
+                    tracing::warn!(key_id, %error, "deferring: the secret store cannot answer");
+                    return Ok(unavailable(request.job.deferrals()));
+                }
+                Err(_) => {
+                    tracing::warn!(key_id, ?lookup_timeout, "deferring: the secret store lookup timed out");
+                    return Ok(unavailable(request.job.deferrals()));
                 }
             };
             secrets.extend(request.job.secrets().iter().cloned());
@@ -158,7 +208,7 @@ fn sign(request: &mut DeliveryRequest, secrets: &[Secret]) -> Result<(), Attempt
         .scheme()
         .sign(
             job.webhook_id().as_str(),
-            crate::clock::unix_seconds() as i64,
+            i64::try_from(crate::clock::unix_seconds()).unwrap_or(i64::MAX),
             job.body(),
             secrets,
         )
@@ -172,4 +222,16 @@ fn sign(request: &mut DeliveryRequest, secrets: &[Secret]) -> Result<(), Attempt
         request.headers.insert(name, value);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_deferrals_back_off_and_stay_bounded() {
+        let delays: Vec<u64> = (0..8).map(|n| store_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(store_retry_delay(u32::MAX), STORE_RETRY_MAX);
+    }
 }

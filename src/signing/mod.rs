@@ -14,7 +14,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-pub use layer::{SigningLayer, SigningService};
+pub use layer::{DEFAULT_SECRET_LOOKUP_TIMEOUT, SigningLayer, SigningService};
 
 use crate::{
     secret::{Secret, SecretError},
