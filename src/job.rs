@@ -83,6 +83,11 @@ pub struct WebhookJob {
     /// Deliveries with the same key to the same endpoint arrive in dispatch order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ordering_key: Option<String>,
+    /// 0 as dispatched; n after an ordered line's repair pushed the delivery again for the n-th
+    /// time, under keys of its own, because every task of it had ended without delivering it
+    /// or giving up (see [`crate::ordering`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) repush: u32,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
@@ -259,9 +264,23 @@ impl WebhookJob {
     /// worker killed between storing the next attempt and acknowledging this one) stores it once
     /// on backends that honour idempotency keys.
     pub(crate) fn idempotency_key(&self) -> String {
-        match self.deferrals {
-            0 => attempt_key(&self.webhook_id, self.replay, self.attempt),
-            n => format!("{}:d{n}", attempt_key(&self.webhook_id, self.replay, self.attempt)),
+        task_key(&self.webhook_id, self.replay, self.attempt, self.repush, self.deferrals)
+    }
+
+    /// How often repair pushed this delivery again under fresh keys (0 as dispatched).
+    pub(crate) fn repush(&self) -> u32 {
+        self.repush
+    }
+
+    /// The first attempt of this delivery under repush number `repush`: the same delivery,
+    /// stored under keys no earlier task of it used.
+    pub(crate) fn repushed(&self, repush: u32) -> Self {
+        Self {
+            attempt: 1,
+            deferrals: 0,
+            repush,
+            fresh: false,
+            ..self.clone()
         }
     }
 
@@ -298,8 +317,40 @@ impl fmt::Debug for WebhookJob {
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
+            .field("repush", &self.repush)
             .finish()
     }
+}
+
+/// The idempotency key of one task: [`attempt_key`], then `:p{repush}` when repair pushed the
+/// delivery again, then `:d{deferrals}` when the attempt was put off. Keys of repush 0 are
+/// those of every earlier version of this crate.
+pub(crate) fn task_key(webhook_id: &WebhookId, replay: u32, attempt: u32, repush: u32, deferrals: u32) -> String {
+    let mut key = attempt_key(webhook_id, replay, attempt);
+    if repush > 0 {
+        key.push_str(&format!(":p{repush}"));
+    }
+    if deferrals > 0 {
+        key.push_str(&format!(":d{deferrals}"));
+    }
+    key
+}
+
+/// The repush number of a task from its idempotency key ([`task_key`]): 0 without a `:p` part;
+/// `None` if the key is not one of this crate's.
+pub(crate) fn repush_of_key(key: &str) -> Option<u32> {
+    let mut parts = key.split(':').skip(1);
+    let mut repush = 0;
+    for part in parts.by_ref() {
+        if let Some(n) = part.strip_prefix('p') {
+            repush = n.parse().ok()?;
+        }
+    }
+    Some(repush)
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The idempotency key of attempt `attempt` of replay `replay` of delivery `webhook_id`. Every

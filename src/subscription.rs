@@ -317,6 +317,7 @@ impl WebhookSubscription {
             rate_limit: self.rate_limit,
             endpoint_id: self.endpoint_id.clone(),
             ordering_key: self.ordering_key.clone(),
+            repush: 0,
             parsed: Default::default(),
             fresh: false,
         })

@@ -7,7 +7,7 @@ use std::{
 
 use futures::future::{BoxFuture, FutureExt, ready};
 
-use super::{LineError, LineStore};
+use super::{HeadsPage, LineError, LineStore};
 
 #[derive(Default)]
 pub(super) struct MemoryLines {
@@ -64,12 +64,21 @@ impl LineStore for MemoryLines {
         ready(Ok(head)).boxed()
     }
 
-    fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>> {
-        let heads = self
-            .lock()
-            .values()
-            .filter_map(|line| line.members.values().next().map(|(_, job)| job.clone()))
+    fn heads<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<HeadsPage, LineError>> {
+        let lines = self.lock();
+        // Lines in name order after the cursor (the last line of the previous page).
+        let mut names: Vec<&String> = lines
+            .keys()
+            .filter(|name| cursor.is_none_or(|c| name.as_str() > c))
             .collect();
-        ready(Ok(heads)).boxed()
+        names.sort_unstable();
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let next = names.last().filter(|_| more).map(|name| (*name).clone());
+        let heads = names
+            .into_iter()
+            .filter_map(|name| lines[name].members.values().next().map(|(_, job)| job.clone()))
+            .collect();
+        ready(Ok((heads, next))).boxed()
     }
 }

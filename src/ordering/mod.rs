@@ -25,9 +25,17 @@
 //! - [`OrderedLines::memory`] keeps lines in this process: for the memory backend and tests;
 //!   waiting deliveries are lost with the process. With durable backends use
 //!   [`OrderedLines::redis`] or [`OrderedLines::postgres`] (any backend can use either).
-//! - A process killed between putting a head in its line and pushing it leaves that line
-//!   waiting until [`OrderedLines::repair`] pushes the heads again (safe at any time: pushes
-//!   are idempotent on SQLite, Postgres and Redis); run it at start-up.
+//! - Lines always move. [`OrderedLines::repair`] looks up what became of each line's head in
+//!   the backend: delivered or dead-lettered, the line moves on; still waiting, running or to
+//!   be retried by apalis, it is left alone; never stored (a dispatcher killed, or a dispatch
+//!   future dropped, between putting the head in its line and pushing it) or given up by
+//!   apalis (its task ended `Failed`: the worker's handling failed 25 times), the head is
+//!   pushed again under the first idempotency keys no task of it used. A head that was never
+//!   stored is pushed under its dispatch key, so a late push of the dispatcher stores nothing;
+//!   a head whose keys are used gets fresh ones, and nothing pushes under the old ones again.
+//!   So repair is safe at any time, from any number of processes, and never makes two heads.
+//!   Workers given lines [`with_repair`](OrderedLines::with_repair) run it every
+//!   [`repair_every`](OrderedLines::repair_every), a bounded number of lines per run.
 //! - The line is not part of a Postgres [`InTransaction`](crate::backend::postgres::InTransaction)
 //!   dispatch: an ordered event dispatched in a transaction that then rolls back stays in its
 //!   line (and `repair` would deliver it). Dispatch ordered events after the commit.
@@ -54,14 +62,76 @@ mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod sink;
+mod state;
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 
 pub use sink::{OrderedSink, OrderedSinkError};
+pub use state::RepairBackend;
 
+use self::state::{HeadState, Pusher};
 use crate::{job::WebhookJob, sink::WebhookSink};
+
+/// How often a worker repairs its lines by default (see [`OrderedLines::repair_every`]).
+pub const DEFAULT_REPAIR_EVERY: Duration = Duration::from_secs(30);
+
+/// Lines a worker repairs per run by default (see [`OrderedLines::repair_batch`]).
+pub const DEFAULT_REPAIR_BATCH: usize = 100;
+
+/// Longest wait between two periodic repairs after backend errors.
+const MAX_REPAIR_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Lines read per page by [`OrderedLines::repair`].
+const REPAIR_PAGE: usize = 500;
+
+/// Why a repair failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepairError {
+    /// The line store failed.
+    #[error(transparent)]
+    Lines(#[from] LineError),
+    /// The backend could not be read or pushed into.
+    #[error("repair backend error: {0}")]
+    Backend(#[source] apalis_core::error::BoxDynError),
+    /// A task in the backend could not be read (a column or its job).
+    #[error("repair found an unreadable task: {0}")]
+    Corrupt(String),
+}
+
+/// What one repair did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Repaired {
+    /// Lines whose head was looked up.
+    pub checked: usize,
+    /// Heads pushed again (never stored, or given up by apalis).
+    pub pushed: usize,
+    /// Lines moved on past a head that was delivered or dead-lettered.
+    pub advanced: usize,
+    /// Lines that could not be repaired this time (logged; the first error is returned).
+    pub failed: usize,
+}
+
+/// Periodic repair: where, how often, how many lines per run.
+#[derive(Clone, Debug)]
+struct RepairConfig {
+    backend: RepairBackend,
+    every: Duration,
+    batch: usize,
+}
+
+/// Held by a worker's service: the periodic repair stops when the last clone is dropped.
+#[derive(Debug)]
+struct RepairGuard {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
 
 /// The table [`OrderedLines::postgres`] keeps lines in.
 #[cfg(feature = "postgres")]
@@ -80,9 +150,13 @@ pub(crate) trait LineStore: Send + Sync + 'static {
     fn next<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>>;
     /// Takes `member` out of `line`; the job of the new head, if any.
     fn leave<'a>(&'a self, line: &'a str, member: &'a str) -> BoxFuture<'a, Result<Option<String>, LineError>>;
-    /// The job of every line's head.
-    fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>>;
+    /// The jobs of the heads of about `limit` lines from `cursor` (`None`: the first page), and
+    /// the cursor of the next page (`None` after the last).
+    fn heads<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<HeadsPage, LineError>>;
 }
+
+/// A page of heads and where the next page starts.
+pub(crate) type HeadsPage = (Vec<String>, Option<String>);
 
 /// The lines of ordered deliveries (see the [module docs](self)). Cheap to clone; clones share
 /// the lines.
@@ -90,11 +164,16 @@ pub(crate) trait LineStore: Send + Sync + 'static {
 pub struct OrderedLines {
     store: Arc<dyn LineStore>,
     kind: &'static str,
+    repair: Option<RepairConfig>,
+    guard: Option<Arc<RepairGuard>>,
 }
 
 impl fmt::Debug for OrderedLines {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OrderedLines").field("store", &self.kind).finish()
+        f.debug_struct("OrderedLines")
+            .field("store", &self.kind)
+            .field("repair", &self.repair)
+            .finish()
     }
 }
 
@@ -104,6 +183,8 @@ impl OrderedLines {
         Self {
             store: Arc::new(memory::MemoryLines::default()),
             kind: "memory",
+            repair: None,
+            guard: None,
         }
     }
 
@@ -113,6 +194,8 @@ impl OrderedLines {
         Self {
             store: Arc::new(redis::RedisLines::new(conn, prefix.into())),
             kind: "redis",
+            repair: None,
+            guard: None,
         }
     }
 
@@ -133,6 +216,8 @@ impl OrderedLines {
         Ok(Self {
             store: Arc::new(postgres::PostgresLines::open(pool, table).await?),
             kind: "postgres",
+            repair: None,
+            guard: None,
         })
     }
 
@@ -141,19 +226,180 @@ impl OrderedLines {
         OrderedSink::new(self.clone(), sink)
     }
 
-    /// Pushes every line's head into `sink` again, so that a line whose head was never pushed
-    /// (its dispatcher died in between) moves on. A head already in the backend is not stored
-    /// twice on SQLite, Postgres and Redis (idempotency keys); do not call it with the memory
-    /// backend, which has none. Returns how many heads were pushed.
-    pub async fn repair<S: WebhookSink<K>, K>(&self, sink: &mut S) -> Result<usize, OrderedSinkError<S::Error>> {
-        let heads = self.store.heads().await?;
-        let count = heads.len();
-        for head in heads {
-            sink.push_job(decode(&head)?, None)
-                .await
-                .map_err(OrderedSinkError::Backend)?;
+    /// Workers given these lines ([`WebhookWorker::ordered`](crate::WebhookWorker::ordered))
+    /// [`repair`](Self::repair) them through `backend` (the queue the deliveries live in):
+    /// once when the service is built, then every [`repair_every`](Self::repair_every)
+    /// ([`DEFAULT_REPAIR_EVERY`]), [`repair_batch`](Self::repair_batch) lines per run
+    /// ([`DEFAULT_REPAIR_BATCH`]), going round all lines over successive runs. A run that
+    /// fails is logged and the next one waits twice as long (up to five minutes). It stops
+    /// when the worker's service is dropped. Any number of workers may repair the same lines.
+    pub fn with_repair(mut self, backend: impl Into<RepairBackend>) -> Self {
+        self.repair = Some(RepairConfig {
+            backend: backend.into(),
+            every: DEFAULT_REPAIR_EVERY,
+            batch: DEFAULT_REPAIR_BATCH,
+        });
+        self
+    }
+
+    /// How often workers repair the lines (needs [`with_repair`](Self::with_repair); a zero
+    /// period is taken as one millisecond).
+    pub fn repair_every(mut self, period: Duration) -> Self {
+        if let Some(repair) = &mut self.repair {
+            repair.every = period.max(Duration::from_millis(1));
         }
-        Ok(count)
+        self
+    }
+
+    /// About how many lines workers repair per run (needs [`with_repair`](Self::with_repair);
+    /// at least one).
+    pub fn repair_batch(mut self, lines: usize) -> Self {
+        if let Some(repair) = &mut self.repair {
+            repair.batch = lines.max(1);
+        }
+        self
+    }
+
+    /// Moves on every line whose head is stuck (see the [module docs](self)): looks up each
+    /// head's tasks in `backend`; advances the line past a delivered or dead-lettered head,
+    /// pushes a head that was never stored or that apalis gave up on (under keys no task of it
+    /// used), and leaves a head whose task is waiting, running or to be retried. Safe at any
+    /// time and from many processes at once. Reads the lines a page at a time.
+    ///
+    /// Every line is tried; if some failed, the first error is returned after the others were
+    /// repaired.
+    pub async fn repair(&self, backend: impl Into<RepairBackend>) -> Result<Repaired, RepairError> {
+        let backend = backend.into();
+        let mut total = Repaired::default();
+        let mut first_error = None;
+        let mut cursor = None;
+        loop {
+            let (page, next, error) = self.repair_page(&backend, cursor.as_deref(), REPAIR_PAGE).await?;
+            total.checked += page.checked;
+            total.pushed += page.pushed;
+            total.advanced += page.advanced;
+            total.failed += page.failed;
+            first_error = first_error.or(error);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(total),
+        }
+    }
+
+    /// Repairs the lines of one page of heads; the next page's cursor and the first error of
+    /// a line. Fails only if the page could not be read.
+    async fn repair_page(
+        &self,
+        backend: &RepairBackend,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Repaired, Option<String>, Option<RepairError>), RepairError> {
+        let (heads, next) = self.store.heads(cursor, limit).await?;
+        let mut repaired = Repaired::default();
+        let mut first_error = None;
+        for head in heads {
+            repaired.checked += 1;
+            match self.repair_head(backend, &head).await {
+                Ok(HeadState::InFlight) => {}
+                Ok(HeadState::Finished) => repaired.advanced += 1,
+                Ok(HeadState::Stranded { .. }) => repaired.pushed += 1,
+                Err(error) => {
+                    tracing::warn!(%error, "could not repair an ordered line");
+                    repaired.failed += 1;
+                    first_error = first_error.or(Some(error));
+                }
+            }
+        }
+        Ok((repaired, next, first_error))
+    }
+
+    async fn repair_head(&self, backend: &RepairBackend, head: &str) -> Result<HeadState, RepairError> {
+        let job = decode(head)?;
+        let state = backend.head_state(&job).await?;
+        match state {
+            HeadState::InFlight => {}
+            HeadState::Finished => {
+                self.advance(&job, &mut Pusher(backend))
+                    .await
+                    .map_err(|error| match error {
+                        OrderedSinkError::Lines(error) => RepairError::Lines(error),
+                        OrderedSinkError::Backend(error) | OrderedSinkError::InLine(error) => error,
+                    })?;
+                tracing::info!(webhook.id = %job.webhook_id(), "repair moved a line on past its finished head");
+            }
+            HeadState::Stranded { repush } => {
+                backend.push(job.repushed(repush)).await?;
+                tracing::info!(webhook.id = %job.webhook_id(), repush, "repair pushed a line's head again");
+            }
+        }
+        Ok(state)
+    }
+
+    /// The lines a worker's service holds: if [`with_repair`](Self::with_repair) was set,
+    /// starts the periodic repair, which ends when the last clone of the returned lines is
+    /// dropped. Outside a Tokio runtime nothing is started (logged).
+    pub(crate) fn for_worker(&self) -> Self {
+        let mut lines = self.clone();
+        let Some(config) = self.repair.clone() else {
+            return lines;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no Tokio runtime: ordered lines will not be repaired periodically");
+            return lines;
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let guard = Arc::new(RepairGuard { _stop: stop });
+        let repairer = Self {
+            store: Arc::clone(&self.store),
+            kind: self.kind,
+            repair: None,
+            guard: None,
+        };
+        runtime.spawn(repairer.repair_periodically(config, Arc::downgrade(&guard), stopped));
+        lines.guard = Some(guard);
+        lines
+    }
+
+    /// Repairs `config.batch` lines per run until `stopped` fires (its sender, in the guard,
+    /// was dropped).
+    async fn repair_periodically(
+        self,
+        config: RepairConfig,
+        guard: Weak<RepairGuard>,
+        mut stopped: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let mut cursor: Option<String> = None;
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            if guard.strong_count() == 0 {
+                return;
+            }
+            match self.repair_page(&config.backend, cursor.as_deref(), config.batch).await {
+                Ok((repaired, next, error)) => {
+                    cursor = next;
+                    if repaired.pushed + repaired.advanced > 0 {
+                        tracing::info!(?repaired, "repaired ordered lines");
+                    }
+                    delay = match error {
+                        Some(_) => backoff(delay, config.every),
+                        None => config.every,
+                    };
+                }
+                Err(error) => {
+                    delay = backoff(delay, config.every);
+                    tracing::warn!(%error, retry_in = ?delay, "could not read ordered lines to repair them");
+                }
+            }
+        }
     }
 
     /// After `job` (the head of its line) was delivered or dead-lettered: pushes the next one
@@ -189,6 +435,12 @@ impl OrderedLines {
     pub(crate) fn store(&self) -> &dyn LineStore {
         &*self.store
     }
+}
+
+/// The wait after a failed run: twice the last one, at least `every`, at most
+/// [`MAX_REPAIR_BACKOFF`] (or `every`, if longer).
+fn backoff(last: Duration, every: Duration) -> Duration {
+    (last * 2).clamp(every, MAX_REPAIR_BACKOFF.max(every))
 }
 
 /// A job as a line stores it.
@@ -237,8 +489,8 @@ mod tests {
             self.inner.leave(line, member)
         }
 
-        fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>> {
-            self.inner.heads()
+        fn heads<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<HeadsPage, LineError>> {
+            self.inner.heads(cursor, limit)
         }
     }
 
@@ -277,6 +529,8 @@ mod tests {
         let lines = OrderedLines {
             store: Arc::new(store),
             kind: "racing",
+            repair: None,
+            guard: None,
         };
         let mut sink = Recorded::default();
         lines.advance(&head, &mut sink).await.unwrap();

@@ -5,7 +5,7 @@
 use futures::future::{BoxFuture, FutureExt};
 use sqlx::PgPool;
 
-use super::{LineError, LineStore};
+use super::{HeadsPage, LineError, LineStore};
 
 pub(super) struct PostgresLines {
     pool: PgPool,
@@ -116,13 +116,24 @@ impl LineStore for PostgresLines {
         .boxed()
     }
 
-    fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>> {
+    fn heads<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<HeadsPage, LineError>> {
         async move {
-            let sql = format!("SELECT DISTINCT ON (line) job FROM {} ORDER BY line, seq", self.table);
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            let sql = format!(
+                "SELECT DISTINCT ON (line) line, job FROM {} WHERE $1::text IS NULL OR line > $1 \
+                 ORDER BY line, seq LIMIT $2",
+                self.table
+            );
+            let rows: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(cursor)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(&self.pool)
                 .await
-                .map_err(unavailable)
+                .map_err(unavailable)?;
+            let next = rows
+                .last()
+                .filter(|_| rows.len() >= limit)
+                .map(|(line, _)| line.clone());
+            Ok((rows.into_iter().map(|(_, job)| job).collect(), next))
         }
         .boxed()
     }

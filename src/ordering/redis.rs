@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use ::redis::Script;
 use futures::future::{BoxFuture, FutureExt};
 
-use super::{LineError, LineStore};
+use super::{HeadsPage, LineError, LineStore};
 use crate::backend::redis::ConnectionManager;
 
 pub(super) struct RedisLines {
@@ -60,6 +60,17 @@ if not head[1] then
   redis.call('SREM', KEYS[4], ARGV[2])
   return false
 end
+return redis.call('HGET', KEYS[2], head[1])
+"#,
+    )
+});
+
+/// KEYS: members, jobs. Returns the head's job or nil.
+static HEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local head = redis.call('ZRANGE', KEYS[1], 0, 0)
+if not head[1] then return false end
 return redis.call('HGET', KEYS[2], head[1])
 "#,
     )
@@ -127,35 +138,30 @@ impl LineStore for RedisLines {
         .boxed()
     }
 
-    fn heads(&self) -> BoxFuture<'_, Result<Vec<String>, LineError>> {
+    fn heads<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<HeadsPage, LineError>> {
         async move {
             let mut conn = self.conn.clone();
-            let lines: Vec<String> = ::redis::cmd("SMEMBERS")
+            // SSCAN's cursor; COUNT is a hint, so a page holds about `limit` lines.
+            let (next, lines): (String, Vec<String>) = ::redis::cmd("SSCAN")
                 .arg(self.lines_set())
+                .arg(cursor.unwrap_or("0"))
+                .arg("COUNT")
+                .arg(limit)
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
             let mut heads = Vec::with_capacity(lines.len());
             for line in lines {
                 let [members, jobs, ..] = self.keys(&line);
-                let head: Vec<String> = ::redis::cmd("ZRANGE")
-                    .arg(&members)
-                    .arg(0)
-                    .arg(0)
-                    .query_async(&mut conn)
+                let head: Option<String> = HEAD
+                    .key(members)
+                    .key(jobs)
+                    .invoke_async(&mut conn)
                     .await
                     .map_err(unavailable)?;
-                if let Some(head) = head.first() {
-                    let job: Option<String> = ::redis::cmd("HGET")
-                        .arg(&jobs)
-                        .arg(head)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                    heads.extend(job);
-                }
+                heads.extend(head);
             }
-            Ok(heads)
+            Ok((heads, Some(next).filter(|next| next != "0")))
         }
         .boxed()
     }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::{LineError, OrderedLines, decode, encode};
+use super::{LineError, OrderedLines, encode};
 use crate::{job::WebhookJob, sink::WebhookSink};
 
 /// Made by [`OrderedLines::sink`]: a new delivery with an ordering key enters its line and is
@@ -21,16 +21,22 @@ impl<S> fmt::Debug for OrderedSink<S> {
     }
 }
 
-/// Why an ordered push failed. Nothing was enqueued.
+/// Why an ordered push failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OrderedSinkError<E: std::error::Error + 'static> {
-    /// The line store failed.
+    /// The line store failed; nothing was enqueued.
     #[error(transparent)]
     Lines(#[from] LineError),
-    /// The backend failed the push.
+    /// The backend failed the push; nothing was enqueued.
     #[error("backend push failed: {0}")]
     Backend(#[source] E),
+    /// The delivery is the head of its line, and the backend failed its push (which may have
+    /// stored it all the same). It stays in its line, and
+    /// [`repair`](super::OrderedLines::repair) pushes it if it was not stored: do not dispatch
+    /// it again.
+    #[error("backend push of a line's head failed; the line keeps it and repair pushes it: {0}")]
+    InLine(#[source] E),
 }
 
 impl<S> OrderedSink<S> {
@@ -61,14 +67,10 @@ impl<S: WebhookSink<K>, K> WebhookSink<K> for OrderedSink<S> {
         if !self.lines.store().enter(&line, &member, encode(&job)?).await? {
             return Ok(()); // Waits in its line; the worker pushes it after its predecessor.
         }
-        if let Err(error) = self.inner.push_job(job, run_at).await {
-            // Not enqueued after all: take it out, and hand the line to whoever entered since.
-            if let Some(next) = self.lines.store().leave(&line, &member).await? {
-                let _ = self.inner.push_job(decode(&next)?, None).await;
-            }
-            return Err(OrderedSinkError::Backend(error));
-        }
-        Ok(())
+        // From here the head is in its line. If this push fails, or this future is dropped,
+        // the push may have stored it or not: taking it out of the line could let the next one
+        // run beside it, so it stays, and repair pushes it under this same key (stored once).
+        self.inner.push_job(job, run_at).await.map_err(OrderedSinkError::InLine)
     }
 
     fn orders(&self) -> bool {
