@@ -19,7 +19,9 @@ use apalis_board::axum::{
     ui::ServeUI,
 };
 use apalis_webhooks::{
-    MemorySecretStore, RetrySchedule, Secret, WebhookSubscription, WebhookWorker, backend::QUEUE, sqlite,
+    MemorySecretStore, RetrySchedule, Secret, WebhookSubscription, WebhookWorker,
+    backend::{QUEUE, Restarted, worker_name},
+    sqlite,
     ssrf::EgressPolicy,
 };
 use axum::{Extension, Router, http::StatusCode, routing::post};
@@ -55,10 +57,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .egress(EgressPolicy::new().allow_loopback())
         .secret_store(secrets)
         .service()?;
-    let worker = WorkerBuilder::new("webhooks")
-        .backend(sqlite::polling(storage.clone()))
-        .build(service);
-    tokio::spawn(async move { worker.run().await });
+    let worker_storage = storage.clone();
+    tokio::spawn(
+        Monitor::new()
+            .register(move |restarts| {
+                WorkerBuilder::new(worker_name("webhooks"))
+                    .backend(Restarted::new(sqlite::polling(worker_storage.clone()), restarts))
+                    .build(service.clone())
+            })
+            .should_restart(|_, _| true)
+            .run(),
+    );
 
     for (path, event) in [
         ("ok", "order.created"),

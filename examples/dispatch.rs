@@ -35,7 +35,7 @@ use apalis::prelude::*;
 use apalis_webhooks::{
     DeliveryEvent, RetrySchedule, SignatureScheme, SigningLayer, WebhookSink, WebhookStore, WebhookSubscription,
     WebhookWorker,
-    backend::{memory, postgres, redis, sqlite, worker_name},
+    backend::{Restarted, memory, postgres, redis, sqlite, worker_name},
     layers::{Limit, RateLimitLayer},
     ssrf::EgressPolicy,
 };
@@ -186,11 +186,18 @@ async fn run(args: Args) -> Result<(), Error> {
             let storage = || sqlite::SqliteStorage::new(&pool).with_config(sqlite::config().queue(&queue));
             let store = WebhookStore::sqlite_queue(&pool, &queue);
             work(&args, storage(), Some(store), |builder, stop| {
-                let worker = WorkerBuilder::new(worker_name("dispatch"))
-                    .backend(sqlite::polling(storage()))
-                    .concurrency(concurrency)
-                    .build(builder.service_with(layers.clone()).expect("HTTP client"));
-                tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
+                let (service, storage) = (builder.service_with(layers.clone()).expect("HTTP client"), storage());
+                // apalis-sqlite stops its worker on a database error: the Monitor starts it
+                // again, after a capped backoff.
+                let monitor = Monitor::new()
+                    .register(move |restarts| {
+                        WorkerBuilder::new(worker_name("dispatch"))
+                            .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
+                            .concurrency(concurrency)
+                            .build(service.clone())
+                    })
+                    .should_restart(|_, _| true);
+                tokio::spawn(async move { monitor.run_with_signal(signal(stop)).await.map_err(Error::from) })
             })
             .await
         }
@@ -221,10 +228,11 @@ async fn run(args: Args) -> Result<(), Error> {
                 sink.clone(),
                 Some(WebhookStore::redis(&sink)),
                 |builder, stop| {
+                    let service = builder.service_with(layers.clone()).expect("HTTP client");
                     let worker = WorkerBuilder::new(worker_name("dispatch"))
-                        .backend(redis::listening(storage))
+                        .backend(redis::listening_with(storage, concurrency))
                         .concurrency(concurrency)
-                        .build(builder.service_with(layers.clone()).expect("HTTP client"));
+                        .build(service);
                     tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
                 },
             )
@@ -284,7 +292,9 @@ where
                 Ok(outstanding) => outstanding,
                 Err(error) => {
                     if last_report.elapsed() >= Duration::from_secs(1) {
-                        eprintln!("enqueued {enqueued}  delivered {delivered}  dead {dead}  backend unavailable: {error}");
+                        eprintln!(
+                            "enqueued {enqueued}  delivered {delivered}  dead {dead}  backend unavailable: {error}"
+                        );
                         last_report = Instant::now();
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -359,6 +369,12 @@ where
 
 /// Resolves when `stop` fires, for `Worker::run_until`.
 async fn until(stop: oneshot::Receiver<()>) -> Result<(), WorkerError> {
+    let _ = stop.await;
+    Ok(())
+}
+
+/// Resolves when `stop` fires, for `Monitor::run_with_signal`.
+async fn signal(stop: oneshot::Receiver<()>) -> std::io::Result<()> {
     let _ = stop.await;
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use apalis::prelude::*;
 use apalis_webhooks::{
     DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeliveryEvent, Secret, WebhookJob, WebhookSubscription, WebhookWorker,
+    backend::{Restarted, worker_name},
     sqlite::{self, SqliteStorage},
     ssrf::EgressPolicy,
     verify::{VerifiedWebhook, Verifier},
@@ -102,12 +103,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .build(send_welcome_email)
             }
         })
-        .register(move |_| {
-            WorkerBuilder::new("webhooks")
-                .backend(sqlite::polling(webhooks.clone()))
+        .register(move |restarts| {
+            // A unique name per process, and a capped backoff when the Monitor restarts it.
+            WorkerBuilder::new(worker_name("webhooks"))
+                .backend(Restarted::new(sqlite::polling(webhooks.clone()), restarts))
                 .concurrency(DEFAULT_CONCURRENCY)
                 .build(webhook_service.clone())
         })
+        // A worker a backend error stopped is started again (after the backoff above).
+        .should_restart(|_, _| true)
         // A real app runs until Ctrl-C; this example stops once the webhook arrived.
         .run_with_signal(async move {
             tokio::time::timeout(Duration::from_secs(30), delivered)

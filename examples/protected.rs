@@ -12,6 +12,7 @@ use std::time::Duration;
 use apalis::prelude::*;
 use apalis_webhooks::{
     DeliveryEvent, Secret, SigningLayer, WebhookSubscription, WebhookWorker,
+    backend::{Restarted, worker_name},
     layers::{CircuitBreakerLayer, Limit, RateLimitLayer, circuit_breaker::BreakerConfig},
     sqlite,
     ssrf::EgressPolicy,
@@ -68,14 +69,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => {}
         })
         .service_with(layers)?;
-    let worker = WorkerBuilder::new("webhooks")
-        .backend(sqlite::polling(storage.clone()))
-        .concurrency(1)
-        .build(service);
-    let running = tokio::spawn(worker.run_until(async {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        Ok::<_, WorkerError>(())
-    }));
+    let worker_storage = storage.clone();
+    let running = tokio::spawn(
+        Monitor::new()
+            .register(move |restarts| {
+                WorkerBuilder::new(worker_name("webhooks"))
+                    .backend(Restarted::new(sqlite::polling(worker_storage.clone()), restarts))
+                    .concurrency(1)
+                    .build(service.clone())
+            })
+            .should_restart(|_, _| true)
+            .run(),
+    );
 
     for i in 0..5 {
         WebhookSubscription::new(&down, Secret::generate())

@@ -13,7 +13,9 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DeliveryEvent, RetrySchedule, Secret, WebhookSubscription, WebhookWorker, sqlite,
+    DeliveryEvent, RetrySchedule, Secret, WebhookSubscription, WebhookWorker,
+    backend::{Restarted, worker_name},
+    sqlite,
     ssrf::EgressPolicy,
     verify::{VerifiedWebhook, Verifier},
 };
@@ -105,15 +107,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => {}
         })
         .service()?;
-    let worker = WorkerBuilder::new("webhooks")
-        .backend(sqlite::polling(storage.clone()))
-        .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
-        .build(service);
+    // The Monitor restarts a worker that a backend error stopped, after a capped backoff.
+    let worker_storage = storage.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(worker.run_until(async move {
-        let _ = stopped.await;
-        Ok::<_, WorkerError>(())
-    }));
+    let running = tokio::spawn(
+        Monitor::new()
+            .register(move |restarts| {
+                WorkerBuilder::new(worker_name("webhooks"))
+                    .backend(Restarted::new(sqlite::polling(worker_storage.clone()), restarts))
+                    .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
+                    .build(service.clone())
+            })
+            .should_restart(|_, _| true)
+            .run_with_signal(async move {
+                let _ = stopped.await;
+                Ok(())
+            }),
+    );
 
     // 4. Dispatch: one call per event. Retries after 1 s here, so the demo is quick.
     let subscription =

@@ -10,17 +10,19 @@
 //! ```no_run
 //! # async fn example(pool: apalis_webhooks::sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
 //! use apalis::prelude::*;
-//! use apalis_webhooks::{WebhookWorker, sqlite};
+//! use apalis_webhooks::{WebhookWorker, backend::{Restarted, worker_name}, sqlite};
 //!
 //! let storage = sqlite::storage(&pool);
 //! let service = WebhookWorker::new(storage.clone()).service()?;
 //! Monitor::new()
-//!     .register(move |_| {
-//!         WorkerBuilder::new("webhooks")
-//!             .backend(sqlite::polling(storage.clone()))
+//!     .register(move |restarts| {
+//!         WorkerBuilder::new(worker_name("webhooks"))
+//!             .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
 //!             .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
 //!             .build(service.clone())
 //!     })
+//!     // A worker a database error stopped starts again, after a capped backoff.
+//!     .should_restart(|_, _| true)
 //!     .run()
 //!     .await?;
 //! # Ok(()) }

@@ -261,19 +261,20 @@ impl Hooks {
 /// ```no_run
 /// # async fn example(pool: apalis_sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
 /// use apalis::prelude::*;
-/// use apalis_webhooks::{WebhookWorker, sqlite};
+/// use apalis_webhooks::{WebhookWorker, backend::{Restarted, worker_name}, sqlite};
 ///
 /// let storage = sqlite::storage(&pool);
 /// let service = WebhookWorker::new(storage.clone())
 ///     .on_endpoint_gone(|job| println!("disable the subscription for {}", job.url()))
 ///     .service()?;
 /// Monitor::new()
-///     .register(move |_| {
-///         WorkerBuilder::new("webhooks")
-///             .backend(sqlite::polling(storage.clone()))
+///     .register(move |restarts| {
+///         WorkerBuilder::new(worker_name("webhooks"))
+///             .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
 ///             .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
 ///             .build(service.clone())
 ///     })
+///     .should_restart(|_, _| true)
 ///     .run()
 ///     .await?;
 /// # Ok(()) }

@@ -157,8 +157,9 @@ async fn postgres_a_failed_store_after_the_request_does_not_repeat_it() {
     let queue = unique_queue("store-fails");
     let storage = postgres::PostgresStorage::<WebhookJob>::new(&direct).with_config(postgres::config().queue(&queue));
     // The worker fetches directly; its pushes of next attempts go through the proxy.
-    let proxied_sink =
-        postgres::PostgresSink::new(&postgres::PostgresStorage::new(&through_proxy).with_config(postgres::config().queue(&queue)));
+    let proxied_sink = postgres::PostgresSink::new(
+        &postgres::PostgresStorage::new(&through_proxy).with_config(postgres::config().queue(&queue)),
+    );
     let mut receiver = GatedReceiver::start(0, Duration::ZERO, |hit| if hit.attempt == 1 { 500 } else { 200 }).await;
     let service = worker_builder(proxied_sink).service().unwrap();
     let _worker = spawn_postgres_worker!(storage.clone(), 4, service);
@@ -193,8 +194,9 @@ async fn postgres_worker_outlives_an_outage() {
     let proxy = TcpProxy::start(upstream(&postgres_url())).await;
     let through_proxy = postgres::connect(&proxy.url(&postgres_url())).await.unwrap();
     let queue = unique_queue("pg-outage");
-    let direct_sink =
-        postgres::PostgresSink::new(&postgres::PostgresStorage::<WebhookJob>::new(&direct).with_config(postgres::config().queue(&queue)));
+    let direct_sink = postgres::PostgresSink::new(
+        &postgres::PostgresStorage::<WebhookJob>::new(&direct).with_config(postgres::config().queue(&queue)),
+    );
     let storage = postgres::PostgresStorage::new(&through_proxy).with_config(postgres::config().queue(&queue));
     let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
     let service = worker_builder(postgres::PostgresSink::new(&storage)).service().unwrap();
@@ -227,7 +229,8 @@ async fn redis_worker_outlives_an_outage() {
     let proxy = TcpProxy::start(upstream(&redis_url())).await;
     let through_proxy = redis::connect(&proxy.url(&redis_url())).await.unwrap();
     let queue = unique_queue("redis-outage");
-    let direct_sink = redis::RedisSink::new(&redis::RedisStorage::new(direct).with_config(redis::config().queue(&queue)));
+    let direct_sink =
+        redis::RedisSink::new(&redis::RedisStorage::new(direct).with_config(redis::config().queue(&queue)));
     let storage = redis::RedisStorage::<WebhookJob>::new(through_proxy).with_config(redis::config().queue(&queue));
     let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
     let service = worker_builder(redis::RedisSink::new(&storage)).service().unwrap();
@@ -300,7 +303,10 @@ async fn postgres_busy_workers_are_not_taken_for_dead() {
         );
     }
     for _ in 0..ids.len() {
-        tokio::time::timeout(PATIENCE, done.recv()).await.expect("not all delivered").unwrap();
+        tokio::time::timeout(PATIENCE, done.recv())
+            .await
+            .expect("not all delivered")
+            .unwrap();
     }
     // Anything sent twice would have been fetched again within a heartbeat of the orphan
     // window; the heartbeats of both workers have run well past it by now.
@@ -309,6 +315,57 @@ async fn postgres_busy_workers_are_not_taken_for_dead() {
         assert_eq!(delivered.get(id), Some(&1), "delivery {id}: {delivered:?}");
     }
     assert_eq!(delivered.len(), ids.len());
+    assert!(workers.iter().all(|w| !w.is_finished()));
+}
+
+/// The same on Redis, whose heartbeats apalis also wrote only between fetches.
+#[tokio::test]
+async fn redis_busy_workers_are_not_taken_for_dead() {
+    let conn = redis::connect(&redis_url()).await.unwrap();
+    let config = redis::config()
+        .queue(unique_queue("redis-busy"))
+        .heartbeat_interval(Duration::from_secs(1))
+        .missed_heartbeats(8);
+    let storage = redis::RedisStorage::<WebhookJob>::new(conn).with_config(config);
+    let sink = redis::RedisSink::new(&storage);
+    let receiver = GatedReceiver::start(1_000, Duration::from_millis(1_500), |_| 200).await;
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let done_tx = done_tx.clone();
+        let service = worker_builder(sink.clone())
+            .max_attempt_timeout(Duration::from_secs(2))
+            .on_event(move |event| {
+                if let apalis_webhooks::DeliveryEvent::Delivered { job, .. } = event {
+                    let _ = done_tx.send(job.webhook_id().to_string());
+                }
+            })
+            .service()
+            .unwrap();
+        let worker = WorkerBuilder::new(worker_name("faults"))
+            .backend(redis::listening_with(storage.clone(), 1))
+            .concurrency(1)
+            .build(service);
+        workers.push(tokio::spawn(async move { worker.run().await }));
+    }
+    let mut ids = Vec::new();
+    let mut dispatch_sink = sink.clone();
+    for n in 0..12 {
+        ids.push(
+            subscription(&receiver.url)
+                .dispatch(&mut dispatch_sink, "order.created", &n)
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for _ in 0..ids.len() {
+        tokio::time::timeout(PATIENCE, done.recv()).await.expect("not all delivered").unwrap();
+    }
+    let delivered = receiver.delivered();
+    for id in &ids {
+        assert_eq!(delivered.get(id), Some(&1), "delivery {id}: {delivered:?}");
+    }
     assert!(workers.iter().all(|w| !w.is_finished()));
 }
 
@@ -332,5 +389,10 @@ async fn the_orphan_window_must_outlast_the_longest_attempt() {
     );
     assert!(error.to_string().contains("max_attempt_timeout"), "{error}");
     // A shorter cap fits.
-    assert!(worker_builder(sink).max_attempt_timeout(Duration::from_secs(5)).service().is_ok());
+    assert!(
+        worker_builder(sink)
+            .max_attempt_timeout(Duration::from_secs(5))
+            .service()
+            .is_ok()
+    );
 }

@@ -180,7 +180,13 @@ async fn two_busy_postgres_processes_do_not_repeat_answered_deliveries() {
         &[&["--count", &EVENTS.to_string()][..], &slots].concat(),
     );
     receiver.wait_for_delivered(1).await;
-    let second = spawn_dispatch("postgres", &url, &queue, &target, &[&["--count", "0"][..], &slots].concat());
+    let second = spawn_dispatch(
+        "postgres",
+        &url,
+        &queue,
+        &target,
+        &[&["--count", "0"][..], &slots].concat(),
+    );
     let first = report(first, PATIENCE).await;
     let second = report(second, PATIENCE).await;
 
@@ -189,5 +195,8 @@ async fn two_busy_postgres_processes_do_not_repeat_answered_deliveries() {
     let (missing, repeated_after_2xx, repeated_requests) = receiver.tally(EVENTS);
     assert!(missing.is_empty(), "never delivered: {missing:?}");
     eprintln!("two busy processes: {repeated_after_2xx} repeats after a 2xx, {repeated_requests} repeated requests");
-    assert!(repeated_after_2xx <= 5, "{repeated_after_2xx} answered deliveries sent again");
+    assert!(
+        repeated_after_2xx <= 5,
+        "{repeated_after_2xx} answered deliveries sent again"
+    );
 }

@@ -7,10 +7,12 @@ mod rearmed;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub(crate) mod resilient;
+mod restart;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 pub use rearmed::Rearmed;
+pub use restart::{MAX_RESTART_DELAY, Restarted, restart_delay};
 
 /// The queue webhook jobs live in. apalis would otherwise name the queue after the Rust type,
 /// which changes when the type moves.

@@ -219,7 +219,7 @@ impl TestBackend for Redis {
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
-            .backend(redis::listening(self.storage()))
+            .backend(redis::listening_with(self.storage(), concurrency))
             .concurrency(concurrency)
             .build(builder.service().unwrap());
         spawn_until!(worker, stop)

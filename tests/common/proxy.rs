@@ -44,7 +44,9 @@ impl TcpProxy {
         };
         tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 if cut.load(Ordering::SeqCst) {
                     // Accepted and closed at once: the client's handshake fails.
                     drop(client);
@@ -54,7 +56,9 @@ impl TcpProxy {
                 }
                 let mut ends = generation.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     let mut client = client;
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -82,8 +86,21 @@ impl TcpProxy {
         self.refused.load(Ordering::SeqCst)
     }
 
-    /// Waits until at least `count` connections have been turned away in all.
+    /// Waits until at least `count` connections have been turned away in all; panics after a
+    /// minute (the client stopped trying).
     pub async fn until_refused(&self, count: usize) {
+        let waiting = self.refused_at_least(count);
+        tokio::time::timeout(std::time::Duration::from_secs(60), waiting)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {count} connections were tried: the client gave up",
+                    self.refused()
+                )
+            });
+    }
+
+    async fn refused_at_least(&self, count: usize) {
         loop {
             let changed = self.refused_changed.notified();
             tokio::pin!(changed);

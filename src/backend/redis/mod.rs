@@ -12,7 +12,9 @@
 //! - [`listening`] wakes the worker every [`DEFAULT_POLL_INTERVAL`] and, before it does,
 //!   moves due retries from that set to the active list, at most [`PROMOTE_CHUNK`] per script;
 //! - [`config`] turns apalis's per-task lock off (the `LREM`); a task still belongs to the
-//!   worker that fetched it, through apalis's in-flight set.
+//!   worker that fetched it, through apalis's in-flight set;
+//! - the worker's side is a [`RedisBackend`]: it survives Redis outages, beats while busy and
+//!   judges heartbeats by Redis's clock.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -44,7 +46,10 @@ use apalis_core::backend::ext::poll_strategy::{PollWith, StreamStrategy};
 pub use apalis_redis::{Config, ConnectionManager, Error, RedisStorage};
 
 use super::Rearmed;
+
+mod worker;
 use crate::{clock::until, job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
+pub use worker::RedisBackend;
 
 /// Tasks fetched per script. apalis's default of 10 costs a round trip per ten deliveries.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -99,9 +104,20 @@ pub fn storage(conn: ConnectionManager) -> RedisStorage<WebhookJob> {
     RedisStorage::new(conn).with_config(config())
 }
 
-/// `storage` woken every [`DEFAULT_POLL_INTERVAL`], after due retries have been moved to the
-/// active list. Spawns the task that moves them; it ends when the worker drops the backend.
-pub fn listening<T>(mut storage: RedisStorage<T>) -> PollWith<RedisStorage<T>, Rearmed<StreamStrategy<Ticks>>> {
+/// The worker backend of `storage`'s queue ([`RedisBackend`]), for a worker running
+/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once: kept running through
+/// Redis outages, woken every [`DEFAULT_POLL_INTERVAL`] after due retries have been moved to
+/// the active list. Spawns the task that moves them; it ends when the worker drops the backend.
+pub fn listening<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearmed<StreamStrategy<Ticks>>> {
+    listening_with(storage, crate::DEFAULT_CONCURRENCY)
+}
+
+/// As [`listening`], for a worker running `concurrency` deliveries at once (the number given
+/// to `WorkerBuilder::concurrency`): no more tasks are fetched than it has free slots.
+pub fn listening_with<T>(
+    mut storage: RedisStorage<T>,
+    concurrency: usize,
+) -> PollWith<RedisBackend<T>, Rearmed<StreamStrategy<Ticks>>> {
     let keys = Keys::new(storage.get_config());
     let mut conn = storage.get_connection().clone();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -119,7 +135,10 @@ pub fn listening<T>(mut storage: RedisStorage<T>) -> PollWith<RedisStorage<T>, R
             }
         }
     });
-    PollWith::new(storage, Rearmed(StreamStrategy::new(Ticks(rx))))
+    PollWith::new(
+        RedisBackend::new(storage, concurrency),
+        Rearmed(StreamStrategy::new(Ticks(rx))),
+    )
 }
 
 /// Wake-ups for the worker from [`listening`].
