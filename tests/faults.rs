@@ -360,13 +360,127 @@ async fn redis_busy_workers_are_not_taken_for_dead() {
         );
     }
     for _ in 0..ids.len() {
-        tokio::time::timeout(PATIENCE, done.recv()).await.expect("not all delivered").unwrap();
+        tokio::time::timeout(PATIENCE, done.recv())
+            .await
+            .expect("not all delivered")
+            .unwrap();
     }
     let delivered = receiver.delivered();
     for id in &ids {
         assert_eq!(delivered.get(id), Some(&1), "delivery {id}: {delivered:?}");
     }
     assert!(workers.iter().all(|w| !w.is_finished()));
+}
+
+/// A fetch that locked a task to the worker while its reply was lost (the task sits in the
+/// worker's inflight set while the worker never got it) is put back after the outage, rather
+/// than held by a live worker for good.
+#[tokio::test]
+async fn redis_a_task_a_lost_fetch_locked_is_put_back() {
+    let direct = redis::connect(&redis_url()).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&redis_url())).await;
+    let through_proxy = redis::connect(&proxy.url(&redis_url())).await.unwrap();
+    // An 8 s orphan window (the reclaim's period), above the 2 s attempt cap + 5 s.
+    let config = redis::config()
+        .queue(unique_queue("lost-fetch"))
+        .heartbeat_interval(Duration::from_secs(1))
+        .missed_heartbeats(8);
+    let direct_sink =
+        redis::RedisSink::new(&redis::RedisStorage::<WebhookJob>::new(direct.clone()).with_config(config.clone()));
+    let storage = redis::RedisStorage::<WebhookJob>::new(through_proxy).with_config(config.clone());
+    let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
+    let name = worker_name("lost-fetch");
+    let service = worker_builder(redis::RedisSink::new(&storage))
+        .max_attempt_timeout(Duration::from_secs(2))
+        .service()
+        .unwrap();
+    let worker = WorkerBuilder::new(name.as_str())
+        .backend(redis::listening_with(storage, 4))
+        .concurrency(4)
+        .build(service);
+    let _worker = tokio::spawn(async move { worker.run().await });
+    let first = subscription(&receiver.url)
+        .dispatch(&mut direct_sink.clone(), "order.created", &1)
+        .await
+        .unwrap();
+    assert_eq!(receiver.next().await.webhook_id, first.as_str());
+
+    proxy.cut();
+    proxy.until_refused(3).await;
+    // What a fetch whose reply was lost leaves: the task moved from the active list to this
+    // worker's inflight set.
+    let lost = subscription(&receiver.url)
+        .dispatch(&mut direct_sink.clone(), "order.created", &2)
+        .await
+        .unwrap();
+    let mut conn = direct.clone();
+    let task_id: String = ::redis::cmd("LPOP")
+        .arg(config.active_jobs_list())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("SADD")
+        .arg(format!("{}:{name}", config.inflight_jobs_set()))
+        .arg(&task_id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    proxy.restore();
+
+    assert_eq!(receiver.next().await.webhook_id, lost.as_str());
+}
+
+/// The same on Postgres: a task left `Queued` under the worker's name by a fetch whose reply
+/// was lost.
+#[tokio::test]
+async fn postgres_a_task_a_lost_fetch_locked_is_put_back() {
+    let direct = postgres::connect(&postgres_url()).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&postgres_url())).await;
+    let through_proxy = postgres::connect(&proxy.url(&postgres_url())).await.unwrap();
+    let queue = unique_queue("pg-lost-fetch");
+    let config = postgres::config()
+        .queue(&queue)
+        .heartbeat_interval(Duration::from_secs(1))
+        .missed_heartbeats(8);
+    let direct_sink =
+        postgres::PostgresSink::new(&postgres::PostgresStorage::<WebhookJob>::new(&direct).with_config(config.clone()));
+    let storage = postgres::PostgresStorage::new(&through_proxy).with_config(config);
+    let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
+    let name = worker_name("lost-fetch");
+    let service = worker_builder(postgres::PostgresSink::new(&storage))
+        .max_attempt_timeout(Duration::from_secs(2))
+        .service()
+        .unwrap();
+    let worker = WorkerBuilder::new(name.as_str())
+        .backend(postgres::listening_with(storage, 4))
+        .concurrency(4)
+        .build(service);
+    let _worker = tokio::spawn(async move { worker.run().await });
+    let first = subscription(&receiver.url)
+        .dispatch(&mut direct_sink.clone(), "order.created", &1)
+        .await
+        .unwrap();
+    assert_eq!(receiver.next().await.webhook_id, first.as_str());
+
+    proxy.cut();
+    proxy.until_refused(3).await;
+    let lost = subscription(&receiver.url)
+        .dispatch(&mut direct_sink.clone(), "order.created", &2)
+        .await
+        .unwrap();
+    let locked = sqlx::query(
+        "UPDATE apalis.jobs SET status = 'Queued', lock_by = $2, lock_at = now() \
+         WHERE job_type = $1 AND status = 'Pending'",
+    )
+    .bind(&queue)
+    .bind(&name)
+    .execute(&direct)
+    .await
+    .unwrap();
+    assert_eq!(locked.rows_affected(), 1);
+    proxy.restore();
+
+    assert_eq!(receiver.next().await.webhook_id, lost.as_str());
 }
 
 /// A worker refuses to run attempts longer than its backend's orphan window: a busy worker

@@ -1,7 +1,18 @@
 //! What keeps a worker's side of a backend going through outages: capped backoff for calls
 //! that must succeed eventually, and a heartbeat that does not depend on the worker's loop.
 
-use std::{fmt::Display, future::Future, sync::Weak, time::Duration};
+use std::{
+    collections::HashSet,
+    fmt::Display,
+    future::Future,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use apalis_core::{backend::persistence::TaskEvent, task::Task};
 
 /// First wait after a failed backend call.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -80,6 +91,87 @@ where
             }
         }
     });
+}
+
+/// The tasks a worker's backend has handed to the worker and not yet seen acknowledged.
+///
+/// A fetch can succeed without telling: the database locks tasks to this worker (Postgres
+/// commits, Redis runs the script) and the reply is lost with the connection, or arrives after
+/// the client gave up. Those tasks are held by a live worker that never got them, and no
+/// orphan sweep frees them. Before a fetch, after a failed one and at least once per orphan
+/// window, the backend puts back every task locked to it that is not in its custody (the
+/// *reclaim*). Fetches, acknowledgements and reclaims run one at a time (apalis's persistence
+/// loop), so the custody is exact when the reclaim reads it. It holds at most the worker's
+/// slots, since fetches ask for no more than the free ones.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Custody(Arc<CustodyState>);
+
+#[derive(Debug, Default)]
+struct CustodyState {
+    ids: Mutex<HashSet<String>>,
+    uncertain: AtomicBool,
+    last_reclaim: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Custody {
+    /// Tasks a fetch returned.
+    pub(crate) fn received<T>(&self, tasks: &[Task<T>]) {
+        let mut ids = self.ids();
+        ids.extend(tasks.iter().filter_map(|task| task.task_id().map(ToString::to_string)));
+    }
+
+    /// Tasks whose results are stored: no longer held.
+    pub(crate) fn settled<R>(&self, events: &[TaskEvent<R>]) {
+        let mut ids = self.ids();
+        for event in events {
+            if let TaskEvent::Complete(result) = event {
+                ids.remove(&result.task_id.to_string());
+            }
+        }
+    }
+
+    /// Tasks handed back unstarted.
+    pub(crate) fn released<T>(&self, tasks: &[Task<T>]) {
+        let mut ids = self.ids();
+        for task in tasks {
+            if let Some(id) = task.task_id() {
+                ids.remove(&id.to_string());
+            }
+        }
+    }
+
+    /// The ids held now.
+    pub(crate) fn held(&self) -> Vec<String> {
+        self.ids().iter().cloned().collect()
+    }
+
+    /// A fetch failed: it may have locked tasks without saying so.
+    pub(crate) fn mark_uncertain(&self) {
+        self.0.uncertain.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a reclaim is due: after a failed fetch, or `every` after the last one. Clears
+    /// the mark and restarts the period (mark it again if the reclaim fails).
+    pub(crate) fn reclaim_due(&self, every: Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = self
+            .0
+            .last_reclaim
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let period_over = last.is_none_or(|at| now.saturating_duration_since(at) >= every);
+        let uncertain = self.0.uncertain.swap(false, Ordering::SeqCst);
+        if uncertain || period_over {
+            *last = Some(now);
+            return true;
+        }
+        false
+    }
+
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // A panic elsewhere while holding it leaves a set that is still whole.
+        self.0.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use apalis_postgres::{Config, Error, PgPool, PostgresStorage, queries};
 use serde_json::Value;
 use ulid::Ulid;
 
-use crate::backend::resilient::{spawn_heartbeat, until_ok};
+use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
 
 /// An apalis-postgres queue as a worker backend that does not stop on a database error.
 ///
@@ -38,7 +38,7 @@ use crate::backend::resilient::{spawn_heartbeat, until_ok};
 /// - a fetch asks for no more tasks than the worker has free slots (of `concurrency`), so no
 ///   fetched task waits for a slot.
 ///
-/// Registering a worker re-queues tasks still locked under its name, which only a dead
+/// A worker's first fetch re-queues tasks still locked under its name, which only a dead
 /// earlier process of the same name can hold.
 ///
 /// [`MAX_BACKOFF`]: crate::backend::resilient::MAX_BACKOFF
@@ -60,6 +60,7 @@ impl<Args> PostgresBackend<Args> {
             config: storage.config().clone(),
             concurrency: concurrency.max(1),
             alive: Arc::downgrade(&alive),
+            custody: Custody::default(),
         });
         Self {
             persisted,
@@ -76,6 +77,7 @@ impl<Args> Clone for PostgresBackend<Args> {
         let alive = Arc::new(());
         let mut persisted = self.persisted.clone();
         persisted.alive = Arc::downgrade(&alive);
+        persisted.custody = Custody::default();
         Self {
             persisted,
             codec: self.codec.clone(),
@@ -148,24 +150,37 @@ struct PgPersistence {
     config: Config,
     concurrency: usize,
     alive: Weak<()>,
+    custody: Custody,
 }
 
 impl PgPersistence {
-    /// Re-queues what this worker's name still holds from a dead earlier run, takes the name
-    /// and re-queues what workers silent for too long hold. One transaction, the database's
-    /// clock.
+    /// Puts back the tasks locked to this worker that it never received (see [`Custody`]).
+    async fn reclaim(&self, worker: &WorkerContext) -> Result<u64, Error> {
+        let reclaimed = sqlx::query(
+            "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
+             WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running') AND NOT (id = ANY($3))",
+        )
+        .bind(self.config.queue.as_ref())
+        .bind(worker.name())
+        .bind(self.custody.held())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if reclaimed > 0 {
+            tracing::warn!(
+                reclaimed,
+                "put back webhook tasks a lost fetch reply had locked to this worker"
+            );
+        }
+        Ok(reclaimed)
+    }
+
+    /// Takes the name and re-queues what workers silent for too long hold. One transaction,
+    /// the database's clock. (What a dead earlier process of this name still holds goes back
+    /// with the first fetch's reclaim: this worker's custody is empty then.)
     async fn try_register(&self, worker: &WorkerContext) -> Result<(), Error> {
         let queue = self.config.queue.as_ref();
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL, \
-             attempts = attempts + 1 \
-             WHERE job_type = $1 AND lock_by = $2 AND status IN ('Running', 'Queued')",
-        )
-        .bind(queue)
-        .bind(worker.name())
-        .execute(&mut *tx)
-        .await?;
         sqlx::query(
             "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen) \
              VALUES ($1, $2, 'PgStorage', $3, now()) \
@@ -260,6 +275,13 @@ impl Persistence for PgPersistence {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        if self.custody.reclaim_due(self.config.orphaned_duration())
+            && let Err(error) = self.reclaim(worker).await
+        {
+            self.custody.mark_uncertain();
+            tracing::warn!(%error, "could not check for tasks a lost fetch locked; the worker polls again");
+            return Ok(Vec::new());
+        }
         let config = self.config.clone().batch_size(limit);
         let fetched = async {
             let mut tx = self.pool.begin().await?;
@@ -270,10 +292,17 @@ impl Persistence for PgPersistence {
         .await;
         // On failure nothing is fetched, and the worker sleeps until its poll strategy wakes
         // it (every `RETRY_POLL_INTERVAL`), which is the backoff.
-        Ok(fetched.unwrap_or_else(|error| {
-            tracing::warn!(%error, "fetching webhook tasks failed; the worker polls again");
-            Vec::new()
-        }))
+        match fetched {
+            Ok(tasks) => {
+                self.custody.received(&tasks);
+                Ok(tasks)
+            }
+            Err(error) => {
+                self.custody.mark_uncertain();
+                tracing::warn!(%error, "fetching webhook tasks failed; the worker polls again");
+                Ok(Vec::new())
+            }
+        }
     }
 
     async fn handle_events(&mut self, events: Vec<TaskEvent<Value>>, worker: &WorkerContext) -> Result<(), Error> {
@@ -282,10 +311,12 @@ impl Persistence for PgPersistence {
             self.try_handle_events(&events, worker)
         })
         .await;
+        self.custody.settled(&events);
         Ok(())
     }
 
     async fn reenqueue_abandoned(&mut self, tasks: Vec<Task<Vec<u8>>>, worker: &WorkerContext) -> Result<u64, Error> {
+        self.custody.released(&tasks);
         let ids: Vec<String> = tasks
             .iter()
             .filter_map(|task| task.task_id().map(ToString::to_string))

@@ -23,7 +23,7 @@ use apalis_redis::{Config, ConnectionManager, Error, RedisStorage, queries};
 use serde_json::Value;
 use ulid::Ulid;
 
-use crate::backend::resilient::{spawn_heartbeat, until_ok};
+use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
 
 /// An apalis-redis queue as a worker backend that does not stop on a Redis error.
 ///
@@ -38,7 +38,8 @@ use crate::backend::resilient::{spawn_heartbeat, until_ok};
 /// - the heartbeat runs on its own task every `heartbeat_interval`, whatever the worker does;
 /// - heartbeats and orphan sweeps use Redis's `TIME`, so a skewed clock declares no one dead;
 /// - a fetch asks for no more tasks than the worker has free slots (of `concurrency`);
-/// - registering re-queues what a dead earlier process of the same name still held.
+/// - the first fetch re-queues what a dead earlier process of the same name still held, and
+///   fetches put back what a lost fetch reply locked to the worker (see `Custody`).
 ///
 /// Every worker of a queue should use it (apalis's own backend writes heartbeats on its
 /// machine's clock). Per-task locks are off, as in [`config`](super::config).
@@ -60,6 +61,7 @@ impl<Args> RedisBackend<Args> {
             config: storage.get_config().clone().lock_tasks(false),
             concurrency: concurrency.max(1),
             alive: Arc::downgrade(&alive),
+            custody: Custody::default(),
         });
         Self {
             persisted,
@@ -76,6 +78,7 @@ impl<Args> Clone for RedisBackend<Args> {
         let alive = Arc::new(());
         let mut persisted = self.persisted.clone();
         persisted.alive = Arc::downgrade(&alive);
+        persisted.custody = Custody::default();
         Self {
             persisted,
             codec: self.codec.clone(),
@@ -148,29 +151,42 @@ struct RedisPersistence {
     config: Config,
     concurrency: usize,
     alive: Weak<()>,
+    custody: Custody,
 }
 
 impl RedisPersistence {
-    /// Re-queues what this worker's name still holds, takes the name on Redis's clock, and
-    /// sweeps the tasks of workers silent for the orphan window.
-    async fn try_register(&self, worker: &WorkerContext) -> Result<(), Error> {
+    /// Puts back the tasks in this worker's inflight set that it never received (see
+    /// [`Custody`]).
+    async fn reclaim(&self, worker: &WorkerContext) -> Result<usize, Error> {
         let mut conn = self.conn.clone();
-        let held: usize = REGISTER
-            .key(self.config.workers_set())
+        let reclaimed: usize = RECLAIM
             .key(self.config.inflight_set_for(worker))
             .key(self.config.active_jobs_list())
             .key(self.config.signal_list())
+            .arg(self.custody.held())
+            .invoke_async(&mut conn)
+            .await?;
+        if reclaimed > 0 {
+            tracing::warn!(
+                reclaimed,
+                "put back webhook tasks a lost fetch reply had locked to this worker"
+            );
+        }
+        Ok(reclaimed)
+    }
+
+    /// Takes the name on Redis's clock and sweeps the tasks of workers silent for the orphan
+    /// window. (What a dead earlier process of this name still holds goes back with the first
+    /// fetch's reclaim: this worker's custody is empty then.)
+    async fn try_register(&self, worker: &WorkerContext) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let () = REGISTER
+            .key(self.config.workers_set())
             .key(self.config.worker_metadata_key(worker))
             .arg(worker.name())
             .arg(worker.get_service())
             .invoke_async(&mut conn)
             .await?;
-        if held > 0 {
-            tracing::info!(
-                held,
-                "re-queued the tasks an earlier process of this worker's name held"
-            );
-        }
         self.sweep(worker).await
     }
 
@@ -267,23 +283,37 @@ impl Persistence for RedisPersistence {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        if self.custody.reclaim_due(self.config.orphaned_duration())
+            && let Err(error) = self.reclaim(worker).await
+        {
+            self.custody.mark_uncertain();
+            tracing::warn!(%error, "could not check for tasks a lost fetch locked; the worker polls again");
+            return Ok(Vec::new());
+        }
         let config = self.config.clone().batch_size(limit);
         let mut conn = self.conn.clone();
         // On failure nothing is fetched, and the worker sleeps until its next poll tick.
-        Ok(queries::fetch_next(&mut conn, worker, &config)
-            .await
-            .unwrap_or_else(|error| {
+        match queries::fetch_next(&mut conn, worker, &config).await {
+            Ok(tasks) => {
+                self.custody.received(&tasks);
+                Ok(tasks)
+            }
+            Err(error) => {
+                self.custody.mark_uncertain();
                 tracing::warn!(%error, "fetching webhook tasks failed; the worker polls again");
-                Vec::new()
-            }))
+                Ok(Vec::new())
+            }
+        }
     }
 
     async fn handle_events(&mut self, events: Vec<TaskEvent<Value>>, worker: &WorkerContext) -> Result<(), Error> {
         until_ok("acknowledging webhook tasks", || self.try_ack(&events, worker)).await;
+        self.custody.settled(&events);
         Ok(())
     }
 
     async fn reenqueue_abandoned(&mut self, tasks: Vec<Task<Vec<u8>>>, worker: &WorkerContext) -> Result<u64, Error> {
+        self.custody.released(&tasks);
         let mut invocation = RELEASE.prepare_invoke();
         invocation
             .key(self.config.inflight_set_for(worker))
@@ -311,27 +341,16 @@ impl Persistence for RedisPersistence {
     }
 }
 
-/// apalis-redis's `register_worker.lua` on Redis's clock, which first re-queues what the name
-/// still holds (only a dead earlier process of that name can hold anything at registration).
+/// apalis-redis's `register_worker.lua` on Redis's clock, taking the name whoever held it (a
+/// name is unique to a process: see `worker_name`).
 static REGISTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: workers, this worker's inflight set, active, signal, worker metadata
--- ARGV: worker name, service
+-- KEYS: workers, worker metadata; ARGV: worker name, service
 local now = tonumber(redis.call("time")[1])
-local held = redis.call("smembers", KEYS[2])
-for i = 1, #held, 1000 do
-    redis.call("rpush", KEYS[3], unpack(held, i, math.min(i + 999, #held)))
-end
-redis.call("del", KEYS[2])
-if #held > 0 then
-    redis.call("del", KEYS[4])
-    redis.call("lpush", KEYS[4], 1)
-end
 redis.call("zadd", KEYS[1], now, ARGV[1])
 redis.call("zadd", "core:apalis:queues:list", "GT", now, KEYS[1])
-redis.call("hset", KEYS[5], "backend_name", "RedisStorage", "service", ARGV[2])
-return #held
+redis.call("hset", KEYS[2], "backend_name", "RedisStorage", "service", ARGV[2])
 "#,
     )
 });
@@ -407,6 +426,33 @@ for i = 1, #ARGV, 4 do
     end
 end
 return acked
+"#,
+    )
+});
+
+/// Moves the members of this worker's inflight set that are not among ARGV (the tasks it
+/// received) back to the active list.
+static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: inflight set, active, signal; ARGV: task ids the worker holds
+local held = {}
+for _, id in ipairs(ARGV) do
+    held[id] = true
+end
+local reclaimed = 0
+for _, id in ipairs(redis.call("smembers", KEYS[1])) do
+    if not held[id] then
+        redis.call("srem", KEYS[1], id)
+        redis.call("rpush", KEYS[2], id)
+        reclaimed = reclaimed + 1
+    end
+end
+if reclaimed > 0 then
+    redis.call("del", KEYS[3])
+    redis.call("lpush", KEYS[3], 1)
+end
+return reclaimed
 "#,
     )
 });
