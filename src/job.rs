@@ -244,7 +244,7 @@ impl WebhookJob {
     /// The job for the next attempt.
     pub(crate) fn next_attempt(&self) -> Self {
         Self {
-            attempt: self.attempt + 1,
+            attempt: self.attempt.saturating_add(1),
             deferrals: 0,
             fresh: false,
             ..self.clone()
@@ -254,7 +254,7 @@ impl WebhookJob {
     /// The same attempt, put off once more.
     pub(crate) fn deferred(&self) -> Self {
         Self {
-            deferrals: self.deferrals + 1,
+            deferrals: self.deferrals.saturating_add(1),
             fresh: false,
             ..self.clone()
         }
@@ -289,7 +289,7 @@ impl WebhookJob {
     pub(crate) fn replayed(&self) -> Self {
         Self {
             attempt: 1,
-            replay: self.replay + 1,
+            replay: self.replay.saturating_add(1),
             deferrals: 0,
             fresh: false,
             ..self.clone()

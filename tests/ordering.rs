@@ -13,7 +13,7 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DispatchError, RetrySchedule, Secret, WebhookJob, WebhookSink, WebhookSubscription,
+    DeliveryStatus, DispatchError, RetrySchedule, Secret, WebhookJob, WebhookSink, WebhookSubscription,
     ordering::{OrderedLines, RepairBackend},
 };
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
@@ -634,7 +634,7 @@ where
     assert_eq!((held.key.as_str(), held.seq), ("k", 1));
     // While the new head is in flight: repair leaves it alone, and the old head's key is taken.
     assert_eq!(lines.repair(backend.sink()).await.unwrap().pushed, 0);
-    backend.sink().push_job(old_head, None).await.unwrap();
+    backend.sink().push_job(old_head.clone(), None).await.unwrap();
     let _ = held.release.send(());
     while !matches!(worker.next().await, Seen::Delivered { .. }) {}
     receive_in_order(&mut rx, &mut worker, "k", &[2, 3]).await;
@@ -647,6 +647,15 @@ where
     let arrivals = seen.arrivals.lock().unwrap().clone();
     assert_eq!(arrivals, [("k".into(), 1), ("k".into(), 2), ("k".into(), 3)]);
     assert!(seen.overlapped.lock().unwrap().is_empty());
+    // The store follows the delivery to the task repair pushed under fresh keys.
+    let history = backend
+        .store()
+        .unwrap()
+        .history(old_head.webhook_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(history.status, DeliveryStatus::Delivered, "{history:?}");
 }
 
 /// (b) A dispatch future dropped after its head entered the line and before the push: the

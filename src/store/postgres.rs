@@ -32,9 +32,10 @@ macro_rules! dead {
     };
 }
 
-/// The idempotency key of the task `(replay, attempt, deferrals)` of delivery `$2` in `$t`, as
-/// [`WebhookJob::idempotency_key`] makes it: `{id}:{attempt}`, `{id}:r{replay}:{attempt}`, and
-/// `:d{deferrals}` after either for a deferred attempt.
+/// The idempotency key of the task `(replay, attempt, repush, deferrals)` of delivery `$2` in
+/// `$t`, as [`WebhookJob::idempotency_key`] makes it: `{id}:{attempt}`,
+/// `{id}:r{replay}:{attempt}`, then `:p{repush}` for a head an ordered line's repair pushed
+/// again and `:d{deferrals}` for a deferred attempt.
 macro_rules! key_of {
     ($t:literal) => {
         concat!(
@@ -45,6 +46,10 @@ macro_rules! key_of {
             ".replay END || ':' || ",
             $t,
             ".attempt || CASE WHEN ",
+            $t,
+            ".repush = 0 THEN '' ELSE ':p' || ",
+            $t,
+            ".repush END || CASE WHEN ",
             $t,
             ".deferrals = 0 THEN '' ELSE ':d' || ",
             $t,
@@ -62,22 +67,24 @@ impl PostgresBackend {
     /// `(job_type, idempotency_key)` index from task to task.
     ///
     /// A delivery's tasks form a chain: the first attempt of its dispatch; after a task
-    /// `(replay, attempt, deferrals)` possibly its deferral `(replay, attempt, deferrals + 1)`, its
-    /// next attempt `(replay, attempt + 1, 0)` and its replay `(replay + 1, 1, 0)`. The query
-    /// follows each task that exists to those three keys, so it costs an index lookup per task
+    /// `(replay, attempt, repush, deferrals)` possibly its deferral `(.., deferrals + 1)`, its
+    /// next attempt `(replay, attempt + 1, repush, 0)`, its replay `(replay + 1, 1, repush, 0)`
+    /// and its push again by an ordered line's repair `(replay, 1, repush + 1, 0)`. The query
+    /// follows each task that exists to those four keys, so it costs an index lookup per task
     /// whatever the database's collation (a key range would depend on it).
     pub(super) async fn task_rows(&self, webhook_id: &WebhookId) -> Result<Vec<TaskRow>, StoreError> {
         const SQL: &str = concat!(
-            "WITH RECURSIVE chain(replay, attempt, deferrals) AS ( \
-                 SELECT 0, 1, 0 \
+            "WITH RECURSIVE chain(replay, attempt, repush, deferrals) AS ( \
+                 SELECT 0, 1, 0, 0 \
                  UNION \
-                 SELECT next.replay, next.attempt, next.deferrals FROM chain \
+                 SELECT next.replay, next.attempt, next.repush, next.deferrals FROM chain \
                  JOIN apalis.jobs AS jobs ON jobs.job_type = $1 AND jobs.idempotency_key = ",
             key_of!("chain"),
             " CROSS JOIN LATERAL (VALUES \
-                     (chain.replay, chain.attempt, chain.deferrals + 1), \
-                     (chain.replay, chain.attempt + 1, 0), \
-                     (chain.replay + 1, 1, 0)) AS next(replay, attempt, deferrals) \
+                     (chain.replay, chain.attempt, chain.repush, chain.deferrals + 1), \
+                     (chain.replay, chain.attempt + 1, chain.repush, 0), \
+                     (chain.replay + 1, 1, chain.repush, 0), \
+                     (chain.replay, 1, chain.repush + 1, 0)) AS next(replay, attempt, repush, deferrals) \
              ) \
              SELECT ",
             columns!(),
