@@ -10,9 +10,13 @@ pub(crate) mod resilient;
 mod restart;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod worker_backend;
 
 pub use rearmed::Rearmed;
 pub use restart::{MAX_RESTART_DELAY, Restarted, restart_delay};
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub use worker_backend::{WorkerBackend, WorkerPersistence};
 
 /// The queue webhook jobs live in. apalis would otherwise name the queue after the Rust type,
 /// which changes when the type moves.

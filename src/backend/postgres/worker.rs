@@ -1,29 +1,20 @@
 //! [`PostgresBackend`]: the worker's side of an apalis-postgres queue, made to outlive outages
 //! and busy spells.
 
-use std::{
-    collections::HashSet,
-    fmt,
-    marker::PhantomData,
-    sync::{Arc, Weak},
-    task::{Context, Poll},
-};
+use std::{collections::HashSet, sync::Weak, time::Duration};
 
-use apalis_codec::json::JsonCodec;
 use apalis_core::{
-    backend::{
-        Backend, BackendConfig, WireFormatBackend,
-        finalize::Durable,
-        persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer},
-    },
+    backend::persistence::{Persistence, TaskEvent},
     task::Task,
     worker::context::WorkerContext,
 };
 use apalis_postgres::{Config, Error, PgPool, PostgresStorage, queries};
 use serde_json::Value;
-use ulid::Ulid;
 
-use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
+use crate::backend::{
+    WorkerBackend, WorkerPersistence,
+    resilient::{Custody, spawn_heartbeat, until_ok},
+};
 
 /// An apalis-postgres queue as a worker backend that does not stop on a database error.
 ///
@@ -32,7 +23,7 @@ use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
 /// fetched tasks wait is declared dead by its peers. This backend runs the same queries
 /// (apalis's own, on apalis's tables) with three changes:
 ///
-/// - a failed call is logged and tried again with capped backoff ([`MAX_BACKOFF`]); the worker
+/// - a failed call is logged and tried again with capped backoff (100 ms doubling to 2 s); the worker
 ///   keeps running and resumes once the database answers; acknowledgements are never dropped;
 /// - the heartbeat runs on its own task every `heartbeat_interval`, whatever the worker does;
 /// - a fetch asks for no more tasks than the worker has free slots (of `concurrency`), so no
@@ -40,112 +31,71 @@ use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
 ///
 /// A worker's first fetch re-queues tasks still locked under its name, which only a dead
 /// earlier process of the same name can hold.
-///
-/// [`MAX_BACKOFF`]: crate::backend::resilient::MAX_BACKOFF
-pub struct PostgresBackend<Args> {
-    persisted: Persisted<PgPersistence>,
-    codec: JsonCodec,
-    // Held, not read: dropping it ends the heartbeat task.
-    _alive: Arc<()>,
-    _marker: PhantomData<fn() -> Args>,
-}
+pub type PostgresBackend<Args> = WorkerBackend<PgPersistence, Args>;
 
 impl<Args> PostgresBackend<Args> {
     /// The worker backend of `storage`'s queue, for a worker running `concurrency` deliveries
     /// at once (set the same number on the `WorkerBuilder`).
     pub fn new(storage: &PostgresStorage<Args>, concurrency: usize) -> Self {
-        let alive = Arc::new(());
-        let persisted = Persisted::new(PgPersistence {
+        Self::with(|alive| PgPersistence {
             pool: storage.pool().clone(),
             config: storage.config().clone(),
             concurrency: concurrency.max(1),
-            alive: Arc::downgrade(&alive),
+            alive,
             custody: Custody::default(),
-        });
-        Self {
-            persisted,
-            codec: JsonCodec::default(),
-            _alive: alive,
-            _marker: PhantomData,
-        }
+        })
     }
 }
 
-impl<Args> Clone for PostgresBackend<Args> {
-    fn clone(&self) -> Self {
-        // A clone is another worker's backend: its own heartbeat, tied to its own life.
-        let alive = Arc::new(());
-        let mut persisted = self.persisted.clone();
-        persisted.alive = Arc::downgrade(&alive);
-        persisted.custody = Custody::default();
-        Self {
-            persisted,
-            codec: self.codec.clone(),
-            _alive: alive,
-            _marker: PhantomData,
-        }
-    }
-}
-
-impl<Args> fmt::Debug for PostgresBackend<Args> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresBackend")
-            .field("queue", &self.persisted.config.queue.as_ref())
-            .field("concurrency", &self.persisted.concurrency)
+impl std::fmt::Debug for PgPersistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgPersistence")
+            .field("queue", &self.config.queue.as_ref())
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
 
-impl<Args> Backend for PostgresBackend<Args> {
-    type Task = Task<Vec<u8>>;
+impl WorkerPersistence for PgPersistence {
     type Error = Error;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Poll<Result<(), Error>> {
-        let interval = self.persisted.config.heartbeat_interval;
-        self.persisted.poll_ready(cx, worker, interval)
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Poll<Option<Result<Self::Task, Error>>> {
-        self.persisted.poll_next(cx, worker)
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Poll<Result<(), Error>> {
-        self.persisted.poll_close(cx, worker)
-    }
-}
-
-impl<Args> BackendConfig for PostgresBackend<Args> {
-    type Args = Args;
-    type Kind = Durable;
-    type Id = Ulid;
     type Config = Config;
-    type Layer = TaskPersistLayer<JsonCodec<Value>, Value>;
 
     fn config(&self) -> &Config {
-        &self.persisted.config
+        &self.config
     }
 
-    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
-        let config = self.persisted.config.clone();
-        self.persisted
-            .layer(JsonCodec::<Value>::default(), config.batch_size)
-            .persist_results(config.persist_results)
-            .lock_tasks(config.lock_tasks)
+    fn queue(&self) -> &str {
+        self.config.queue.as_ref()
     }
-}
 
-impl<Args> WireFormatBackend for PostgresBackend<Args> {
-    type Codec = JsonCodec;
-    type Compact = Vec<u8>;
+    fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval
+    }
 
-    fn codec(&self) -> &JsonCodec {
-        &self.codec
+    fn batch_size(&self) -> usize {
+        self.config.batch_size
+    }
+
+    fn persist_results(&self) -> bool {
+        self.config.persist_results
+    }
+
+    fn lock_tasks(&self) -> bool {
+        self.config.lock_tasks
+    }
+
+    fn for_worker(&self, alive: Weak<()>) -> Self {
+        Self {
+            alive,
+            custody: Custody::default(),
+            ..self.clone()
+        }
     }
 }
 
 /// apalis-postgres's persistence, with its failures absorbed (see [`PostgresBackend`]).
 #[derive(Clone)]
-struct PgPersistence {
+pub struct PgPersistence {
     pool: PgPool,
     config: Config,
     concurrency: usize,

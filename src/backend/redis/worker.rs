@@ -2,28 +2,23 @@
 //! busy spells, on Redis's clock.
 
 use std::{
-    fmt,
-    marker::PhantomData,
-    sync::{Arc, LazyLock, Weak},
-    task::{Context, Poll},
+    sync::{LazyLock, Weak},
+    time::Duration,
 };
 
 use ::redis::Script;
-use apalis_codec::json::JsonCodec;
 use apalis_core::{
-    backend::{
-        Backend, BackendConfig, WireFormatBackend,
-        finalize::Durable,
-        persistence::{Persisted, Persistence, TaskEvent, TaskPersistLayer},
-    },
+    backend::persistence::{Persistence, TaskEvent},
     task::Task,
     worker::context::WorkerContext,
 };
 use apalis_redis::{Config, ConnectionManager, Error, RedisStorage, queries};
 use serde_json::Value;
-use ulid::Ulid;
 
-use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
+use crate::backend::{
+    WorkerBackend, WorkerPersistence,
+    resilient::{Custody, spawn_heartbeat, until_ok},
+};
 
 /// An apalis-redis queue as a worker backend that does not stop on a Redis error.
 ///
@@ -43,110 +38,75 @@ use crate::backend::resilient::{Custody, spawn_heartbeat, until_ok};
 ///
 /// Every worker of a queue should use it (apalis's own backend writes heartbeats on its
 /// machine's clock). Per-task locks are off, as in [`config`](super::config).
-pub struct RedisBackend<Args> {
-    persisted: Persisted<RedisPersistence>,
-    codec: JsonCodec,
-    // Held, not read: dropping it ends the heartbeat task.
-    _alive: Arc<()>,
-    _marker: PhantomData<fn() -> Args>,
-}
+pub type RedisBackend<Args> = WorkerBackend<RedisPersistence, Args>;
 
 impl<Args> RedisBackend<Args> {
     /// The worker backend of `storage`'s queue, for a worker running `concurrency` deliveries
     /// at once (set the same number on the `WorkerBuilder`).
     pub fn new(mut storage: RedisStorage<Args>, concurrency: usize) -> Self {
-        let alive = Arc::new(());
-        let persisted = Persisted::new(RedisPersistence {
-            conn: storage.get_connection().clone(),
-            config: storage.get_config().clone().lock_tasks(false),
+        let conn = storage.get_connection().clone();
+        let config = storage.get_config().clone().lock_tasks(false);
+        Self::with(|alive| RedisPersistence {
+            conn,
+            config,
             concurrency: concurrency.max(1),
-            alive: Arc::downgrade(&alive),
+            alive,
             custody: Custody::default(),
-        });
-        Self {
-            persisted,
-            codec: JsonCodec::default(),
-            _alive: alive,
-            _marker: PhantomData,
-        }
+        })
     }
 }
 
-impl<Args> Clone for RedisBackend<Args> {
-    fn clone(&self) -> Self {
-        // A clone is another worker's backend: its own heartbeat, tied to its own life.
-        let alive = Arc::new(());
-        let mut persisted = self.persisted.clone();
-        persisted.alive = Arc::downgrade(&alive);
-        persisted.custody = Custody::default();
-        Self {
-            persisted,
-            codec: self.codec.clone(),
-            _alive: alive,
-            _marker: PhantomData,
-        }
-    }
-}
-
-impl<Args> fmt::Debug for RedisBackend<Args> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisBackend")
-            .field("queue", &self.persisted.config.queue.as_ref())
-            .field("concurrency", &self.persisted.concurrency)
+impl std::fmt::Debug for RedisPersistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPersistence")
+            .field("queue", &self.config.queue.as_ref())
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
 
-impl<Args> Backend for RedisBackend<Args> {
-    type Task = Task<Vec<u8>>;
+impl WorkerPersistence for RedisPersistence {
     type Error = Error;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Poll<Result<(), Error>> {
-        let interval = self.persisted.config.heartbeat_interval;
-        self.persisted.poll_ready(cx, worker, interval)
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Poll<Option<Result<Self::Task, Error>>> {
-        self.persisted.poll_next(cx, worker)
-    }
-
-    fn poll_close(&mut self, cx: &mut Context<'_>, worker: &WorkerContext) -> Poll<Result<(), Error>> {
-        self.persisted.poll_close(cx, worker)
-    }
-}
-
-impl<Args> BackendConfig for RedisBackend<Args> {
-    type Args = Args;
-    type Kind = Durable;
-    type Id = Ulid;
     type Config = Config;
-    type Layer = TaskPersistLayer<JsonCodec<Value>, Value>;
 
     fn config(&self) -> &Config {
-        &self.persisted.config
+        &self.config
     }
 
-    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
-        let config = self.persisted.config.clone();
-        self.persisted
-            .layer(JsonCodec::<Value>::default(), config.batch_size)
-            .persist_results(config.persist_results)
-            .lock_tasks(false)
+    fn queue(&self) -> &str {
+        self.config.queue.as_ref()
     }
-}
 
-impl<Args> WireFormatBackend for RedisBackend<Args> {
-    type Codec = JsonCodec;
-    type Compact = Vec<u8>;
+    fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval
+    }
 
-    fn codec(&self) -> &JsonCodec {
-        &self.codec
+    fn batch_size(&self) -> usize {
+        self.config.batch_size
+    }
+
+    fn persist_results(&self) -> bool {
+        self.config.persist_results
+    }
+
+    fn lock_tasks(&self) -> bool {
+        // Lease scripts are not this backend's: a task belongs to the worker that fetched it,
+        // through its inflight set.
+        false
+    }
+
+    fn for_worker(&self, alive: Weak<()>) -> Self {
+        Self {
+            alive,
+            custody: Custody::default(),
+            ..self.clone()
+        }
     }
 }
 
 /// apalis-redis's persistence, with its failures absorbed (see [`RedisBackend`]).
 #[derive(Clone)]
-struct RedisPersistence {
+pub struct RedisPersistence {
     conn: ConnectionManager,
     config: Config,
     concurrency: usize,
