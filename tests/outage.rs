@@ -38,7 +38,8 @@ struct Ledger {
 struct Receiver {
     ledger: Arc<Mutex<Ledger>>,
     delivered: watch::Sender<u64>,
-    /// Every tenth event's first request is held this long before its answer.
+    /// The first request of a tenth of the events, in runs of ten (seq 0–9, 100–109, …), is
+    /// held this long before its answer: enough to fill every slot of both workers at once.
     hold: Duration,
 }
 
@@ -52,7 +53,7 @@ async fn receive(State(receiver): State<Receiver>, body: Bytes) -> StatusCode {
         *seen += 1;
         *seen == 1
     };
-    if first && seq.is_multiple_of(10) && !receiver.hold.is_zero() {
+    if first && (seq / 10).is_multiple_of(10) && !receiver.hold.is_zero() {
         // A slow receiver: the scenario, not a synchronisation point.
         tokio::time::sleep(receiver.hold).await;
     }
@@ -165,8 +166,9 @@ async fn redis_dispatch_rides_through_a_database_cut() {
     dispatch_rides_through_a_cut("redis", server_url("TEST_REDIS_URL", "redis://127.0.0.1:6379/")).await;
 }
 
-/// Two processes with 4 slots each share a Postgres queue; the receiver holds every tenth
-/// event's first request for 12 s (inside the 15 s attempt timeout). Busy workers are not
+/// Two processes with 4 slots each share a Postgres queue; the receiver holds the first request
+/// of a tenth of the events, in runs of ten, for 12 s (inside the 15 s attempt timeout): every
+/// slot is busy for longer than the orphan window while fetched tasks wait. Busy workers are not
 /// taken for dead: at most 5 already-answered deliveries are sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_busy_postgres_processes_do_not_repeat_answered_deliveries() {
