@@ -587,8 +587,10 @@ where
                 };
                 observe::record_result(&tracing::Span::current(), &result);
                 let report = settle(&job, started_at_ms, &result, &mut backend, &hooks).await;
+                // Delivered, or dead (the only errors `settle` returns are dead letters).
+                let ends_delivery = matches!(report, Ok(DeliveryReport::Delivered { .. }) | Err(_));
                 if let Some(lines) = lines
-                    && is_final(&job, &result)
+                    && ends_delivery
                 {
                     // The line must move on whatever happened to the backend meanwhile; every
                     // try is idempotent. If it cannot for SETTLE_PATIENCE, the periodic repair
@@ -805,16 +807,6 @@ async fn report_health(
             endpoint_id,
             reason: &reason,
         });
-    }
-}
-
-/// Whether `result` ends the delivery: delivered, or dead-lettered.
-fn is_final(job: &WebhookJob, result: &AttemptResult) -> bool {
-    let policy = job.policy();
-    match result.classify(policy) {
-        Outcome::Delivered | Outcome::Gone | Outcome::Fatal => true,
-        Outcome::Retry { .. } => job.attempt() >= policy.max_attempts,
-        Outcome::Deferred { .. } => false,
     }
 }
 
