@@ -222,7 +222,9 @@ impl WebhookSubscription {
         self
     }
 
-    /// Limit of one attempt, connect to end of response read (15 s by default).
+    /// Limit of one attempt, connect to end of response read (15 s by default), up to the
+    /// worker's [`max_attempt_timeout`](crate::WebhookWorker::max_attempt_timeout) (20 s by
+    /// default).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.policy.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
         self
