@@ -15,7 +15,7 @@ use std::{
 use apalis::prelude::*;
 use apalis_webhooks::{
     BuildError, RetrySchedule, WebhookJob, WebhookSink, WebhookSubscription, WebhookWorker,
-    backend::{postgres, redis, worker_name},
+    backend::{Restarted, postgres, redis, sqlite, worker_name},
     ssrf::EgressPolicy,
 };
 use axum::{Router, extract::State, http::HeaderMap, routing::post};
@@ -487,6 +487,72 @@ async fn postgres_a_task_a_lost_fetch_locked_is_put_back() {
     proxy.restore();
 
     assert_eq!(receiver.next().await.webhook_id, lost.as_str());
+}
+
+/// SQLite, the embedded default: apalis-sqlite ends its worker on a database error (here a
+/// lock held past the busy timeout). In the documented setup (a `Monitor` that restarts it,
+/// `Restarted` spacing the restarts) delivery resumes once the lock is gone.
+#[tokio::test]
+async fn sqlite_worker_is_restarted_after_a_database_error() {
+    use std::{
+        str::FromStr,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use sqlx::{Connection, Executor};
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+    let pool = sqlite::connect(&url).await.unwrap();
+    // The worker's own pool gives up on a locked database after 100 ms.
+    let impatient = sqlite::SqlitePoolOptions::new()
+        .connect_with(
+            sqlite::SqliteConnectOptions::from_str(&url)
+                .unwrap()
+                .busy_timeout(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
+    let storage = sqlite::storage(&impatient);
+    let service = worker_builder(storage.clone()).service().unwrap();
+    let starts = Arc::new(AtomicUsize::new(0));
+    let restarted = Arc::new(tokio::sync::Notify::new());
+    let (counter, signal) = (Arc::clone(&starts), Arc::clone(&restarted));
+    let monitor = Monitor::new()
+        .register(move |restarts| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            if restarts > 0 {
+                signal.notify_one();
+            }
+            WorkerBuilder::new(worker_name("faults"))
+                .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
+                .build(service.clone())
+        })
+        .should_restart(|_, _| true);
+    let _monitor = tokio::spawn(monitor.run());
+
+    let mut sink = sqlite::storage(&pool);
+    let first = subscription(&receiver.url)
+        .dispatch(&mut sink, "order.created", &1)
+        .await
+        .unwrap();
+    assert_eq!(receiver.next().await.webhook_id, first.as_str());
+
+    // Another process holds the database for longer than the worker will wait.
+    let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    holder.execute("BEGIN EXCLUSIVE").await.unwrap();
+    tokio::time::timeout(PATIENCE, restarted.notified())
+        .await
+        .expect("the worker was not restarted");
+    holder.execute("ROLLBACK").await.unwrap();
+
+    let second = subscription(&receiver.url)
+        .dispatch(&mut sink, "order.created", &2)
+        .await
+        .unwrap();
+    assert_eq!(receiver.next().await.webhook_id, second.as_str());
+    eprintln!("worker started {} times", starts.load(Ordering::SeqCst));
 }
 
 /// A worker refuses to run attempts longer than its backend's orphan window: a busy worker
