@@ -59,6 +59,19 @@ const STORE_TRY_TIMEOUT: Duration = Duration::from_secs(30);
 /// attempt's HTTP timeout before the worker gives up on the attempt.
 const LAYER_ALLOWANCE: Duration = Duration::from_secs(5);
 
+/// Runs the write `$write` (an expression that makes a fresh future each time) under a
+/// [`Patience`] named `$what`; the final result.
+macro_rules! patiently {
+    ($what:expr, $write:expr) => {{
+        let mut patience = Patience::new($what);
+        loop {
+            if let Some(done) = patience.try_once($write).await {
+                break done;
+            }
+        }
+    }};
+}
+
 /// What a finished attempt reports to apalis; stored as the task's result.
 ///
 /// A task whose delivery continues in a later task ends `Done` with
@@ -595,12 +608,7 @@ where
                     // The line must move on whatever happened to the backend meanwhile; every
                     // try is idempotent. If it cannot for SETTLE_PATIENCE, the periodic repair
                     // of the lines frees it later.
-                    let mut patience = Patience::new("advancing the ordered line");
-                    let advanced = loop {
-                        if let Some(done) = patience.try_once(lines.advance(&job, &mut backend)).await {
-                            break done;
-                        }
-                    };
+                    let advanced = patiently!("advancing the ordered line", lines.advance(&job, &mut backend));
                     if let Err(error) = advanced {
                         tracing::error!(%error, "the ordered line could not move on; its repair will free it");
                     }
@@ -678,15 +686,10 @@ where
             let delay = policy.next_delay(job.attempt(), retry_after);
             let next_attempt_at = unix_seconds_after(delay);
             let next = job.next_attempt();
-            let mut patience = Patience::new("storing the next attempt");
-            let stored = loop {
-                if let Some(done) = patience
-                    .try_once(backend.push_job(next.clone(), Some(next_attempt_at)))
-                    .await
-                {
-                    break done;
-                }
-            };
+            let stored = patiently!(
+                "storing the next attempt",
+                backend.push_job(next.clone(), Some(next_attempt_at))
+            );
             if let Err(error) = stored {
                 return outcome_not_stored(job, record, result, hooks, &error);
             }
@@ -716,12 +719,10 @@ where
         Outcome::Deferred { delay, reason } => {
             let until = unix_seconds_after(delay);
             let deferred = job.deferred();
-            let mut patience = Patience::new("storing the deferred attempt");
-            let stored = loop {
-                if let Some(done) = patience.try_once(backend.push_job(deferred.clone(), Some(until))).await {
-                    break done;
-                }
-            };
+            let stored = patiently!(
+                "storing the deferred attempt",
+                backend.push_job(deferred.clone(), Some(until))
+            );
             if let Err(error) = stored {
                 return outcome_not_stored(job, record, result, hooks, &error);
             }
