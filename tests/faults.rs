@@ -21,7 +21,10 @@ use apalis_webhooks::{
 use axum::{Router, extract::State, http::HeaderMap, routing::post};
 use common::PATIENCE;
 use proxy::{TcpProxy, upstream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -186,6 +189,39 @@ async fn postgres_a_failed_store_after_the_request_does_not_repeat_it() {
     assert_eq!(receiver.delivered().get(id.as_str()), Some(&1));
 }
 
+/// Delivers one event, cuts the line until the worker has been turned away five times,
+/// restores it and delivers another: the worker must still be running throughout.
+async fn deliver_across_a_cut<S, K>(
+    proxy: &TcpProxy,
+    mut direct_sink: S,
+    receiver: &mut GatedReceiver,
+    worker: &JoinHandle<Result<(), WorkerError>>,
+) where
+    S: WebhookSink<K>,
+{
+    let before = subscription(&receiver.url)
+        .dispatch(&mut direct_sink, "order.created", &1)
+        .await
+        .unwrap();
+    assert_eq!(receiver.next().await.webhook_id, before.as_str());
+
+    proxy.cut();
+    // Fetches, the heartbeat and the listener all fail against the cut line.
+    proxy.until_refused(5).await;
+    proxy.restore();
+    let restored_at = tokio::time::Instant::now();
+    assert!(!worker.is_finished(), "the worker stopped during the outage");
+
+    let after = subscription(&receiver.url)
+        .dispatch(&mut direct_sink, "order.created", &2)
+        .await
+        .unwrap();
+    assert_eq!(receiver.next().await.webhook_id, after.as_str());
+    assert!(!worker.is_finished());
+    // Measured, not asserted.
+    eprintln!("delivered {:?} after the restore", restored_at.elapsed());
+}
+
 /// A worker whose database goes away for a while keeps running and delivers what is
 /// dispatched once it is back. On main it ended with `PollNextError` and never came back.
 #[tokio::test]
@@ -201,28 +237,7 @@ async fn postgres_worker_outlives_an_outage() {
     let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
     let service = worker_builder(postgres::PostgresSink::new(&storage)).service().unwrap();
     let worker = spawn_postgres_worker!(storage, 4, service);
-
-    let before = subscription(&receiver.url)
-        .dispatch(&mut direct_sink.clone(), "order.created", &1)
-        .await
-        .unwrap();
-    assert_eq!(receiver.next().await.webhook_id, before.as_str());
-
-    proxy.cut();
-    // Fetches, the heartbeat and the listener all fail against the cut line.
-    proxy.until_refused(5).await;
-    proxy.restore();
-    let restored_at = tokio::time::Instant::now();
-    assert!(!worker.is_finished(), "the worker stopped during the outage");
-
-    let after = subscription(&receiver.url)
-        .dispatch(&mut direct_sink.clone(), "order.created", &2)
-        .await
-        .unwrap();
-    assert_eq!(receiver.next().await.webhook_id, after.as_str());
-    assert!(!worker.is_finished());
-    // Measured, not asserted.
-    eprintln!("delivered {:?} after the restore", restored_at.elapsed());
+    deliver_across_a_cut(&proxy, direct_sink, &mut receiver, &worker).await;
 }
 
 /// The same on Redis.
@@ -242,60 +257,31 @@ async fn redis_worker_outlives_an_outage() {
         .concurrency(4)
         .build(service);
     let worker = tokio::spawn(async move { worker.run().await });
-
-    let before = subscription(&receiver.url)
-        .dispatch(&mut direct_sink.clone(), "order.created", &1)
-        .await
-        .unwrap();
-    assert_eq!(receiver.next().await.webhook_id, before.as_str());
-
-    proxy.cut();
-    proxy.until_refused(5).await;
-    proxy.restore();
-    let restored_at = tokio::time::Instant::now();
-    assert!(!worker.is_finished(), "the worker stopped during the outage");
-
-    let after = subscription(&receiver.url)
-        .dispatch(&mut direct_sink.clone(), "order.created", &2)
-        .await
-        .unwrap();
-    assert_eq!(receiver.next().await.webhook_id, after.as_str());
-    assert!(!worker.is_finished());
-    // Measured, not asserted.
-    eprintln!("delivered {:?} after the restore", restored_at.elapsed());
+    deliver_across_a_cut(&proxy, direct_sink, &mut receiver, &worker).await;
 }
 
-/// Two workers share a queue; the receiver keeps each one busy for longer than the orphan
-/// window. Neither is taken for dead, so nothing is delivered twice. On main a worker whose
-/// slots were full stopped beating while fetched tasks waited, and its peer sent them again.
-#[tokio::test]
-async fn postgres_busy_workers_are_not_taken_for_dead() {
-    let pool = postgres::connect(&postgres_url()).await.unwrap();
-    let queue = unique_queue("busy");
-    // A short orphan window keeps the test short: 8 × 1 s, above the 2 s attempt cap + 5 s.
-    let config = postgres::config()
-        .queue(&queue)
-        .heartbeat_interval(Duration::from_secs(1))
-        .missed_heartbeats(8);
-    let storage = postgres::PostgresStorage::<WebhookJob>::new(&pool).with_config(config);
-    let sink = postgres::PostgresSink::new(&storage);
-    // Each answer takes 1.5 s: with one slot each, 12 deliveries keep both workers busy for
-    // about 9 s, past the orphan window.
+/// Two workers with one slot each on the queue of `sink`, started by `spawn`; the receiver
+/// takes 1.5 s per answer, so 12 deliveries keep both busy for about 9 s, past the 8 s orphan
+/// window of the tests' config. Every delivery must be answered 2xx exactly once.
+async fn busy_workers_deliver_once<S, K>(
+    sink: S,
+    mut spawn: impl FnMut(WebhookWorker<S>) -> JoinHandle<Result<(), WorkerError>>,
+) where
+    S: WebhookSink<K> + Clone,
+{
     let receiver = GatedReceiver::start(1_000, Duration::from_millis(1_500), |_| 200).await;
     let (done_tx, mut done) = mpsc::unbounded_channel();
     let mut workers = Vec::new();
     for _ in 0..2 {
         let done_tx = done_tx.clone();
-        let service = worker_builder(sink.clone())
+        let builder = worker_builder(sink.clone())
             .max_attempt_timeout(Duration::from_secs(2))
             .on_event(move |event| {
                 if let apalis_webhooks::DeliveryEvent::Delivered { job, .. } = event {
                     let _ = done_tx.send(job.webhook_id().to_string());
                 }
-            })
-            .service()
-            .unwrap();
-        workers.push(spawn_postgres_worker!(storage.clone(), 1, service));
+            });
+        workers.push(spawn(builder));
     }
     let mut ids = Vec::new();
     let mut dispatch_sink = sink.clone();
@@ -324,6 +310,24 @@ async fn postgres_busy_workers_are_not_taken_for_dead() {
     assert!(workers.iter().all(|w| !w.is_finished()));
 }
 
+/// Two workers share a queue; the receiver keeps each one busy for longer than the orphan
+/// window. Neither is taken for dead, so nothing is delivered twice. On main a worker whose
+/// slots were full stopped beating while fetched tasks waited, and its peer sent them again.
+#[tokio::test]
+async fn postgres_busy_workers_are_not_taken_for_dead() {
+    let pool = postgres::connect(&postgres_url()).await.unwrap();
+    // A short orphan window keeps the test short: 8 × 1 s, above the 2 s attempt cap + 5 s.
+    let config = postgres::config()
+        .queue(unique_queue("busy"))
+        .heartbeat_interval(Duration::from_secs(1))
+        .missed_heartbeats(8);
+    let storage = postgres::PostgresStorage::<WebhookJob>::new(&pool).with_config(config);
+    busy_workers_deliver_once(postgres::PostgresSink::new(&storage), |builder| {
+        spawn_postgres_worker!(storage.clone(), 1, builder.service().unwrap())
+    })
+    .await;
+}
+
 /// The same on Redis, whose heartbeats apalis also wrote only between fetches.
 #[tokio::test]
 async fn redis_busy_workers_are_not_taken_for_dead() {
@@ -333,49 +337,14 @@ async fn redis_busy_workers_are_not_taken_for_dead() {
         .heartbeat_interval(Duration::from_secs(1))
         .missed_heartbeats(8);
     let storage = redis::RedisStorage::<WebhookJob>::new(conn).with_config(config);
-    let sink = redis::RedisSink::new(&storage);
-    let receiver = GatedReceiver::start(1_000, Duration::from_millis(1_500), |_| 200).await;
-    let (done_tx, mut done) = mpsc::unbounded_channel();
-    let mut workers = Vec::new();
-    for _ in 0..2 {
-        let done_tx = done_tx.clone();
-        let service = worker_builder(sink.clone())
-            .max_attempt_timeout(Duration::from_secs(2))
-            .on_event(move |event| {
-                if let apalis_webhooks::DeliveryEvent::Delivered { job, .. } = event {
-                    let _ = done_tx.send(job.webhook_id().to_string());
-                }
-            })
-            .service()
-            .unwrap();
+    busy_workers_deliver_once(redis::RedisSink::new(&storage), |builder| {
         let worker = WorkerBuilder::new(worker_name("faults"))
             .backend(redis::listening_with(storage.clone(), 1))
             .concurrency(1)
-            .build(service);
-        workers.push(tokio::spawn(async move { worker.run().await }));
-    }
-    let mut ids = Vec::new();
-    let mut dispatch_sink = sink.clone();
-    for n in 0..12 {
-        ids.push(
-            subscription(&receiver.url)
-                .dispatch(&mut dispatch_sink, "order.created", &n)
-                .await
-                .unwrap()
-                .to_string(),
-        );
-    }
-    for _ in 0..ids.len() {
-        tokio::time::timeout(PATIENCE, done.recv())
-            .await
-            .expect("not all delivered")
-            .unwrap();
-    }
-    let delivered = receiver.delivered();
-    for id in &ids {
-        assert_eq!(delivered.get(id), Some(&1), "delivery {id}: {delivered:?}");
-    }
-    assert!(workers.iter().all(|w| !w.is_finished()));
+            .build(builder.service().unwrap());
+        tokio::spawn(async move { worker.run().await })
+    })
+    .await;
 }
 
 /// A fetch that locked a task to the worker while its reply was lost (the task sits in the
