@@ -71,6 +71,11 @@ pub struct WebhookJob {
     /// How often this attempt was put off (rate limit, open breaker) without being made.
     #[serde(default)]
     pub(crate) deferrals: u32,
+    /// Unix seconds of this attempt's first deferral, if it was put off: a delivery put off
+    /// for longer than its policy's [`defer_horizon`](DeliveryPolicy::defer_horizon) becomes a
+    /// dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) deferred_since: Option<u64>,
     /// The rate-limit key the subscription chose (a tenant id, say); the endpoint otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rate_limit_key: Option<String>,
@@ -168,6 +173,11 @@ impl WebhookJob {
         self.deferrals
     }
 
+    /// Unix seconds at which this attempt was first put off; `None` if it never was.
+    pub fn deferred_since(&self) -> Option<u64> {
+        self.deferred_since
+    }
+
     /// The endpoint as rate limiters and circuit breakers key it: the URL's host, and its port
     /// when the URL names one (`api.example.com`, `127.0.0.1:8080`).
     pub fn endpoint(&self) -> &str {
@@ -246,15 +256,17 @@ impl WebhookJob {
         Self {
             attempt: self.attempt.saturating_add(1),
             deferrals: 0,
+            deferred_since: None,
             fresh: false,
             ..self.clone()
         }
     }
 
-    /// The same attempt, put off once more.
-    pub(crate) fn deferred(&self) -> Self {
+    /// The same attempt, put off once more (at `now`, Unix seconds).
+    pub(crate) fn deferred(&self, now: u64) -> Self {
         Self {
             deferrals: self.deferrals.saturating_add(1),
+            deferred_since: Some(self.deferred_since.unwrap_or(now)),
             fresh: false,
             ..self.clone()
         }
@@ -278,6 +290,7 @@ impl WebhookJob {
         Self {
             attempt: 1,
             deferrals: 0,
+            deferred_since: None,
             repush,
             fresh: false,
             ..self.clone()
@@ -291,6 +304,7 @@ impl WebhookJob {
             attempt: 1,
             replay: self.replay.saturating_add(1),
             deferrals: 0,
+            deferred_since: None,
             fresh: false,
             ..self.clone()
         }
@@ -313,6 +327,7 @@ impl fmt::Debug for WebhookJob {
             .field("dispatched_at", &self.dispatched_at)
             .field("replay", &self.replay)
             .field("deferrals", &self.deferrals)
+            .field("deferred_since", &self.deferred_since)
             .field("rate_limit_key", &self.rate_limit_key)
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)

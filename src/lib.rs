@@ -88,7 +88,7 @@ pub use retry::RetrySchedule;
 pub use secret::{MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, Secret, SecretError, WHSEC_PREFIX, generate_secret};
 pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
-pub use sink::WebhookSink;
+pub use sink::{Deferral, WebhookSink};
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,

@@ -249,6 +249,16 @@ impl WebhookSubscription {
         self
     }
 
+    /// How long one attempt may be put off (by rate limits, an open circuit breaker, an
+    /// unreachable secret store) before the delivery becomes a dead letter
+    /// ([`DeadLetterReason::DeferredTooLong`](crate::DeadLetterReason::DeferredTooLong)); by
+    /// default the length of its retry schedule, at least an hour (see
+    /// [`DeliveryPolicy::defer_horizon`](crate::DeliveryPolicy::defer_horizon)).
+    pub fn defer_horizon(mut self, horizon: Duration) -> Self {
+        self.policy.defer_horizon_ms = Some(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
     /// Upper bound for a receiver's `Retry-After` (24 h by default).
     pub fn max_retry_after(mut self, limit: Duration) -> Self {
         self.policy.max_retry_after_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
@@ -315,6 +325,7 @@ impl WebhookSubscription {
             dispatched_at: crate::clock::unix_seconds(),
             replay: 0,
             deferrals: 0,
+            deferred_since: None,
             rate_limit_key: self.rate_limit_key.clone(),
             rate_limit: self.rate_limit,
             endpoint_id: self.endpoint_id.clone(),

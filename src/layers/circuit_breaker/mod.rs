@@ -243,8 +243,10 @@ impl Shared {
         }
     }
 
-    async fn admit(&self, endpoint: &str) -> Admission {
-        match self.store.update(&self.config, endpoint, Breaker::admit).await {
+    /// Admits or defers a delivery whose attempt may take `probe_wait`.
+    async fn admit(&self, endpoint: &str, probe_wait: Duration) -> Admission {
+        let step = |breaker: &mut Breaker, config: &BreakerConfig, now| breaker.admit(config, now, probe_wait);
+        match self.store.update(&self.config, endpoint, step).await {
             Ok((admission, change)) => {
                 self.report(endpoint, change);
                 admission
@@ -327,7 +329,7 @@ where
         Box::pin(async move {
             let job = Arc::clone(&request.job);
             let endpoint = job.endpoint();
-            let probe = match shared.admit(endpoint).await {
+            let probe = match shared.admit(endpoint, job.policy().timeout()).await {
                 Admission::Go { probe } => probe,
                 Admission::Defer(wait) => {
                     let spread = rand::rng().random_range(Duration::ZERO..=MAX_SPREAD);
