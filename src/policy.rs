@@ -96,6 +96,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_defer_horizon_is_the_retry_schedule_at_least_an_hour() {
+        let policy = DeliveryPolicy::default();
+        // 5 s + 5 min + 30 min + 2 h + 5 h + 10 h + 10 h: the delays after attempts 1 to 7.
+        assert_eq!(
+            policy.defer_horizon(),
+            Duration::from_secs(5 + 300 + 1800 + 7200 + 18_000 + 72_000)
+        );
+        let short = DeliveryPolicy {
+            max_attempts: 1,
+            ..DeliveryPolicy::default()
+        };
+        assert_eq!(short.defer_horizon(), DeliveryPolicy::MIN_DEFAULT_DEFER_HORIZON);
+        let set = DeliveryPolicy {
+            defer_horizon_ms: Some(u64::MAX),
+            ..DeliveryPolicy::default()
+        };
+        assert_eq!(set.defer_horizon(), DeliveryPolicy::MAX_DELAY);
+        // Stored jobs from before the setting existed still read.
+        let mut json = serde_json::to_value(DeliveryPolicy::default()).unwrap();
+        json.as_object_mut().unwrap().remove("defer_horizon_ms");
+        assert_eq!(
+            serde_json::from_value::<DeliveryPolicy>(json).unwrap(),
+            DeliveryPolicy::default()
+        );
+    }
+
+    #[test]
     fn delays_are_clamped_at_the_extremes() {
         let ceiling = DeliveryPolicy::MAX_DELAY;
         let policy = DeliveryPolicy {

@@ -876,3 +876,15 @@ async fn report_health(
     "ordered delivery on a worker without lines: configure WebhookWorker::ordered with the lines it was dispatched into"
 )]
 struct NoLines;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_deferrals_back_off_to_a_cap() {
+        let floors: Vec<u64> = (0..10).map(|n| deferral_floor(n).as_secs()).collect();
+        assert_eq!(floors, [0, 1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(deferral_floor(u32::MAX), MAX_DEFERRAL_BACKOFF);
+    }
+}

@@ -224,6 +224,45 @@ mod tests {
         assert_eq!(b.phase, Phase::Closed);
     }
 
+    /// Held-back deliveries wait for the probe's verdict (its attempt's time, at most an open
+    /// period) instead of asking every second.
+    #[test]
+    fn half_open_waiters_wait_for_the_probes_verdict() {
+        let config = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(30));
+        let mut b = Breaker::default();
+        run(&mut b, &config, 0, true);
+        assert_eq!(
+            b.admit(&config, 30_000, Duration::from_secs(10)),
+            Admission::Go { probe: true }
+        );
+        // The probe may take 10 s: a delivery a second later waits the 9 s left.
+        assert_eq!(
+            b.admit(&config, 31_000, PROBE_WAIT),
+            Admission::Defer(Duration::from_secs(9))
+        );
+        // A probe allowed longer than the open period is given up at its end.
+        let mut slow = Breaker::default();
+        run(&mut slow, &config, 0, true);
+        assert_eq!(
+            slow.admit(&config, 30_000, Duration::from_secs(600)),
+            Admission::Go { probe: true }
+        );
+        assert_eq!(
+            slow.admit(&config, 40_000, PROBE_WAIT),
+            Admission::Defer(Duration::from_secs(20))
+        );
+        // Never less than a second, even with the verdict due now.
+        assert_eq!(
+            b.admit(&config, 39_999, PROBE_WAIT),
+            Admission::Defer(Duration::from_secs(1))
+        );
+        // The verdict closes it: the next delivery goes.
+        b.record(&config, 40_000, Some(false), true);
+        assert_eq!(b.admit(&config, 40_001, PROBE_WAIT), Admission::Go { probe: false });
+    }
+
     #[test]
     fn a_failed_probe_reopens_and_unsent_probes_are_returned() {
         let config = BreakerConfig::default()
