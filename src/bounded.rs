@@ -212,3 +212,70 @@ impl<K: Hash + Eq + HeapSize, V: HeapSize> BoundedMap<K, V> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl HeapSize for Vec<u8> {
+        fn heap_bytes(&self) -> usize {
+            self.capacity()
+        }
+    }
+
+    fn map(entries: usize, bytes: usize) -> BoundedMap<String, Vec<u8>> {
+        BoundedMap::new("test", MemoryCap::new(entries, bytes))
+    }
+
+    fn keys(map: &BoundedMap<String, Vec<u8>>) -> Vec<&str> {
+        map.iter().map(|(key, _)| key.as_str()).collect()
+    }
+
+    #[test]
+    fn the_least_recently_used_entry_goes_first() {
+        let mut map = map(3, usize::MAX);
+        for key in ["a", "b", "c"] {
+            map.insert(key.to_owned(), Vec::new());
+        }
+        // Updating "a" makes it the most recent; peeking "b" does not.
+        map.update("a", Vec::new, |_| ());
+        assert!(map.peek("b").is_some());
+        map.insert("d".to_owned(), Vec::new());
+        assert_eq!(keys(&map), ["c", "a", "d"]);
+        map.update("e", Vec::new, |_| ());
+        assert_eq!(keys(&map), ["a", "d", "e"]);
+        assert_eq!(map.usage().entries, 3);
+    }
+
+    #[test]
+    fn bytes_are_counted_as_values_grow_and_capped() {
+        let mut map = map(1_000, 4_096);
+        map.insert("a".to_owned(), Vec::new());
+        let empty = map.usage().bytes;
+        map.update("a", Vec::new, |v| v.reserve_exact(1_000));
+        assert_eq!(map.usage().bytes, empty + map.peek("a").unwrap().capacity());
+        // Growing "b" past what is left pushes "a" out, oldest first.
+        map.insert("b".to_owned(), Vec::new());
+        map.update("b", Vec::new, |v| v.reserve_exact(3_000));
+        assert_eq!(keys(&map), ["b"]);
+        assert!(map.usage().within_cap());
+        // Removing gives the bytes back exactly; a value larger than the cap is not kept.
+        map.remove("b");
+        assert_eq!(map.usage().bytes, 0);
+        map.insert("huge".to_owned(), vec![0; 10_000]);
+        assert_eq!((map.usage().entries, map.usage().bytes), (0, 0));
+        // A zero cap still keeps one entry.
+        assert_eq!(MemoryCap::new(0, 1).entries(), 1);
+    }
+
+    #[test]
+    fn replacing_a_value_does_not_count_it_twice() {
+        let mut map = map(10, usize::MAX);
+        map.insert("a".to_owned(), vec![0; 100]);
+        let once = map.usage().bytes;
+        map.insert("a".to_owned(), vec![0; 100]);
+        assert_eq!(map.usage().bytes, once);
+        map.update("a", Vec::new, |v| *v = Vec::new());
+        assert_eq!(map.usage().bytes, once - 100);
+    }
+}

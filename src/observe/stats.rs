@@ -177,7 +177,8 @@ impl EndpointStats {
                 (*job, record.status, record.error.clone(), duration)
             }
             DeliveryEvent::Deferred { job, .. } => {
-                self.lock().update(job.endpoint(), Endpoint::default, |e| e.deferred += 1);
+                self.lock()
+                    .update(job.endpoint(), Endpoint::default, |e| e.deferred += 1);
                 return;
             }
             _ => return,

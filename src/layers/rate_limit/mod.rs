@@ -277,7 +277,11 @@ impl RateLimitLayer {
 
     #[cfg(not(feature = "redis"))]
     fn build(settings: Settings, _: Option<std::convert::Infallible>) -> Self {
-        let budget = Budget::Local(local::LocalBudget::new(settings.endpoint, settings.global, settings.cap));
+        let budget = Budget::Local(local::LocalBudget::new(
+            settings.endpoint,
+            settings.global,
+            settings.cap,
+        ));
         Self::with_budget(settings, budget)
     }
 
