@@ -129,9 +129,9 @@ impl Default for CircuitBreakerLayer {
 impl CircuitBreakerLayer {
     /// Keeps at most `cap` breakers in memory ([`DEFAULT_BREAKER_CAP`] by default: 100,000
     /// endpoints, 32 MiB), forgetting the least recently used past it. A forgotten breaker is
-    /// closed with nothing counted, as for an endpoint never seen: an open one admits again
-    /// (at worst early, by one probe's worth of traffic), so size the cap above the number of
-    /// endpoints that fail at once. Only endpoints that have failed take room: a healthy
+    /// closed with nothing counted, as for an endpoint never seen: an open one lets deliveries
+    /// through again until it trips anew, so size the cap above the number of endpoints that
+    /// fail at the same time. Only endpoints with failures on record take room: a healthy
     /// delivery stores nothing. Starts the in-memory state anew; no effect on
     /// [`shared`](Self::shared) (Redis) state, which expires in Redis.
     pub fn max_endpoints(self, cap: MemoryCap) -> Self {

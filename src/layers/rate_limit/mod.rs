@@ -53,9 +53,12 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 ///   hour by default), whatever a receiver, a stored state or a limit says; a delivery held
 ///   back longer comes back then and is checked again. Slowing down is done by charging each delivery several
 ///   GCRA cells, so it needs a burst of at least 2 to show below the cooldown.
-/// * **Local or fleet-wide.** State is in memory (governor's GCRA) by default; with
-///   [`shared`](Self::shared) it is in Redis, one atomic script per decision using Redis's
-///   clock, so N workers on N machines stay within one budget and a restart keeps it.
+/// * **Local or fleet-wide.** State is in memory (GCRA, as governor computes it) by default;
+///   with [`shared`](Self::shared) it is in Redis, one atomic script per decision using
+///   Redis's clock, so N workers on N machines stay within one budget and a restart keeps it.
+/// * **Bounded memory.** In memory, at most [`max_keys`](Self::max_keys) keys are tracked
+///   ([`DEFAULT_KEY_CAP`]); the least recently used are forgotten and start again with a full
+///   budget.
 ///
 /// ```
 /// use apalis_webhooks::layers::{Limit, RateLimitLayer};
