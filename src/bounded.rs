@@ -8,7 +8,11 @@
 //! builder more than `moka`'s or `quick_cache`'s concurrency does: every map here sits behind
 //! one short `Mutex`.
 
-use std::{borrow::Borrow, hash::Hash, mem::size_of};
+use std::{
+    borrow::Borrow,
+    hash::{Hash, RandomState},
+    mem::size_of,
+};
 
 use hashlink::LinkedHashMap;
 
@@ -93,7 +97,9 @@ impl HeapSize for String {
 /// A map capped by a [`MemoryCap`], forgetting its least recently used entries. Not
 /// synchronised: owners keep it behind their own lock.
 pub(crate) struct BoundedMap<K, V> {
-    map: LinkedHashMap<K, Slot<V>>,
+    /// std's SipHash, not hashlink's default (foldhash): the keys are chosen by outsiders, so
+    /// the hasher must resist collision flooding.
+    map: LinkedHashMap<K, Slot<V>, RandomState>,
     name: &'static str,
     cap: MemoryCap,
     bytes: usize,
@@ -112,7 +118,7 @@ impl<K: Hash + Eq + HeapSize, V: HeapSize> BoundedMap<K, V> {
     /// An empty map called `name` in [`MapUsage`], holding at most `cap`.
     pub(crate) fn new(name: &'static str, cap: MemoryCap) -> Self {
         Self {
-            map: LinkedHashMap::new(),
+            map: LinkedHashMap::with_hasher(RandomState::new()),
             name,
             cap,
             bytes: 0,
