@@ -136,8 +136,8 @@ impl CircuitBreakerLayer {
     /// [`shared`](Self::shared) (Redis) state, which expires in Redis.
     pub fn max_endpoints(self, cap: MemoryCap) -> Self {
         let mut shared = self.into_shared();
-        if let Store::Local(_) = shared.store {
-            shared.store = Store::local(cap);
+        if let Some(store) = shared.store.recapped(cap) {
+            shared.store = store;
         }
         Self {
             shared: Arc::new(shared),

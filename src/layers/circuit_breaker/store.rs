@@ -61,6 +61,15 @@ impl Store {
         }
     }
 
+    /// An empty in-memory store holding at most `cap`, if this one is in memory.
+    pub(super) fn recapped(&self, cap: MemoryCap) -> Option<Self> {
+        match self {
+            Self::Local(_) => Some(Self::local(cap)),
+            #[cfg(feature = "redis")]
+            Self::Redis(_) => None,
+        }
+    }
+
     /// The size of the in-memory map (none in Redis mode: Redis expires its breakers).
     pub(super) fn usage(&self) -> Vec<MapUsage> {
         match self {

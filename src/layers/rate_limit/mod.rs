@@ -89,7 +89,8 @@ struct Settings {
 }
 
 enum Budget {
-    Local(local::LocalBudget),
+    /// Boxed: the local state is several maps, the Redis one a connection.
+    Local(Box<local::LocalBudget>),
     #[cfg(feature = "redis")]
     Redis(redis::RedisBudget),
 }
@@ -273,18 +274,15 @@ impl RateLimitLayer {
             Some((conn, prefix)) => {
                 Budget::Redis(redis::RedisBudget::new(conn, prefix, endpoint, global, max_deferral))
             }
-            None => Budget::Local(local::LocalBudget::new(endpoint, global, cap)),
+            None => Budget::Local(Box::new(local::LocalBudget::new(endpoint, global, cap))),
         };
         Self::with_budget(settings, budget)
     }
 
     #[cfg(not(feature = "redis"))]
     fn build(settings: Settings, _: Option<std::convert::Infallible>) -> Self {
-        let budget = Budget::Local(local::LocalBudget::new(
-            settings.endpoint,
-            settings.global,
-            settings.cap,
-        ));
+        let local = local::LocalBudget::new(settings.endpoint, settings.global, settings.cap);
+        let budget = Budget::Local(Box::new(local));
         Self::with_budget(settings, budget)
     }
 
