@@ -115,4 +115,13 @@ async fn main() {
         });
     }
     println!("{endpoints} endpoints in {:?}", started.elapsed());
+    let maps = breakers
+        .memory_usage()
+        .into_iter()
+        .chain(rate.memory_usage())
+        .chain([stats.memory_usage()]);
+    for map in maps {
+        let per_entry = map.bytes.checked_div(map.entries).unwrap_or(0);
+        println!("{map:?}: {per_entry} bytes per entry");
+    }
 }
