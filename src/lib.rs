@@ -51,6 +51,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod backend;
+mod bounded;
 mod clock;
 mod delivery;
 mod job;
@@ -76,6 +77,7 @@ mod worker;
 
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;
+pub use bounded::{MapUsage, MemoryCap};
 pub use delivery::{
     ATTEMPT_HEADER, DEFAULT_MAX_ATTEMPT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER,
     HttpDelivery, RESPONSE_EXCERPT_BYTES, USER_AGENT,

@@ -37,7 +37,7 @@ mod metrics;
 mod span;
 mod stats;
 
-pub use stats::{EndpointSnapshot, EndpointStats, LATENCY_WINDOW, LastError};
+pub use stats::{DEFAULT_STATS_CAP, EndpointSnapshot, EndpointStats, LATENCY_WINDOW, LastError};
 
 pub(crate) use span::{attempt_span, record_result};
 
