@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::{
     backend::resilient::Backoff,
+    bounded::MemoryCap,
     clock::{unix_millis, unix_seconds, unix_seconds_after},
     delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
     job::WebhookJob,
@@ -29,7 +30,7 @@ use crate::{
     record::AttemptRecord,
     registry::{
         DEFAULT_DISABLE_AFTER, EndpointId, EndpointRegistry,
-        health::{EndpointHealth, Verdict},
+        health::{DEFAULT_HEALTH_CAP, EndpointHealth, Verdict},
     },
     secret_store::SecretStore,
     signing::{SigningLayer, SigningService},
@@ -323,6 +324,7 @@ pub struct WebhookWorker<B> {
     disable_after: Duration,
     lines: Option<OrderedLines>,
     max_attempt_timeout: Duration,
+    health_cap: MemoryCap,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
@@ -379,6 +381,7 @@ impl<B: Clone> WebhookWorker<B> {
             disable_after: DEFAULT_DISABLE_AFTER,
             lines: None,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            health_cap: DEFAULT_HEALTH_CAP,
         }
     }
 
@@ -413,6 +416,15 @@ impl<B: Clone> WebhookWorker<B> {
     /// never holds up or fails a delivery.
     pub fn registry(mut self, registry: impl EndpointRegistry) -> Self {
         self.registry = Some(Arc::new(registry));
+        self
+    }
+
+    /// How many registry endpoints the worker remembers a recent success of, so that a healthy
+    /// endpoint costs one registry write per 10 s ([`DEFAULT_HEALTH_CAP`]: 100,000 endpoints,
+    /// 16 MiB). An endpoint dropped past the cap has its next success written again; its
+    /// failures are kept in the registry, not here, so disabling is not affected.
+    pub fn max_tracked_endpoints(mut self, cap: MemoryCap) -> Self {
+        self.health_cap = cap;
         self
     }
 
@@ -524,10 +536,9 @@ impl<B: Clone> WebhookWorker<B> {
             inner,
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
-            health: self
-                .registry
-                .as_ref()
-                .map(|registry| EndpointHealth::new(Arc::clone(registry), self.disable_after)),
+            health: self.registry.as_ref().map(|registry| {
+                EndpointHealth::with_capacity(Arc::clone(registry), self.disable_after, self.health_cap)
+            }),
             // Starts the lines' periodic repair, if they have one; it ends with the service.
             lines: self.lines.as_ref().map(OrderedLines::for_worker),
             attempt_limit,
