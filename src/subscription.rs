@@ -73,6 +73,7 @@ pub struct WebhookSubscription {
     rate_limit: Option<Limit>,
     endpoint_id: Option<EndpointId>,
     ordering_key: Option<String>,
+    tenant: Option<String>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -143,6 +144,7 @@ impl WebhookSubscription {
             rate_limit: None,
             endpoint_id: None,
             ordering_key: None,
+            tenant: None,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -207,6 +209,14 @@ impl WebhookSubscription {
     /// visible ASCII, at most 256 bytes. See [`crate::ordering`] for guarantees and costs.
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
+    /// that [`WebhookStore::erase`](crate::WebhookStore::erase) can find them
+    /// ([`Erasure::tenant`](crate::Erasure::tenant)). Fan-out sets the registry endpoint's.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
         self
     }
 
@@ -320,6 +330,8 @@ impl WebhookSubscription {
             endpoint_id: self.endpoint_id.clone(),
             ordering_key: self.ordering_key.clone(),
             repush: 0,
+            tenant: self.tenant.clone(),
+            erased: false,
             parsed: Default::default(),
             fresh: false,
         })
@@ -386,6 +398,7 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
+            .field("tenant", &self.tenant)
             .finish()
     }
 }

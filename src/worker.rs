@@ -158,6 +158,9 @@ pub enum DeadLetterReason {
     /// Only the `WebhookStore` reports it (backend features); the record's `error` holds the
     /// last error text the backend stored.
     InfrastructureFailed,
+    /// The delivery was erased ([`WebhookStore::erase`](crate::WebhookStore::erase)) before
+    /// it was delivered or died: it is never sent, and cannot be replayed.
+    Erased,
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an

@@ -61,5 +61,6 @@ fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
         DeadLetterReason::Fatal => "fatal",
         DeadLetterReason::InfrastructureFailed => "infrastructure_failed",
         DeadLetterReason::OutcomeNotStored => "outcome_not_stored",
+        DeadLetterReason::Erased => "erased",
     }
 }

@@ -255,6 +255,9 @@ impl Endpoint {
             subscription = subscription.secret(secret.clone());
         }
         subscription = subscription.scheme(self.scheme.clone()).endpoint_id(self.id.clone());
+        if let Some(tenant) = &self.tenant {
+            subscription = subscription.tenant(tenant.clone());
+        }
         for (name, value) in &self.headers {
             subscription = subscription.header(name.clone(), value.clone());
         }

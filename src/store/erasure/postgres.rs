@@ -1,0 +1,82 @@
+//! Erasure on apalis-postgres's `apalis.jobs` table.
+
+use sqlx::Row;
+
+use super::{Erasure, Plan, ScanPage, Written};
+use crate::store::{StoreError, postgres::PostgresBackend, postgres::task_row};
+
+/// A task waiting for an attempt: pending, or failed with apalis's attempts left.
+macro_rules! waiting {
+    () => {
+        "(status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))"
+    };
+}
+
+impl PostgresBackend {
+    /// The next batch of tasks after task id `after` whose job holds the erasure's fragment and
+    /// is not erased yet.
+    pub(in crate::store) async fn scan(&self, erasure: &Erasure, after: Option<&str>) -> Result<ScanPage, StoreError> {
+        const SQL: &str = "SELECT id, job, status, floor(extract(epoch FROM run_at))::bigint AS run_at, \
+                           last_result::text AS last_result, floor(extract(epoch FROM done_at))::bigint AS done_at, \
+                           attempts::bigint AS attempts, max_attempts::bigint AS max_attempts FROM apalis.jobs \
+                           WHERE job_type = $1 AND id > $2 AND position($3::bytea IN job) > 0 \
+                           AND position($4::bytea IN job) = 0 ORDER BY id LIMIT $5";
+        let limit = erasure.batch();
+        let rows = sqlx::query(SQL)
+            .bind(self.sink.queue())
+            .bind(after.unwrap_or(""))
+            .bind(erasure.fragment().unwrap_or_default().into_bytes())
+            .bind(super::ERASED_FRAGMENT.as_bytes())
+            .bind(limit as i64)
+            .fetch_all(self.sink.pool())
+            .await
+            .map_err(StoreError::backend)?;
+        let next = match rows.last() {
+            Some(last) if rows.len() >= limit => Some(
+                last.try_get::<String, _>("id")
+                    .map_err(|_| StoreError::backend_column("id"))?,
+            ),
+            _ => None,
+        };
+        Ok((rows.iter().map(|row| task_row(row).map(|(_, row)| row)).collect(), next))
+    }
+
+    /// Cancels task `task_id` if it is waiting, or erases it if it has finished (and has not
+    /// changed since it was read); leaves it alone if it is running.
+    pub(in crate::store) async fn erase_task(&self, task_id: &str, plan: &Plan) -> Result<Written, StoreError> {
+        const CANCEL: &str = concat!(
+            "UPDATE apalis.jobs SET status = 'Killed', job = $1, last_result = $2::jsonb, done_at = now() \
+             WHERE id = $3 AND job_type = $4 AND ",
+            waiting!()
+        );
+        const REDACT: &str = concat!(
+            "UPDATE apalis.jobs SET job = $1, last_result = $2::jsonb WHERE id = $3 AND job_type = $4 \
+             AND status = $5 AND status NOT IN ('Pending', 'Queued', 'Running') AND NOT ",
+            waiting!()
+        );
+        let cancelled = sqlx::query(CANCEL)
+            .bind(&plan.job)
+            .bind(&plan.cancelled)
+            .bind(task_id)
+            .bind(self.sink.queue())
+            .execute(self.sink.pool())
+            .await
+            .map_err(StoreError::backend)?;
+        if cancelled.rows_affected() == 1 {
+            return Ok(Written::Cancelled);
+        }
+        let redacted = sqlx::query(REDACT)
+            .bind(&plan.job)
+            .bind(&plan.redacted)
+            .bind(task_id)
+            .bind(self.sink.queue())
+            .bind(&plan.status)
+            .execute(self.sink.pool())
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(match redacted.rows_affected() {
+            1 => Written::Redacted,
+            _ => Written::Skipped,
+        })
+    }
+}
