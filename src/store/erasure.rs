@@ -104,8 +104,9 @@ impl Erasure {
         }
     }
 
-    /// Whether `job` is one of the deliveries chosen.
-    pub(super) fn matches(&self, job: &WebhookJob) -> bool {
+    /// Whether `job` is one of the deliveries chosen (for
+    /// [`OrderedLines::erase_matching`](crate::ordering::OrderedLines::erase_matching)).
+    pub fn matches(&self, job: &WebhookJob) -> bool {
         match &self.selector {
             Selector::Webhooks(ids) => ids.contains(job.webhook_id()),
             Selector::Endpoint(id) => job.endpoint_id() == Some(id),
