@@ -2,7 +2,8 @@
 //! payload, header or secret bytes is left in any table, column, key or field the test can
 //! reach, while another tenant's are intact; history and dead letters still read as stubs; a
 //! pending delivery of the erased tenant is never sent; a second run erases nothing; erasure
-//! by webhook id and by endpoint id; a task running during erasure is left for the next run.
+//! by webhook id and by endpoint id; a task running during erasure is left for the next run;
+//! ordered lines lose their copies too.
 //!
 //! Real servers, real workers, real HTTP to an echo receiver on loopback (its answers hold the
 //! request body, so response excerpts carry the markers too); each test has its own queue.
@@ -17,6 +18,7 @@ use std::{collections::HashMap, sync::Arc};
 use apalis_webhooks::{
     DeadLetterFilter, DeadLetterReason, DeliveryStatus, Erasure, ErasureReport, Secret, WebhookId, WebhookStore,
     WebhookSubscription,
+    ordering::{OrderedLines, RepairBackend},
     registry::{Endpoint, EndpointRegistry, Event, MemoryRegistry, dispatch_event},
 };
 use axum::{Router, body::Bytes, extract::State, routing::post};
@@ -492,6 +494,100 @@ async fn a_running_task_is_left_for_the_next_run<B: Searchable>(test: &str) {
     assert_eq!((report.deliveries, report.tasks, report.in_flight), (1, 1, 0), "{report:?}");
     assert_erased(&backend, &tenant).await;
     assert_eq!(history_status(&store, &id).await, DeliveryStatus::Delivered);
+}
+
+/// Backends with ordered lines whose every key or table the search covers.
+trait Lined: Searchable {
+    async fn lines(&self) -> OrderedLines;
+}
+
+impl Lined for harness::Postgres {
+    async fn lines(&self) -> OrderedLines {
+        let table = format!("lines_{}", ulid::Ulid::new().to_string().to_lowercase());
+        OrderedLines::postgres_in(self.pool.clone(), &table).await.unwrap()
+    }
+}
+
+impl Lined for harness::Redis {
+    async fn lines(&self) -> OrderedLines {
+        OrderedLines::redis(self.conn.clone(), format!("{}:lines", self.sink().queue()))
+    }
+}
+
+/// Ordered deliveries keep copies of their jobs in their lines: a waiting one leaves its line
+/// and is never sent, the head keeps its place as a stub until repair moves the line on past
+/// its cancelled task; another tenant's line is untouched and delivers in order.
+async fn erasing_ordered_deliveries_clears_their_lines<B: Lined>(test: &str)
+where
+    B::Sink: Into<RepairBackend>,
+{
+    let Some(backend) = B::open(test).await else { return };
+    let store = backend.store().unwrap();
+    let lines = backend.lines().await;
+    let mut receiver = EchoReceiver::start().await;
+    let (a, b) = (Tenant::new("a"), Tenant::new("b"));
+    let mut sink = lines.sink(backend.sink());
+    let mut ids: HashMap<&str, Vec<WebhookId>> = HashMap::new();
+    for (tenant, count) in [(&a, 3), (&b, 2)] {
+        let subscription = WebhookSubscription::new(receiver.url.clone(), Secret::new(tenant.secret.clone()))
+            .header("x-marker", tenant.header.clone())
+            .tenant(tenant.name.clone())
+            .ordering_key(format!("key-{}", tenant.name));
+        for seq in 0..count {
+            let payload = serde_json::json!({ "kind": DELIVER, "note": tenant.payload, "seq": seq });
+            let id = subscription
+                .dispatch(&mut sink, "customer.updated", &payload)
+                .await
+                .unwrap();
+            ids.entry(tenant.name.as_str()).or_default().push(id);
+        }
+    }
+    assert_intact(&backend, &a).await;
+
+    let erasure = Erasure::tenant(a.name.clone());
+    let in_lines = lines.erase_matching(|job| erasure.matches(job)).await.unwrap();
+    assert_eq!((in_lines.heads, in_lines.removed), (1, 2), "{in_lines:?}");
+    let report = store.erase(&erasure).await.unwrap();
+    assert_eq!((report.deliveries, report.tasks, report.cancelled), (1, 1, 1), "{report:?}");
+    assert_erased(&backend, &a).await;
+    assert_intact(&backend, &b).await;
+    let again = lines.erase_matching(|job| erasure.matches(job)).await.unwrap();
+    assert_eq!((again.heads, again.removed), (0, 0), "{again:?}");
+
+    // A's head is dead (erased): repair moves its line on, to nothing.
+    let repaired = lines.repair(backend.sink()).await.unwrap();
+    assert_eq!((repaired.advanced, repaired.pushed), (1, 0), "{repaired:?}");
+
+    let expected: HashMap<String, &str> = ids[b.name.as_str()]
+        .iter()
+        .map(|id| (id.to_string(), "delivered"))
+        .collect();
+    let ordered = lines.clone();
+    let mut running = RunningWorker::spawn(
+        backend.sink(),
+        move |builder| builder.ordered(ordered),
+        |builder, stop| backend.run(builder, stop),
+    );
+    await_events(&mut running, expected).await;
+    running.stop().await;
+    while let Ok(body) = receiver.bodies.try_recv() {
+        assert!(!body.contains(&a.payload), "an erased delivery was sent: {body}");
+    }
+    for id in &ids[a.name.as_str()][1..] {
+        assert!(store.history(id).await.unwrap().is_none(), "a waiting delivery never reached the backend");
+    }
+    assert_erased(&backend, &a).await;
+    assert_eq!(store.outstanding().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn erasing_ordered_deliveries_clears_their_lines_on_postgres() {
+    erasing_ordered_deliveries_clears_their_lines::<harness::Postgres>("erasure-lines-pg").await;
+}
+
+#[tokio::test]
+async fn erasing_ordered_deliveries_clears_their_lines_on_redis() {
+    erasing_ordered_deliveries_clears_their_lines::<harness::Redis>("erasure-lines-redis").await;
 }
 
 macro_rules! suite {
