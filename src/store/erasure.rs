@@ -163,6 +163,10 @@ pub(super) enum Written {
 /// The writes that erase one task, prepared from the task as it was read.
 #[derive(Debug)]
 pub(super) struct Plan {
+    /// apalis's task id.
+    pub(super) task_id: String,
+    /// The delivery it belongs to.
+    pub(super) webhook_id: WebhookId,
     /// The erased job, serialized.
     pub(super) job: Vec<u8>,
     /// The task's result if it is cancelled: a dead letter of reason `Erased`.
@@ -195,6 +199,8 @@ impl Plan {
             },
         };
         Ok(Self {
+            task_id: row.task_id.clone(),
+            webhook_id: row.job.webhook_id().clone(),
             job,
             cancelled: serde_json::json!({ "Err": dead.to_string() }).to_string(),
             redacted: row.last_result.clone().map(redacted_result).map(|r| r.to_string()),
@@ -265,8 +271,9 @@ impl WebhookStore {
     pub(super) async fn erase_chosen(&self, erasure: &Erasure) -> Result<ErasureReport, StoreError> {
         let mut report = ErasureReport::default();
         if let Selector::Webhooks(ids) = &erasure.selector {
-            for id in ids {
-                self.erase_delivery(id, None, &mut report).await?;
+            for chunk in ids.chunks(erasure.batch()) {
+                let found = chunk.iter().map(|id| (id.clone(), None)).collect();
+                self.erase_deliveries(found, &mut report).await?;
             }
             return Ok(report);
         }
@@ -274,7 +281,8 @@ impl WebhookStore {
         loop {
             let (rows, next) = on_eraser!(self, b => b.scan(erasure, cursor.as_deref()).await)?;
             // Only for this batch: a delivery met again in a later batch has nothing left.
-            let mut done = HashSet::new();
+            let mut seen = HashSet::new();
+            let mut found = Vec::new();
             for row in rows {
                 let row = match row {
                     Ok(row) => row,
@@ -284,12 +292,12 @@ impl WebhookStore {
                         continue;
                     }
                 };
-                if row.job.is_erased() || !erasure.matches(&row.job) || !done.insert(row.job.webhook_id().clone()) {
+                if row.job.is_erased() || !erasure.matches(&row.job) || !seen.insert(row.job.webhook_id().clone()) {
                     continue;
                 }
-                let id = row.job.webhook_id().clone();
-                self.erase_delivery(&id, Some(row), &mut report).await?;
+                found.push((row.job.webhook_id().clone(), Some(row)));
             }
+            self.erase_deliveries(found, &mut report).await?;
             match next {
                 Some(next) => cursor = Some(next),
                 None => return Ok(report),
@@ -297,38 +305,49 @@ impl WebhookStore {
         }
     }
 
-    /// Erases every task of delivery `id`, and `found` (a task of it a scan found, in case the
-    /// backend's lookup by webhook id misses it).
-    async fn erase_delivery(
+    /// Erases every task of each delivery, and the task a scan found of it (in case the
+    /// backend's lookup by webhook id misses it), in one write batch.
+    async fn erase_deliveries(
         &self,
-        id: &WebhookId,
-        found: Option<TaskRow>,
+        found: Vec<(WebhookId, Option<TaskRow>)>,
         report: &mut ErasureReport,
     ) -> Result<(), StoreError> {
-        let mut rows = self.task_rows(id).await?;
-        if let Some(found) = found
-            && !rows.iter().any(|row| row.task_id == found.task_id)
-        {
-            rows.push(found);
-        }
+        let ids: Vec<WebhookId> = found.iter().map(|(id, _)| id.clone()).collect();
+        let chosen: HashSet<&WebhookId> = ids.iter().collect();
+        let mut rows = on_eraser!(self, b => b.delivery_rows(&ids).await)?;
+        // Only tasks whose job is indeed of one of these deliveries.
+        rows.retain(|row| chosen.contains(row.job.webhook_id()));
+        let known: HashSet<String> = rows.iter().map(|row| row.task_id.clone()).collect();
+        rows.extend(
+            found
+                .into_iter()
+                .filter_map(|(_, row)| row)
+                .filter(|row| !known.contains(&row.task_id)),
+        );
         let now_ms = unix_millis();
-        let mut erased_any = false;
-        for row in rows.iter().filter(|row| !row.job.is_erased()) {
-            let plan = Plan::new(row, now_ms)?;
-            match on_eraser!(self, b => b.erase_task(&row.task_id, &plan).await)? {
-                Written::Cancelled => {
-                    report.cancelled += 1;
-                    report.tasks += 1;
-                    erased_any = true;
-                }
-                Written::Redacted => {
-                    report.tasks += 1;
-                    erased_any = true;
-                }
-                Written::Skipped => report.in_flight += 1,
-            }
+        let plans = rows
+            .iter()
+            .filter(|row| !row.job.is_erased())
+            .map(|row| Plan::new(row, now_ms))
+            .collect::<Result<Vec<_>, _>>()?;
+        if plans.is_empty() {
+            return Ok(());
         }
-        report.deliveries += u64::from(erased_any);
+        let written = on_eraser!(self, b => b.erase_tasks(&plans).await)?;
+        let mut erased = HashSet::new();
+        for (plan, written) in plans.iter().zip(written) {
+            match written {
+                Written::Cancelled => report.cancelled += 1,
+                Written::Redacted => {}
+                Written::Skipped => {
+                    report.in_flight += 1;
+                    continue;
+                }
+            }
+            report.tasks += 1;
+            erased.insert(&plan.webhook_id);
+        }
+        report.deliveries += erased.len() as u64;
         Ok(())
     }
 }

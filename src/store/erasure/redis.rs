@@ -7,11 +7,20 @@ use redis::Script;
 
 use super::{Erasure, Plan, ScanPage, Written};
 use crate::{
-    job::WebhookJob,
+    job::{WebhookId, WebhookJob},
     store::{StoreError, redis::RedisBackend, rows::TaskRow},
 };
 
 impl RedisBackend {
+    /// Every task of each delivery (from its history list).
+    pub(in crate::store) async fn delivery_rows(&self, ids: &[WebhookId]) -> Result<Vec<TaskRow>, StoreError> {
+        let mut rows = Vec::new();
+        for id in ids {
+            rows.extend(self.task_rows(id).await?);
+        }
+        Ok(rows)
+    }
+
     /// The next batch of the data hash (`HSCAN` from cursor `after`): its tasks whose job
     /// matches the erasure and is not erased yet. `HSCAN` may return a task twice; erasing is
     /// idempotent.
@@ -42,40 +51,50 @@ impl RedisBackend {
         Ok((found, Some(next).filter(|next| next != "0")))
     }
 
-    /// Cancels task `task_id` if it is waiting (in the active list or a scheduled set), or
-    /// erases it if it has finished (in the done or dead set, with the status it was read with);
-    /// leaves it alone otherwise: a worker holds it.
-    pub(in crate::store) async fn erase_task(&self, task_id: &str, plan: &Plan) -> Result<Written, StoreError> {
+    /// Erases each planned task, in one pipeline of scripts (one round trip): cancels it if it
+    /// is waiting (in the active list or a scheduled set), erases it if it has finished (in the
+    /// done or dead set, with the status it was read with), leaves it alone otherwise (a worker
+    /// holds it). One result per plan, in order.
+    pub(in crate::store) async fn erase_tasks(&self, plans: &[Plan]) -> Result<Vec<Written>, StoreError> {
         let keys = self.keys();
-        let written: u8 = ERASE_SCRIPT
-            .key(&keys.data)
-            .key(format!("{}:{task_id}", keys.meta))
-            .key(&keys.active)
-            .key(&keys.scheduled)
-            .key(&keys.apalis_scheduled)
-            .key(&keys.dead)
-            .key(format!("{}:done", keys.queue))
-            .arg(task_id)
-            .arg(plan.job.as_slice())
-            .arg(&plan.cancelled)
-            .arg(plan.redacted.as_deref().unwrap_or(""))
-            .arg(&plan.status)
-            .invoke_async(&mut self.sink.connection())
+        let mut pipeline = redis::pipe();
+        // SCRIPT LOAD first, so the EVALSHAs after it never meet NOSCRIPT.
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(ERASE_LUA).ignore();
+        for plan in plans {
+            let mut invocation = ERASE_SCRIPT.prepare_invoke();
+            invocation
+                .key(&keys.data)
+                .key(format!("{}:{}", keys.meta, plan.task_id))
+                .key(&keys.active)
+                .key(&keys.scheduled)
+                .key(&keys.apalis_scheduled)
+                .key(&keys.dead)
+                .key(format!("{}:done", keys.queue))
+                .arg(&plan.task_id)
+                .arg(plan.job.as_slice())
+                .arg(&plan.cancelled)
+                .arg(plan.redacted.as_deref().unwrap_or(""))
+                .arg(&plan.status);
+            pipeline.invoke_script(&invocation);
+        }
+        let written: Vec<u8> = pipeline
+            .query_async(&mut self.sink.connection())
             .await
             .map_err(StoreError::backend)?;
-        Ok(match written {
-            1 => Written::Cancelled,
-            2 => Written::Redacted,
-            _ => Written::Skipped,
-        })
+        Ok(written
+            .into_iter()
+            .map(|written| match written {
+                1 => Written::Cancelled,
+                2 => Written::Redacted,
+                _ => Written::Skipped,
+            })
+            .collect())
     }
 }
 
 /// Erases one task. A waiting task is taken out of the active list (`LREM`: one pass over the
 /// list) or the scheduled sets and becomes a dead letter; a finished one keeps its status.
-static ERASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const ERASE_LUA: &str = r#"
 -- KEYS: data hash, task meta, active list, scheduled (this crate's), apalis scheduled, dead set, done set
 -- ARGV: task id, erased job, result if cancelled, result if finished ("": none), status as read
 local id = ARGV[1]
@@ -98,6 +117,6 @@ if ARGV[4] ~= "" then
     redis.call("hset", KEYS[2], "result", ARGV[4])
 end
 return 2
-"#,
-    )
-});
+"#;
+
+static ERASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ERASE_LUA));

@@ -3,7 +3,10 @@
 use sqlx::Row;
 
 use super::{Erasure, Plan, ScanPage, Written};
-use crate::store::{StoreError, sqlite::SqliteBackend, sqlite::task_row};
+use crate::{
+    job::WebhookId,
+    store::{StoreError, rows::TaskRow, sqlite::SqliteBackend, sqlite::task_row},
+};
 
 /// A task waiting for an attempt: pending, or failed with apalis's attempts left.
 macro_rules! waiting {
@@ -13,6 +16,15 @@ macro_rules! waiting {
 }
 
 impl SqliteBackend {
+    /// Every task of each delivery (a key-range lookup each).
+    pub(in crate::store) async fn delivery_rows(&self, ids: &[WebhookId]) -> Result<Vec<TaskRow>, StoreError> {
+        let mut rows = Vec::new();
+        for id in ids {
+            rows.extend(self.task_rows(id).await?);
+        }
+        Ok(rows)
+    }
+
     /// The next batch of tasks after task id `after` whose job holds the erasure's fragment and
     /// is not erased yet.
     pub(in crate::store) async fn scan(&self, erasure: &Erasure, after: Option<&str>) -> Result<ScanPage, StoreError> {
@@ -39,9 +51,10 @@ impl SqliteBackend {
         Ok((rows.iter().map(|row| task_row(row).map(|(_, row)| row)).collect(), next))
     }
 
-    /// Cancels task `task_id` if it is waiting, or erases it if it has finished (and has not
-    /// changed since it was read); leaves it alone if it is running.
-    pub(in crate::store) async fn erase_task(&self, task_id: &str, plan: &Plan) -> Result<Written, StoreError> {
+    /// Erases each planned task, in one transaction: cancels it if it is waiting, erases it if
+    /// it has finished (and has not changed since it was read), leaves it alone if it is
+    /// running. One result per plan, in order.
+    pub(in crate::store) async fn erase_tasks(&self, plans: &[Plan]) -> Result<Vec<Written>, StoreError> {
         const CANCEL: &str = concat!(
             "UPDATE Jobs SET status = 'Killed', job = ?1, last_result = ?2, done_at = strftime('%s', 'now') \
              WHERE id = ?3 AND job_type = ?4 AND ",
@@ -52,29 +65,36 @@ impl SqliteBackend {
              AND status NOT IN ('Pending', 'Queued', 'Running') AND NOT ",
             waiting!()
         );
-        let cancelled = sqlx::query(CANCEL)
-            .bind(&plan.job)
-            .bind(&plan.cancelled)
-            .bind(task_id)
-            .bind(&self.queue)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        if cancelled.rows_affected() == 1 {
-            return Ok(Written::Cancelled);
+        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+        let mut written = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let cancelled = sqlx::query(CANCEL)
+                .bind(&plan.job)
+                .bind(&plan.cancelled)
+                .bind(&plan.task_id)
+                .bind(&self.queue)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            if cancelled.rows_affected() == 1 {
+                written.push(Written::Cancelled);
+                continue;
+            }
+            let redacted = sqlx::query(REDACT)
+                .bind(&plan.job)
+                .bind(&plan.redacted)
+                .bind(&plan.task_id)
+                .bind(&self.queue)
+                .bind(&plan.status)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            written.push(match redacted.rows_affected() {
+                1 => Written::Redacted,
+                _ => Written::Skipped,
+            });
         }
-        let redacted = sqlx::query(REDACT)
-            .bind(&plan.job)
-            .bind(&plan.redacted)
-            .bind(task_id)
-            .bind(&self.queue)
-            .bind(&plan.status)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(match redacted.rows_affected() {
-            1 => Written::Redacted,
-            _ => Written::Skipped,
-        })
+        tx.commit().await.map_err(StoreError::backend)?;
+        Ok(written)
     }
 }
