@@ -126,11 +126,12 @@ impl Searchable for harness::Sqlite {
             .unwrap();
         let mut found = Vec::new();
         for table in tables {
-            let columns: Vec<String> =
-                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT name FROM pragma_table_info('{table}')")))
-                    .fetch_all(&self.pool)
-                    .await
-                    .unwrap();
+            let columns: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT name FROM pragma_table_info('{table}')"
+            )))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
             for column in columns {
                 let sql = format!("SELECT COUNT(*) FROM \"{table}\" WHERE instr(CAST(\"{column}\" AS BLOB), ?1) > 0");
                 let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -209,7 +210,12 @@ impl Searchable for harness::Redis {
             let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.unwrap();
             let values: Vec<(String, Vec<u8>)> = match kind.as_str() {
                 "string" => vec![(String::new(), conn.get(&key).await.unwrap())],
-                "hash" => conn.hgetall::<_, HashMap<String, Vec<u8>>>(&key).await.unwrap().into_iter().collect(),
+                "hash" => conn
+                    .hgetall::<_, HashMap<String, Vec<u8>>>(&key)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
                 "list" => into_places(conn.lrange(&key, 0, -1).await.unwrap()),
                 "set" => into_places(conn.smembers(&key).await.unwrap()),
                 "zset" => into_places(conn.zrange(&key, 0, -1).await.unwrap()),
@@ -298,7 +304,9 @@ async fn assert_intact<B: Searchable>(backend: &B, tenant: &Tenant) {
 async fn await_events(worker: &mut RunningWorker, mut expected: HashMap<String, &'static str>) {
     while !expected.is_empty() {
         let seen = worker.next().await;
-        let Some(want) = expected.get(seen.webhook_id()) else { continue };
+        let Some(want) = expected.get(seen.webhook_id()) else {
+            continue;
+        };
         let got = match &seen {
             Seen::Delivered { .. } => "delivered",
             Seen::Dead { .. } => "dead",
@@ -333,7 +341,12 @@ async fn erasing_a_tenant_leaves_no_trace<B: Searchable>(test: &str) {
     let mut ids: HashMap<(&str, &str), Vec<WebhookId>> = HashMap::new();
     let mut expected = HashMap::new();
     for tenant in [&a, &b] {
-        for (kind, event) in [(DELIVER, "delivered"), (DELIVER, "delivered"), (DIE, "dead"), (RETRY, "retry")] {
+        for (kind, event) in [
+            (DELIVER, "delivered"),
+            (DELIVER, "delivered"),
+            (DIE, "dead"),
+            (RETRY, "retry"),
+        ] {
             let id = tenant.dispatch::<B>(&registry, &mut sink, kind).await;
             expected.insert(id.to_string(), event);
             ids.entry((tenant.name.as_str(), kind)).or_default().push(id);
@@ -407,7 +420,11 @@ async fn erasing_a_tenant_leaves_no_trace<B: Searchable>(test: &str) {
         }
     );
     let statuses: Vec<_> = history.attempts.iter().map(|a| (a.attempt, a.status)).collect();
-    assert_eq!(statuses, [(1, Some(503)), (2, None)], "the failed attempt, then the cancelled one");
+    assert_eq!(
+        statuses,
+        [(1, Some(503)), (2, None)],
+        "the failed attempt, then the cancelled one"
+    );
     for id in a_ids("pending") {
         assert_eq!(
             history_status(&store, &id).await,
@@ -428,7 +445,10 @@ async fn erasing_a_tenant_leaves_no_trace<B: Searchable>(test: &str) {
     // Idempotent, and nothing erased is replayed.
     let again = store.erase(&Erasure::tenant(a.name.clone())).await.unwrap();
     assert_eq!(again, ErasureReport::default());
-    assert!(!store.replay(dead).await.unwrap(), "an erased dead letter is not replayed");
+    assert!(
+        !store.replay(dead).await.unwrap(),
+        "an erased dead letter is not replayed"
+    );
     assert!(!store.replay(retried).await.unwrap());
     assert!(!store.replay(&a_ids("pending")[0]).await.unwrap());
     let b_dead = ids[&(b.name.as_str(), DIE)][0].clone();
@@ -451,7 +471,11 @@ async fn erasing_a_tenant_leaves_no_trace<B: Searchable>(test: &str) {
 
     // By webhook id, then by endpoint: B goes too.
     let report = store.erase(&Erasure::webhook(b_dead.clone())).await.unwrap();
-    assert_eq!((report.deliveries, report.tasks, report.cancelled), (1, 2, 0), "{report:?}");
+    assert_eq!(
+        (report.deliveries, report.tasks, report.cancelled),
+        (1, 2, 0),
+        "{report:?}"
+    );
     assert_intact(&backend, &b).await;
     let report = store.erase(&Erasure::endpoint(b.endpoint.as_str())).await.unwrap();
     // 2 delivered, 1 retrying (2 tasks, one cancelled), 2 pending delivered meanwhile.
@@ -491,7 +515,11 @@ async fn a_running_task_is_left_for_the_next_run<B: Searchable>(test: &str) {
     await_events(&mut running, HashMap::from([(id.to_string(), "delivered")])).await;
     running.stop().await;
     let report = store.erase(&Erasure::tenant(tenant.name.clone())).await.unwrap();
-    assert_eq!((report.deliveries, report.tasks, report.in_flight), (1, 1, 0), "{report:?}");
+    assert_eq!(
+        (report.deliveries, report.tasks, report.in_flight),
+        (1, 1, 0),
+        "{report:?}"
+    );
     assert_erased(&backend, &tenant).await;
     assert_eq!(history_status(&store, &id).await, DeliveryStatus::Delivered);
 }
@@ -548,7 +576,11 @@ where
     let in_lines = lines.erase_matching(|job| erasure.matches(job)).await.unwrap();
     assert_eq!((in_lines.heads, in_lines.removed), (1, 2), "{in_lines:?}");
     let report = store.erase(&erasure).await.unwrap();
-    assert_eq!((report.deliveries, report.tasks, report.cancelled), (1, 1, 1), "{report:?}");
+    assert_eq!(
+        (report.deliveries, report.tasks, report.cancelled),
+        (1, 1, 1),
+        "{report:?}"
+    );
     assert_erased(&backend, &a).await;
     assert_intact(&backend, &b).await;
     let again = lines.erase_matching(|job| erasure.matches(job)).await.unwrap();
@@ -574,7 +606,10 @@ where
         assert!(!body.contains(&a.payload), "an erased delivery was sent: {body}");
     }
     for id in &ids[a.name.as_str()][1..] {
-        assert!(store.history(id).await.unwrap().is_none(), "a waiting delivery never reached the backend");
+        assert!(
+            store.history(id).await.unwrap().is_none(),
+            "a waiting delivery never reached the backend"
+        );
     }
     assert_erased(&backend, &a).await;
     assert_eq!(store.outstanding().await.unwrap(), 0);

@@ -118,7 +118,10 @@ mod tests {
         }
         let erased = lines.erase_matching(|job| job.tenant() == Some("a")).await.unwrap();
         assert_eq!((erased.heads, erased.removed), (1, 1));
-        assert_eq!(lines.erase_matching(|job| job.tenant() == Some("a")).await.unwrap(), LinesErased::default());
+        assert_eq!(
+            lines.erase_matching(|job| job.tenant() == Some("a")).await.unwrap(),
+            LinesErased::default()
+        );
 
         let members = lines.store().members(&line, None, 10).await.unwrap();
         let kept: Vec<_> = members.iter().map(|(_, member, _)| member.as_str()).collect();

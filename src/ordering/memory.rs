@@ -7,7 +7,7 @@ use std::{
 
 use futures::future::{BoxFuture, FutureExt, ready};
 
-use super::{HeadsPage, LineError, LineStore, LinesPage};
+use super::{HeadsPage, LineError, LineStore, LinesPage, Member};
 
 #[derive(Default)]
 pub(super) struct MemoryLines {
@@ -101,7 +101,7 @@ impl LineStore for MemoryLines {
         line: &'a str,
         after: Option<u64>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, String, String)>, LineError>> {
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
         let lines = self.lock();
         let members = lines.get(line).map_or_else(Vec::new, |line| {
             line.members
@@ -121,7 +121,11 @@ impl LineStore for MemoryLines {
     ) -> BoxFuture<'a, Result<Option<bool>, LineError>> {
         let mut lines = self.lock();
         let erased = lines.get_mut(line).and_then(|line| {
-            let seq = line.members.iter().find(|(_, (m, _))| m == member).map(|(seq, _)| *seq)?;
+            let seq = line
+                .members
+                .iter()
+                .find(|(_, (m, _))| m == member)
+                .map(|(seq, _)| *seq)?;
             let head = line.members.keys().next() == Some(&seq);
             if head {
                 if let Some(entry) = line.members.get_mut(&seq) {

@@ -168,7 +168,7 @@ pub(crate) trait LineStore: Send + Sync + 'static {
         line: &'a str,
         after: Option<u64>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, String, String)>, LineError>> {
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
         let _ = (line, after, limit);
         Box::pin(async { Err(LineError("this line store cannot list its members".into())) })
     }
@@ -187,6 +187,9 @@ pub(crate) trait LineStore: Send + Sync + 'static {
 
 /// A page of line names and where the next page starts.
 pub(crate) type LinesPage = (Vec<String>, Option<String>);
+
+/// One member of a line: its entry number, its member name (webhook id), its job.
+pub(crate) type Member = (u64, String, String);
 
 /// A page of heads and where the next page starts.
 pub(crate) type HeadsPage = (Vec<String>, Option<String>);

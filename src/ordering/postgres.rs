@@ -5,7 +5,7 @@
 use futures::future::{BoxFuture, FutureExt};
 use sqlx::PgPool;
 
-use super::{HeadsPage, LineError, LineStore, LinesPage};
+use super::{HeadsPage, LineError, LineStore, LinesPage, Member};
 
 pub(super) struct PostgresLines {
     pool: PgPool,
@@ -161,7 +161,7 @@ impl LineStore for PostgresLines {
         line: &'a str,
         after: Option<u64>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, String, String)>, LineError>> {
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
         async move {
             let sql = format!(
                 "SELECT seq, member, job FROM {} WHERE line = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -195,7 +195,10 @@ impl LineStore for PostgresLines {
             let sql = if head {
                 format!("UPDATE {} SET job = $3 WHERE line = $1 AND member = $2", self.table)
             } else {
-                format!("DELETE FROM {} WHERE line = $1 AND member = $2 AND $3::text IS NOT NULL", self.table)
+                format!(
+                    "DELETE FROM {} WHERE line = $1 AND member = $2 AND $3::text IS NOT NULL",
+                    self.table
+                )
             };
             let done = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(line)

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use ::redis::Script;
 use futures::future::{BoxFuture, FutureExt};
 
-use super::{HeadsPage, LineError, LineStore, LinesPage};
+use super::{HeadsPage, LineError, LineStore, LinesPage, Member};
 use crate::backend::redis::ConnectionManager;
 
 pub(super) struct RedisLines {
@@ -205,7 +205,7 @@ impl LineStore for RedisLines {
         line: &'a str,
         after: Option<u64>,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, String, String)>, LineError>> {
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
         async move {
             let [members, jobs, ..] = self.keys(line);
             let mut conn = self.conn.clone();

@@ -373,7 +373,10 @@ mod tests {
         let stub = erased(&job);
         let text = serde_json::to_string(&stub).unwrap();
         assert!(!text.contains("alice"), "{text}");
-        assert!(!text.contains("secret-token") && !text.contains("customer-42"), "{text}");
+        assert!(
+            !text.contains("secret-token") && !text.contains("customer-42"),
+            "{text}"
+        );
         assert!(stub.secrets().is_empty() && stub.body().is_empty() && stub.headers().is_empty());
         assert_eq!(stub.url(), "https://example.com:8443/");
         assert_eq!(
