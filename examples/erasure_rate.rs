@@ -150,11 +150,16 @@ async fn main() -> Result<(), Error> {
             Ok(spawn!(worker))
         })
         .await?;
+        // Leave the shared database as it was.
+        sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+            .bind(&queue)
+            .execute(&pool)
+            .await?;
     }
 
     if let Ok(url_redis) = std::env::var("TEST_REDIS_URL") {
         let conn = redis::connect(&url_redis).await?;
-        let storage = redis::RedisStorage::new(conn).with_config(redis::config().queue(&queue));
+        let storage = redis::RedisStorage::new(conn.clone()).with_config(redis::config().queue(&queue));
         let sink = redis::RedisSink::new(&storage);
         measure("redis", sink.clone(), WebhookStore::redis(&sink), &url, n, || {
             let worker = WorkerBuilder::new("erasure-rate")
@@ -164,6 +169,20 @@ async fn main() -> Result<(), Error> {
             Ok(spawn!(worker))
         })
         .await?;
+        // Leave the shared server as it was: every key of the queue.
+        let mut conn = conn;
+        let keys: Vec<String> = {
+            let mut iter: ::redis::AsyncIter<String> =
+                ::redis::AsyncCommands::scan_match(&mut conn, format!("{queue}:*")).await?;
+            let mut keys = Vec::new();
+            while let Some(key) = iter.next_item().await {
+                keys.push(key?);
+            }
+            keys
+        };
+        for chunk in keys.chunks(500) {
+            ::redis::cmd("DEL").arg(chunk).query_async::<()>(&mut conn).await?;
+        }
     }
     Ok(())
 }

@@ -1,23 +1,6 @@
 //! [`Erasure`]: removing the payloads of chosen deliveries (GDPR Art. 17) from the backend,
-//! keeping an audit stub of every task so that history and dead letters still read.
-//!
-//! What a task keeps: its webhook id, event type, the origin of its endpoint URL (scheme, host,
-//! port), its endpoint id and tenant, its policy, attempt counters and times, apalis's status,
-//! and the attempt records of its result without their response excerpts. What it loses: the
-//! payload, the extra headers, the inline secrets and key id, the URL's path and query, the
-//! rate-limit and ordering keys, and the response excerpts. The stored job is marked
-//! [`erased`](WebhookJob::is_erased).
-//!
-//! A task still waiting for an attempt (pending, to be retried, deferred, or to be run again by
-//! apalis) is cancelled in the same write: it becomes a dead letter
-//! ([`DeadLetterReason::Erased`]), so it is never sent without its payload, and
-//! [`replay`](super::WebhookStore::replay) refuses it. A task a worker is running right now is
-//! left alone and counted as [`in_flight`](ErasureReport::in_flight): the worker holds the
-//! whole job in memory and may store its next attempt when it finishes, so erase again once it
-//! has.
-//!
-//! Each task is one conditional write (its state is checked in the same statement or script),
-//! tasks are found a batch at a time, and nothing is held across batches beyond the cursor.
+//! keeping an audit stub of every task so that history and dead letters still read. The
+//! backends' writes are in `erasure/{sqlite,postgres,redis}.rs`.
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -51,7 +34,58 @@ const ERASED_FRAGMENT: &str = "\"erased\":true";
 /// The error text of the attempt record of a task erasure cancelled.
 const CANCELLED: &str = "erased before this attempt was made";
 
-/// Which deliveries [`WebhookStore::erase`] erases.
+/// Which deliveries [`WebhookStore::erase`] erases: by webhook id, by registry endpoint, or by
+/// tenant.
+///
+/// **What each task keeps** (its audit stub): the webhook id, event type, the origin of the
+/// endpoint URL (scheme, host, port), the endpoint id and tenant, the policy, attempt counters
+/// and times, apalis's status, and the attempt records of its result (statuses, errors,
+/// durations) without their response excerpts; [`history`](WebhookStore::history) and
+/// [`dead_letters`](WebhookStore::dead_letters) read it as before. **What it loses**: the
+/// payload, the extra headers, the inline secrets and key id, the URL's path and query, the
+/// rate-limit and ordering keys, and the response excerpts. The stored job is marked
+/// [`erased`](WebhookJob::is_erased).
+///
+/// **Waiting deliveries are cancelled.** A task still waiting for an attempt (pending, to be
+/// retried, deferred, or to be run again by apalis) is made a dead letter
+/// ([`DeadLetterReason::Erased`]) in the same write, so it is never sent without its payload;
+/// [`replay`](WebhookStore::replay) of an erased delivery returns `false`.
+///
+/// **Running tasks are left for the next run.** A worker running a task holds the whole job in
+/// memory and stores what the attempt decides (a retry is a new task with the full job), so
+/// such a task is not touched and is counted as [`in_flight`](ErasureReport::in_flight): run
+/// the erasure again once it has finished (a replay running at the same moment is the same
+/// case). Repeat until `in_flight` is 0.
+///
+/// **Ordered deliveries** also have copies in their lines: run
+/// [`OrderedLines::erase_matching`](crate::ordering::OrderedLines::erase_matching) with
+/// [`matches`](Self::matches) first.
+///
+/// **Storage underneath.** The rows and fields are overwritten; the old bytes may linger where
+/// the database keeps superseded data until it reclaims it: Postgres's dead row versions until
+/// (auto)vacuum, SQLite's free pages and WAL unless `PRAGMA secure_delete` is on (or until
+/// `VACUUM`), Redis's AOF and RDB files until they are rewritten, and any backup.
+///
+/// Tasks are found and written a batch at a time ([`batch_size`](Self::batch_size)): one
+/// transaction (SQL) or one pipeline (Redis) per batch, each task's state checked in the same
+/// statement or script that rewrites it. Nothing is held across batches but the cursor.
+///
+/// ```no_run
+/// # async fn example(store: apalis_webhooks::WebhookStore) -> Result<(), apalis_webhooks::StoreError> {
+/// use apalis_webhooks::Erasure;
+///
+/// let erasure = Erasure::tenant("acme");
+/// loop {
+///     let report = store.erase(&erasure).await?;
+///     println!("erased {} deliveries ({} tasks)", report.deliveries, report.tasks);
+///     if report.in_flight == 0 {
+///         break;
+///     }
+///     // Some tasks were running: wait for them to finish, then erase again.
+///     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Erasure {
     selector: Selector,
