@@ -124,8 +124,9 @@ impl Erasure {
         Self::with(Selector::Tenant(tenant.into()))
     }
 
-    /// Tasks read per batch while looking for an endpoint's or a tenant's deliveries
-    /// ([`DEFAULT_ERASURE_BATCH`]; between 1 and 10,000).
+    /// Tasks read per batch while looking for an endpoint's or a tenant's deliveries, and
+    /// deliveries per batch when they are given by id ([`DEFAULT_ERASURE_BATCH`]; between 1
+    /// and 10,000). Each batch is written in one transaction (SQL) or pipeline (Redis).
     pub fn batch_size(mut self, tasks: usize) -> Self {
         self.batch = tasks.clamp(1, MAX_ERASURE_BATCH);
         self
