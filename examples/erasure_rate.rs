@@ -138,7 +138,7 @@ async fn main() -> Result<(), Error> {
     })
     .await?;
 
-    if let Ok(url_pg) = std::env::var("TEST_POSTGRES_URL") {
+    if let Some(url_pg) = std::env::var("TEST_POSTGRES_URL").ok().filter(|url| !url.is_empty()) {
         let pool = postgres::connect(&url_pg).await?;
         let storage = postgres::PostgresStorage::new(&pool).with_config(postgres::config().queue(&queue));
         let sink = postgres::PostgresSink::new(&storage);
@@ -157,7 +157,7 @@ async fn main() -> Result<(), Error> {
             .await?;
     }
 
-    if let Ok(url_redis) = std::env::var("TEST_REDIS_URL") {
+    if let Some(url_redis) = std::env::var("TEST_REDIS_URL").ok().filter(|url| !url.is_empty()) {
         let conn = redis::connect(&url_redis).await?;
         let storage = redis::RedisStorage::new(conn.clone()).with_config(redis::config().queue(&queue));
         let sink = redis::RedisSink::new(&storage);
