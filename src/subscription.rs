@@ -115,6 +115,9 @@ pub enum DispatchError {
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
+    /// The tenant is empty, longer than 256 bytes, or has control characters.
+    #[error("invalid tenant: {0}")]
+    InvalidTenant(&'static str),
     /// The subscription has an ordering key but the sink does not keep order: dispatch
     /// through [`OrderedLines::sink`](crate::ordering::OrderedLines::sink).
     #[error("an ordered delivery must be dispatched through OrderedLines::sink")]
@@ -214,7 +217,8 @@ impl WebhookSubscription {
 
     /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
     /// that [`WebhookStore::erase`](crate::WebhookStore::erase) can find them
-    /// ([`Erasure::tenant`](crate::Erasure::tenant)). Fan-out sets the registry endpoint's.
+    /// ([`Erasure::tenant`](crate::Erasure::tenant)). Fan-out sets the registry endpoint's. At
+    /// most 256 bytes, without control characters.
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
         self
@@ -289,6 +293,9 @@ impl WebhookSubscription {
         }
         if let Some(key) = &self.ordering_key {
             validate_key_id(key)?;
+        }
+        if let Some(tenant) = &self.tenant {
+            validate_tenant(tenant)?;
         }
         match &self.key_id {
             Some(key_id) => {
@@ -425,6 +432,20 @@ fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {
     }
     if !key_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(DispatchError::InvalidKeyId("only visible ASCII is allowed"));
+    }
+    Ok(())
+}
+
+/// A tenant is stored with every delivery and compared by erasure: bounded, printable.
+fn validate_tenant(tenant: &str) -> Result<(), DispatchError> {
+    if tenant.is_empty() {
+        return Err(DispatchError::InvalidTenant("empty"));
+    }
+    if tenant.len() > MAX_KEY_ID_LEN {
+        return Err(DispatchError::InvalidTenant("longer than 256 bytes"));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err(DispatchError::InvalidTenant("control characters are not allowed"));
     }
     Ok(())
 }

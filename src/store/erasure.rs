@@ -486,6 +486,25 @@ mod tests {
     }
 
     #[test]
+    fn tenants_are_stored_with_the_job_and_bounded() {
+        let sub = WebhookSubscription::new("https://example.com/hook", Secret::generate());
+        assert_eq!(sub.job("e", &1).unwrap().tenant(), None);
+        let job = sub.clone().tenant("Müller GmbH").job("e", &1).unwrap();
+        assert_eq!(job.tenant(), Some("Müller GmbH"));
+        let stored: WebhookJob = serde_json::from_slice(&serde_json::to_vec(&job).unwrap()).unwrap();
+        assert_eq!(stored.tenant(), Some("Müller GmbH"));
+        for bad in [String::new(), "x".repeat(257), "a\nb".into()] {
+            assert!(
+                matches!(
+                    sub.clone().tenant(bad.clone()).job("e", &1),
+                    Err(crate::DispatchError::InvalidTenant(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn selectors_match_on_the_job() {
         let job = job();
         assert!(Erasure::tenant("acme").matches(&job));
