@@ -93,6 +93,13 @@ pub struct WebhookJob {
     /// or giving up (see [`crate::ordering`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) repush: u32,
+    /// The tenant (customer, account) the delivery belongs to, which erasure selects by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tenant: Option<String>,
+    /// Set on the stored copy once its payload, headers and secrets were erased (see
+    /// [`Erasure`](crate::Erasure)): it is kept as an audit stub and never sent.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) erased: bool,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
@@ -222,6 +229,17 @@ impl WebhookJob {
         self.endpoint_id.as_ref()
     }
 
+    /// The tenant the delivery belongs to: the registry endpoint's, or the subscription's
+    /// [`tenant`](crate::WebhookSubscription::tenant).
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// Whether this stored copy was erased: its payload, headers and secrets are gone.
+    pub fn is_erased(&self) -> bool {
+        self.erased
+    }
+
     /// The ordering key, for ordered delivery (see [`crate::ordering`]).
     pub fn ordering_key(&self) -> Option<&str> {
         self.ordering_key.as_deref()
@@ -333,6 +351,8 @@ impl fmt::Debug for WebhookJob {
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
             .field("repush", &self.repush)
+            .field("tenant", &self.tenant)
+            .field("erased", &self.erased)
             .finish()
     }
 }
@@ -366,6 +386,10 @@ pub(crate) fn repush_of_key(key: &str) -> Option<u32> {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The idempotency key of attempt `attempt` of replay `replay` of delivery `webhook_id`. Every

@@ -95,6 +95,8 @@ pub use sink::{Deferral, WebhookSink};
 pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
 };
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub use store::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
 pub use subscription::{
     DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
 };

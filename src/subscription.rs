@@ -73,6 +73,7 @@ pub struct WebhookSubscription {
     rate_limit: Option<Limit>,
     endpoint_id: Option<EndpointId>,
     ordering_key: Option<String>,
+    tenant: Option<String>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -114,6 +115,9 @@ pub enum DispatchError {
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
+    /// The tenant is empty, longer than 256 bytes, or has control characters.
+    #[error("invalid tenant: {0}")]
+    InvalidTenant(&'static str),
     /// The subscription has an ordering key but the sink does not keep order: dispatch
     /// through [`OrderedLines::sink`](crate::ordering::OrderedLines::sink).
     #[error("an ordered delivery must be dispatched through OrderedLines::sink")]
@@ -143,6 +147,7 @@ impl WebhookSubscription {
             rate_limit: None,
             endpoint_id: None,
             ordering_key: None,
+            tenant: None,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -207,6 +212,15 @@ impl WebhookSubscription {
     /// visible ASCII, at most 256 bytes. See [`crate::ordering`] for guarantees and costs.
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
+    /// that [`WebhookStore::erase`](crate::WebhookStore::erase) can find them
+    /// ([`Erasure::tenant`](crate::Erasure::tenant)). Fan-out sets the registry endpoint's. At
+    /// most 256 bytes, without control characters.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
         self
     }
 
@@ -290,6 +304,9 @@ impl WebhookSubscription {
         if let Some(key) = &self.ordering_key {
             validate_key_id(key)?;
         }
+        if let Some(tenant) = &self.tenant {
+            validate_tenant(tenant)?;
+        }
         match &self.key_id {
             Some(key_id) => {
                 validate_key_id(key_id)?;
@@ -331,6 +348,8 @@ impl WebhookSubscription {
             endpoint_id: self.endpoint_id.clone(),
             ordering_key: self.ordering_key.clone(),
             repush: 0,
+            tenant: self.tenant.clone(),
+            erased: false,
             parsed: Default::default(),
             fresh: false,
         })
@@ -397,6 +416,7 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
+            .field("tenant", &self.tenant)
             .finish()
     }
 }
@@ -423,6 +443,20 @@ fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {
     }
     if !key_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(DispatchError::InvalidKeyId("only visible ASCII is allowed"));
+    }
+    Ok(())
+}
+
+/// A tenant is stored with every delivery and compared by erasure: bounded, printable.
+fn validate_tenant(tenant: &str) -> Result<(), DispatchError> {
+    if tenant.is_empty() {
+        return Err(DispatchError::InvalidTenant("empty"));
+    }
+    if tenant.len() > MAX_KEY_ID_LEN {
+        return Err(DispatchError::InvalidTenant("longer than 256 bytes"));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err(DispatchError::InvalidTenant("control characters are not allowed"));
     }
     Ok(())
 }

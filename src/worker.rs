@@ -179,6 +179,9 @@ pub enum DeadLetterReason {
     /// [`defer_horizon`](crate::DeliveryPolicy::defer_horizon); the record's `error` says what
     /// held it up last.
     DeferredTooLong,
+    /// The delivery was erased ([`WebhookStore::erase`](crate::WebhookStore::erase)) before
+    /// it was delivered or died: it is never sent, and cannot be replayed.
+    Erased,
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an

@@ -12,8 +12,8 @@ use crate::{
 
 #[derive(Clone)]
 pub(super) struct SqliteBackend {
-    pool: SqlitePool,
-    queue: String,
+    pub(super) pool: SqlitePool,
+    pub(super) queue: String,
 }
 
 /// A task that is dead: killed, or failed with apalis's attempts used up (see
@@ -118,7 +118,7 @@ impl SqliteBackend {
     }
 }
 
-fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<(Position, TaskRow), StoreError> {
+pub(super) fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<(Position, TaskRow), StoreError> {
     let column = |name: &str| StoreError::backend_column(name);
     TaskRow::from_columns(
         row.try_get("id").map_err(|_| column("id"))?,
