@@ -437,6 +437,13 @@ async fn erasing_a_tenant_leaves_no_trace<B: Searchable>(test: &str) {
         assert_eq!(history.attempts[0].status, Some(200));
         assert!(history.attempts[0].started_at_ms > 0);
         assert_eq!(history.attempts[0].response_excerpt, None);
+        assert!(history.erased);
+    }
+    for id in &ids[&(b.name.as_str(), DELIVER)] {
+        assert!(
+            !store.history(id).await.unwrap().unwrap().erased,
+            "{id} of the other tenant"
+        );
     }
     let dead = &a_ids(DIE)[0];
     let history = store.history(dead).await.unwrap().unwrap();
