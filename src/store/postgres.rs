@@ -12,7 +12,7 @@ use crate::{
 
 #[derive(Clone)]
 pub(super) struct PostgresBackend {
-    sink: PostgresSink,
+    pub(super) sink: PostgresSink,
 }
 
 /// The columns [`task_row`] reads.

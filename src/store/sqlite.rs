@@ -12,8 +12,8 @@ use crate::{
 
 #[derive(Clone)]
 pub(super) struct SqliteBackend {
-    pool: SqlitePool,
-    queue: String,
+    pub(super) pool: SqlitePool,
+    pub(super) queue: String,
 }
 
 /// A task that is dead: killed, or failed with apalis's attempts used up (see
