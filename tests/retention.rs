@@ -114,7 +114,7 @@ fn queue_level(queue: &str, key: &str) -> bool {
 }
 
 /// A receiver on 127.0.0.1: `/ok` answers 204, `/bad` 400, `/retry` 503, `/flip` 400 the first
-/// time and 204 after, `/hold` reports the request and answers 204 once released. `served`
+/// time and 204 after, `/bad-then-hold` 400 the first time and holds after, `/hold` reports the request and answers 204 once released. `served`
 /// counts answered requests.
 struct Receiver {
     base: String,
@@ -127,6 +127,7 @@ struct Receiver {
 struct Scripted {
     served: Arc<watch::Sender<u64>>,
     flips: Arc<AtomicU64>,
+    bad_then_hold: Arc<AtomicU64>,
     held: mpsc::UnboundedSender<()>,
     release: Arc<Notify>,
 }
@@ -138,7 +139,8 @@ async fn answer(State(state): State<Scripted>, Path(path): Path<String>) -> Stat
         "retry" => StatusCode::SERVICE_UNAVAILABLE,
         "flip" if state.flips.fetch_add(1, Ordering::SeqCst) == 0 => StatusCode::BAD_REQUEST,
         "flip" => StatusCode::NO_CONTENT,
-        "hold" => {
+        "bad-then-hold" if state.bad_then_hold.fetch_add(1, Ordering::SeqCst) == 0 => StatusCode::BAD_REQUEST,
+        "hold" | "bad-then-hold" => {
             let released = state.release.notified();
             let _ = state.held.send(());
             released.await;
@@ -158,6 +160,7 @@ impl Receiver {
         let state = Scripted {
             served: Arc::new(served_tx),
             flips: Arc::default(),
+            bad_then_hold: Arc::default(),
             held: held_tx,
             release: Arc::clone(&release),
         };
@@ -283,10 +286,25 @@ async fn purges_delivered_and_keeps_dead_letters<B: Measured>(test: &str) {
     let after = backend.footprint().await;
     assert_eq!(after.tasks, DEAD as u64, "exactly the dead letters' tasks are kept");
     if !before.keys.is_empty() {
-        // Per delivered delivery: its meta hash and its history list (a first attempt sets no
-        // idempotency marker).
-        assert_eq!(report.keys, 2 * DELIVERED as u64);
-        assert_eq!(after.keys.len(), before.keys.len() - 2 * DELIVERED);
+        // Per delivered delivery: its meta hash, its history list and its idempotency marker
+        // (a job built with `job()` and pushed sets one; `dispatch` does not).
+        assert_eq!(report.keys, 3 * DELIVERED as u64);
+        let (was, is): (HashSet<_>, HashSet<_>) = (before.keys.iter().collect(), after.keys.iter().collect());
+        assert!(is.is_subset(&was));
+        let removed: Vec<_> = was.difference(&is).collect();
+        let per_delivery = removed
+            .iter()
+            .filter(|key| {
+                [":meta:", ":webhooks:history:", ":idempotency:"]
+                    .iter()
+                    .any(|part| key.contains(part))
+            })
+            .count();
+        assert_eq!(per_delivery, 3 * DELIVERED);
+        // And the done set, now empty: only delivered tasks were in it.
+        let queue = queue_name(&backend.sink()).to_owned();
+        assert_eq!(removed.len() - per_delivery, 1);
+        assert!(removed.contains(&&&format!("{queue}:done")));
     }
     for job in &dead {
         let history = store.history(job.webhook_id()).await.unwrap().expect("kept");
@@ -380,8 +398,17 @@ async fn unfinished_deliveries_are_never_purged<B: Measured>(test: &str) {
         .await
         .unwrap();
     receiver.held.recv().await.unwrap();
+    // A dead letter whose replay is in flight: one task dead (replayed), one running.
+    let replaying = receiver
+        .subscription("bad-then-hold")
+        .dispatch(&mut sink, "e", &6)
+        .await
+        .unwrap();
+    eventually(|| async { matches!(status(&store, &replaying).await, Some(DeliveryStatus::Dead { .. })) }).await;
+    assert!(store.replay(&replaying).await.unwrap());
+    receiver.held.recv().await.unwrap();
 
-    let kept = [&waiting, &retrying, &replayed, &held];
+    let kept = [&waiting, &retrying, &replayed, &held, &replaying];
     let mut histories: HashMap<WebhookId, DeliveryHistory> = HashMap::new();
     for id in kept {
         histories.insert(id.clone(), store.history(id).await.unwrap().unwrap());
@@ -408,25 +435,32 @@ async fn unfinished_deliveries_are_never_purged<B: Measured>(test: &str) {
     assert_eq!(report.dead_letters, 1, "{report:?}");
     assert_eq!(report.tasks, 2, "the dead task and the replay's task");
     assert_eq!(status(&store, &replayed).await, None);
-    for id in [&waiting, &retrying, &held] {
+    for id in [&waiting, &retrying, &held, &replaying] {
         assert_eq!(store.history(id).await.unwrap().as_ref(), Some(&histories[id]));
     }
-    assert!(store.outstanding().await.unwrap() >= 3);
+    assert_eq!(store.outstanding().await.unwrap(), 4);
 
-    // Released, the held delivery finishes and then goes too.
-    receiver.release.notify_one();
-    eventually(|| async { status(&store, &held).await == Some(DeliveryStatus::Delivered) }).await;
+    // Released, the held deliveries finish and then go too.
+    receiver.release.notify_waiters();
+    eventually(|| async {
+        status(&store, &held).await == Some(DeliveryStatus::Delivered)
+            && status(&store, &replaying).await == Some(DeliveryStatus::Delivered)
+    })
+    .await;
     let _ = stop.send(());
     running.await.unwrap();
     let report = store.purge(&keeps_nothing()).await.unwrap();
-    assert_eq!((report.delivered, report.dead_letters), (1, 0));
+    assert_eq!((report.delivered, report.dead_letters, report.tasks), (1, 1, 3));
     assert_eq!(status(&store, &held).await, None);
+    assert_eq!(status(&store, &replaying).await, None);
     assert!(store.history(&waiting).await.unwrap().is_some());
     assert!(store.history(&retrying).await.unwrap().is_some());
     let left = backend.footprint().await;
     for key in &left.keys {
         assert!(
-            !key.contains(replayed.as_str()) && !key.contains(held.as_str()),
+            [&replayed, &held, &replaying]
+                .iter()
+                .all(|id| !key.contains(id.as_str())),
             "{key} of a purged delivery left"
         );
     }
