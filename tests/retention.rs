@@ -556,13 +556,20 @@ async fn a_failing_schedule_keeps_going() {
         .unwrap();
     let schedule = store.purge_every(keeps_nothing(), Duration::from_secs(1));
     let mut runs = schedule.runs();
-    runs.wait_for(|runs| runs.failed >= 1).await.unwrap();
+    tokio::time::timeout(common::PATIENCE, runs.wait_for(|runs| runs.failed >= 1))
+        .await
+        .expect("no failed purge")
+        .unwrap();
     assert_eq!(runs.borrow().succeeded, 0);
     sqlx::query("ALTER TABLE JobsAway RENAME TO Jobs")
         .execute(&backend.pool)
         .await
         .unwrap();
-    let runs_now = runs.wait_for(|runs| runs.succeeded >= 1).await.unwrap().to_owned();
+    let runs_now = tokio::time::timeout(common::PATIENCE, runs.wait_for(|runs| runs.succeeded >= 1))
+        .await
+        .expect("no purge succeeded")
+        .unwrap()
+        .to_owned();
     assert_eq!(runs_now.total.delivered, 1, "{runs_now:?}");
     assert_eq!(status(&store, &id).await, None);
 

@@ -145,11 +145,14 @@ local function decide(wid)
 end
 
 local decided = {}
+-- A delivery one of whose tasks finished within the shorter window is kept whatever its kind:
+-- it is not looked at further (the bulk of what is kept, at every purge).
+local recent = now - math.min(tonumber(ARGV[3]), tonumber(ARGV[4]))
 for _, id in ipairs(page[2]) do
-    local key = redis.call("hget", KEYS[5] .. ":" .. id, "idempotency_key")
-    local wid = key and string.match(key, "^([^:]+):")
+    local meta = redis.call("hmget", KEYS[5] .. ":" .. id, "idempotency_key", "done_at")
+    local wid = meta[1] and string.match(meta[1], "^([^:]+):")
     if wid then
-        if not decided[wid] then
+        if not decided[wid] and (tonumber(meta[2]) or 0) <= recent then
             decided[wid] = true
             decide(wid)
         end

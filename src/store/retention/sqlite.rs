@@ -1,30 +1,33 @@
 //! Purge on apalis-sqlite's `Jobs` table.
 //!
-//! Walks the unique `(job_type, idempotency_key)` index in key order. A delivery's keys all
-//! start with `{webhook_id}:` and SQLite compares text bytewise, so they are contiguous: a batch
-//! reads the next `batch` keys, then decides and deletes the deliveries of the key range
-//! `[{first}:, {last};)` in one statement — one implicit transaction, atomic.
+//! Walks the unique `(job_type, idempotency_key)` index in key order for tasks that finished
+//! longer ago than the shorter window (so deliveries finished recently, the bulk of what is
+//! kept, cost one index step each and nothing more). A batch takes the webhook ids of the next
+//! `batch` such tasks, then decides and deletes those deliveries in one statement — one implicit
+//! transaction, atomic. A delivery's keys all start with `{webhook_id}:` and SQLite compares
+//! text bytewise, so its tasks are the index range `[{id}:, {id};)`.
 
 use sqlx::Row;
 
 use super::{PurgeReport, RetentionPolicy, settled_dead_outcomes, webhook_id_of_key};
 use crate::store::{StoreError, sqlite::SqliteBackend};
 
-/// The next keys after the cursor that this crate made (a `:` after a non-empty id).
-const NEXT_KEYS: &str = "SELECT idempotency_key FROM Jobs WHERE job_type = ?1 AND idempotency_key >= ?2 \
-     AND instr(idempotency_key, ':') > 1 ORDER BY idempotency_key LIMIT ?3";
+/// The keys after the cursor, made by this crate (a `:` after a non-empty id), of tasks that
+/// finished at least `?3` seconds ago.
+const NEXT_KEYS: &str = "SELECT idempotency_key FROM Jobs WHERE job_type = ?1 AND idempotency_key > ?2 \
+     AND instr(idempotency_key, ':') > 1 AND status IN ('Done', 'Killed', 'Failed') \
+     AND done_at <= CAST(strftime('%s', 'now') AS INTEGER) - ?3 ORDER BY idempotency_key LIMIT ?4";
 
-/// Removes every task of each delivery of the key range `[?2, ?3)` that is finished (no task
+/// Removes every task of each delivery of the JSON array of webhook ids `?2` that is finished (no task
 /// waiting, running, or to be run again by apalis; delivered or dead) and whose last task
 /// finished at least its window ago by SQLite's clock (the one apalis-sqlite stamps `done_at`
-/// with): `?4` seconds for a delivery that ever died, `?5` for one only delivered.
+/// with): `?3` seconds for a delivery that ever died, `?4` for one only delivered.
 const DELETE_FINISHED: &str = concat!(
     "WITH tasks AS ( \
-         SELECT id, substr(idempotency_key, 1, instr(idempotency_key, ':') - 1) AS wid, status, \
-                attempts >= max_attempts AS spent, done_at, \
+         SELECT Jobs.id AS id, ids.value AS wid, status, attempts >= max_attempts AS spent, done_at, \
                 CASE WHEN json_valid(last_result) THEN json_extract(last_result, '$.Ok.outcome') END AS outcome \
-         FROM Jobs WHERE job_type = ?1 AND idempotency_key >= ?2 AND idempotency_key < ?3 \
-             AND instr(idempotency_key, ':') > 1 \
+         FROM json_each(?2) AS ids JOIN Jobs ON job_type = ?1 \
+             AND idempotency_key >= ids.value || ':' AND idempotency_key < ids.value || ';' \
      ), \
      verdict AS ( \
          SELECT wid, \
@@ -40,7 +43,7 @@ const DELETE_FINISHED: &str = concat!(
      doomed AS ( \
          SELECT wid FROM verdict \
          WHERE closed = 1 AND (died = 1 OR delivered = 1) AND finished IS NOT NULL \
-             AND finished <= CAST(strftime('%s', 'now') AS INTEGER) - CASE WHEN died = 1 THEN ?4 ELSE ?5 END \
+             AND finished <= CAST(strftime('%s', 'now') AS INTEGER) - CASE WHEN died = 1 THEN ?3 ELSE ?4 END \
      ) \
      DELETE FROM Jobs WHERE id IN (SELECT id FROM tasks WHERE wid IN (SELECT wid FROM doomed)) \
      RETURNING substr(idempotency_key, 1, instr(idempotency_key, ':') - 1) AS wid, \
@@ -54,25 +57,25 @@ impl SqliteBackend {
     pub(in crate::store) async fn purge(&self, policy: &RetentionPolicy) -> Result<PurgeReport, StoreError> {
         let mut report = PurgeReport::default();
         let mut cursor = String::new();
+        let recent = policy.delivered_secs().min(policy.dead_letter_secs());
         loop {
             let keys: Vec<String> = sqlx::query_scalar(NEXT_KEYS)
                 .bind(&self.queue)
                 .bind(&cursor)
+                .bind(recent)
                 .bind(policy.batch() as i64)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            let (Some(first), Some(last)) = (
-                keys.first().and_then(|k| webhook_id_of_key(k)),
-                keys.last().and_then(|k| webhook_id_of_key(k)),
-            ) else {
+            let Some(last) = keys.last() else {
                 return Ok(report);
             };
-            let (from, to) = (format!("{first}:"), format!("{last};"));
+            let mut ids: Vec<&str> = keys.iter().filter_map(|key| webhook_id_of_key(key)).collect();
+            ids.dedup();
+            let ids = serde_json::to_string(&ids).map_err(StoreError::backend)?;
             let rows = sqlx::query(DELETE_FINISHED)
                 .bind(&self.queue)
-                .bind(&from)
-                .bind(&to)
+                .bind(&ids)
                 .bind(policy.dead_letter_secs())
                 .bind(policy.delivered_secs())
                 .fetch_all(&self.pool)
@@ -85,8 +88,9 @@ impl SqliteBackend {
                 batch.task(wid, died.unwrap_or(false));
             }
             report.add(&batch.report());
-            // Every key of the last delivery is below `to`: the next batch starts after them.
-            cursor = to;
+            // Keys are in order, so a delivery's keys are together; should some of the last
+            // delivery's be left for the next batch, deciding it again there is harmless.
+            cursor = last.clone();
         }
     }
 }
