@@ -22,11 +22,14 @@ const NEXT_KEYS: &str = "SELECT idempotency_key FROM Jobs WHERE job_type = ?1 AN
 /// waiting, running, or to be run again by apalis; delivered or dead) and whose last task
 /// finished at least its window ago by SQLite's clock (the one apalis-sqlite stamps `done_at`
 /// with): `?3` seconds for a delivery that ever died, `?4` for one only delivered.
+///
+/// `CROSS JOIN` makes SQLite keep the ids outside, so each delivery costs an index range; left
+/// to choose, it scanned every row of the queue once per batch.
 const DELETE_FINISHED: &str = concat!(
     "WITH tasks AS ( \
          SELECT Jobs.id AS id, ids.value AS wid, status, attempts >= max_attempts AS spent, done_at, \
                 CASE WHEN json_valid(last_result) THEN json_extract(last_result, '$.Ok.outcome') END AS outcome \
-         FROM json_each(?2) AS ids JOIN Jobs ON job_type = ?1 \
+         FROM json_each(?2) AS ids CROSS JOIN Jobs ON job_type = ?1 \
              AND idempotency_key >= ids.value || ':' AND idempotency_key < ids.value || ';' \
      ), \
      verdict AS ( \
