@@ -21,6 +21,18 @@
 //!
 //! Dead letters are kept longer so they can still be looked at and replayed. A delivery that was
 //! ever a dead letter (replayed and then delivered, say) counts as a dead letter here.
+//!
+//! Limits:
+//! - Each purge walks the queue's idempotency-key index (SQL) or its done and dead sets (Redis);
+//!   deliveries finished within the shorter window cost one step each and are not decided.
+//! - Freed space is reused: SQLite keeps its file size (run `VACUUM` to shrink it), Postgres
+//!   reuses rows after (auto)vacuum.
+//! - With [ordered lines](crate::ordering), keep the delivered window longer than a head may wait
+//!   between being delivered and its line moving on (at once, or at the next `repair` after a
+//!   crash): `repair` pushes again a head it finds no task of.
+//! - A replay racing the purge of that very dead letter may leave the replay's tasks without the
+//!   earlier attempts.
+//! - The memory backend keeps its tasks in the process only; it has no store to purge.
 
 use std::time::Duration;
 
