@@ -1,38 +1,5 @@
 //! How long finished deliveries are kept: [`RetentionPolicy`], and what
 //! [`WebhookStore::purge`](super::WebhookStore::purge) removed: [`PurgeReport`].
-//!
-//! Every attempt of a delivery is an apalis task holding the job (URL, headers, payload and,
-//! outside [secret-store mode](crate::SecretStore), the signing secrets), so nothing the store
-//! keeps may stay forever. A purge removes whole deliveries, never single attempts: a delivery
-//! (every task of its webhook id, replays included) goes once it is *finished* — delivered, or a
-//! dead letter (discarded or not) — and its last task finished longer ago than the window of its
-//! kind. A delivery still waiting, retrying, deferred or running is never touched, and a delivery
-//! that is kept keeps every task, so its [`history`](super::WebhookStore::history) stays whole.
-//!
-//! Defaults, next to what hosted webhook services keep:
-//!
-//! | | keeps |
-//! |---|---|
-//! | this crate ([`RetentionPolicy::new`]) | delivered 30 days, dead letters 90 days |
-//! | Svix | messages 90 days |
-//! | Hook0 | 7 days, with cleanup jobs |
-//! | Stripe | events 30 days |
-//! | GitHub | webhook deliveries 3 days |
-//!
-//! Dead letters are kept longer so they can still be looked at and replayed. A delivery that was
-//! ever a dead letter (replayed and then delivered, say) counts as a dead letter here.
-//!
-//! Limits:
-//! - Each purge walks the queue's idempotency-key index (SQL) or its done and dead sets (Redis);
-//!   deliveries finished within the shorter window cost one step each and are not decided.
-//! - Freed space is reused: SQLite keeps its file size (run `VACUUM` to shrink it), Postgres
-//!   reuses rows after (auto)vacuum.
-//! - With [ordered lines](crate::ordering), keep the delivered window longer than a head may wait
-//!   between being delivered and its line moving on (at once, or at the next `repair` after a
-//!   crash): `repair` pushes again a head it finds no task of.
-//! - A replay racing the purge of that very dead letter may leave the replay's tasks without the
-//!   earlier attempts.
-//! - The memory backend keeps its tasks in the process only; it has no store to purge.
 
 use std::time::Duration;
 
@@ -79,8 +46,40 @@ pub enum RetentionError {
     BatchSize(usize),
 }
 
-/// How long finished deliveries are kept, and how a purge proceeds. See the
-/// [module docs](self) for what counts as finished, and for peers' defaults.
+/// How long finished deliveries are kept, and how a purge proceeds.
+///
+/// Every attempt of a delivery is an apalis task holding the job (URL, headers, payload and,
+/// outside [secret-store mode](crate::SecretStore), the signing secrets), so nothing the store
+/// keeps may stay forever. A purge removes whole deliveries, never single attempts: a delivery
+/// (every task of its webhook id, replays included) goes once it is *finished* — delivered, or a
+/// dead letter (discarded or not) — and its last task finished longer ago than the window of its
+/// kind. A delivery still waiting, retrying, deferred or running is never touched, and a delivery
+/// that is kept keeps every task, so its [`history`](super::WebhookStore::history) stays whole.
+///
+/// Defaults, next to what hosted webhook services keep:
+///
+/// | | keeps |
+/// |---|---|
+/// | this crate ([`RetentionPolicy::new`]) | delivered 30 days, dead letters 90 days |
+/// | Svix | messages 90 days |
+/// | Hook0 | 7 days, with cleanup jobs |
+/// | Stripe | events 30 days |
+/// | GitHub | webhook deliveries 3 days |
+///
+/// Dead letters are kept longer so they can still be looked at and replayed. A delivery that was
+/// ever a dead letter (replayed and then delivered, say) counts as a dead letter here.
+///
+/// Limits:
+/// - Each purge walks the queue's idempotency-key index (SQL) or its done and dead sets (Redis);
+///   deliveries finished within the shorter window cost one step each and are not decided.
+/// - Freed space is reused: SQLite keeps its file size (run `VACUUM` to shrink it), Postgres
+///   reuses rows after (auto)vacuum.
+/// - With [ordered lines](crate::ordering), keep the delivered window longer than a head may wait
+///   between being delivered and its line moving on (at once, or at the next `repair` after a
+///   crash): `repair` pushes again a head it finds no task of.
+/// - A replay racing the purge of that very dead letter may leave the replay's tasks without the
+///   earlier attempts.
+/// - The memory backend keeps its tasks in the process only; it has no store to purge.
 ///
 /// ```
 /// use std::time::Duration;
