@@ -577,3 +577,29 @@ async fn a_failing_schedule_keeps_going() {
     let stopped = tokio::time::timeout(Duration::from_secs(10), async { while runs.changed().await.is_ok() {} }).await;
     assert!(stopped.is_ok(), "the schedule ends when its handle is dropped");
 }
+
+/// A member of the done set whose task apalis's own `vacuum` removed is dropped from the set; a
+/// member whose task still exists is left to the deciding.
+#[tokio::test]
+async fn redis_drops_done_members_whose_task_is_gone() {
+    let Some(backend) = harness::Redis::open("retention-dangling").await else {
+        return;
+    };
+    let store = backend.store().unwrap();
+    let queue = backend.sink().queue().to_owned();
+    let mut conn = backend.conn.clone();
+    let _: () = ::redis::cmd("SADD")
+        .arg(format!("{queue}:done"))
+        .arg("gone-task")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let report = store.purge(&keeps_nothing()).await.unwrap();
+    assert!(report.is_empty(), "no delivery was removed: {report:?}");
+    let members: u64 = ::redis::cmd("SCARD")
+        .arg(format!("{queue}:done"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members, 0);
+}
