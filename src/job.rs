@@ -71,6 +71,11 @@ pub struct WebhookJob {
     /// How often this attempt was put off (rate limit, open breaker) without being made.
     #[serde(default)]
     pub(crate) deferrals: u32,
+    /// Unix seconds of this attempt's first deferral, if it was put off: a delivery put off
+    /// for longer than its policy's [`defer_horizon`](DeliveryPolicy::defer_horizon) becomes a
+    /// dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) deferred_since: Option<u64>,
     /// The rate-limit key the subscription chose (a tenant id, say); the endpoint otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rate_limit_key: Option<String>,
@@ -88,6 +93,13 @@ pub struct WebhookJob {
     /// or giving up (see [`crate::ordering`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) repush: u32,
+    /// The tenant (customer, account) the delivery belongs to, which erasure selects by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tenant: Option<String>,
+    /// Set on the stored copy once its payload, headers and secrets were erased (see
+    /// [`Erasure`](crate::Erasure)): it is kept as an audit stub and never sent.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) erased: bool,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
@@ -168,6 +180,11 @@ impl WebhookJob {
         self.deferrals
     }
 
+    /// Unix seconds at which this attempt was first put off; `None` if it never was.
+    pub fn deferred_since(&self) -> Option<u64> {
+        self.deferred_since
+    }
+
     /// The endpoint as rate limiters and circuit breakers key it: the URL's host, and its port
     /// when the URL names one (`api.example.com`, `127.0.0.1:8080`).
     pub fn endpoint(&self) -> &str {
@@ -212,6 +229,17 @@ impl WebhookJob {
         self.endpoint_id.as_ref()
     }
 
+    /// The tenant the delivery belongs to: the registry endpoint's, or the subscription's
+    /// [`tenant`](crate::WebhookSubscription::tenant).
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// Whether this stored copy was erased: its payload, headers and secrets are gone.
+    pub fn is_erased(&self) -> bool {
+        self.erased
+    }
+
     /// The ordering key, for ordered delivery (see [`crate::ordering`]).
     pub fn ordering_key(&self) -> Option<&str> {
         self.ordering_key.as_deref()
@@ -246,15 +274,17 @@ impl WebhookJob {
         Self {
             attempt: self.attempt.saturating_add(1),
             deferrals: 0,
+            deferred_since: None,
             fresh: false,
             ..self.clone()
         }
     }
 
-    /// The same attempt, put off once more.
-    pub(crate) fn deferred(&self) -> Self {
+    /// The same attempt, put off once more (at `now`, Unix seconds).
+    pub(crate) fn deferred(&self, now: u64) -> Self {
         Self {
             deferrals: self.deferrals.saturating_add(1),
+            deferred_since: Some(self.deferred_since.unwrap_or(now)),
             fresh: false,
             ..self.clone()
         }
@@ -278,6 +308,7 @@ impl WebhookJob {
         Self {
             attempt: 1,
             deferrals: 0,
+            deferred_since: None,
             repush,
             fresh: false,
             ..self.clone()
@@ -291,6 +322,7 @@ impl WebhookJob {
             attempt: 1,
             replay: self.replay.saturating_add(1),
             deferrals: 0,
+            deferred_since: None,
             fresh: false,
             ..self.clone()
         }
@@ -313,11 +345,14 @@ impl fmt::Debug for WebhookJob {
             .field("dispatched_at", &self.dispatched_at)
             .field("replay", &self.replay)
             .field("deferrals", &self.deferrals)
+            .field("deferred_since", &self.deferred_since)
             .field("rate_limit_key", &self.rate_limit_key)
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
             .field("repush", &self.repush)
+            .field("tenant", &self.tenant)
+            .field("erased", &self.erased)
             .finish()
     }
 }
@@ -351,6 +386,10 @@ pub(crate) fn repush_of_key(key: &str) -> Option<u32> {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The idempotency key of attempt `attempt` of replay `replay` of delivery `webhook_id`. Every

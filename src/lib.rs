@@ -51,6 +51,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod backend;
+mod bounded;
 mod clock;
 mod delivery;
 mod job;
@@ -76,6 +77,7 @@ mod worker;
 
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;
+pub use bounded::{MapUsage, MemoryCap};
 pub use delivery::{
     ATTEMPT_HEADER, DEFAULT_MAX_ATTEMPT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER,
     HttpDelivery, RESPONSE_EXCERPT_BYTES, USER_AGENT,
@@ -88,7 +90,7 @@ pub use retry::RetrySchedule;
 pub use secret::{MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, Secret, SecretError, WHSEC_PREFIX, generate_secret};
 pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
-pub use sink::WebhookSink;
+pub use sink::{Deferral, WebhookSink};
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
@@ -98,6 +100,8 @@ pub use store::{
     DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_DELIVERED_RETENTION, DEFAULT_PURGE_BATCH, MAX_PURGE_BATCH, MAX_RETENTION,
     MIN_PURGE_INTERVAL, PurgeReport, PurgeRuns, PurgeSchedule, RetentionError, RetentionPolicy,
 };
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub use store::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
 pub use subscription::{
     DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
 };

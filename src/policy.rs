@@ -24,6 +24,10 @@ pub struct DeliveryPolicy {
     pub retry_statuses: StatusSet,
     /// Upper bound for a receiver's `Retry-After`; ms.
     pub max_retry_after_ms: u64,
+    /// How long one attempt may be put off before the delivery becomes a dead letter; ms.
+    /// `None`: see [`defer_horizon`](Self::defer_horizon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defer_horizon_ms: Option<u64>,
 }
 
 impl Default for DeliveryPolicy {
@@ -34,6 +38,7 @@ impl Default for DeliveryPolicy {
             retry: RetrySchedule::default(),
             retry_statuses: StatusSet::default(),
             max_retry_after_ms: 24 * 3600 * 1000,
+            defer_horizon_ms: None,
         }
     }
 }
@@ -43,6 +48,26 @@ impl DeliveryPolicy {
     /// `Retry-After`, whatever the settings say): 365 days. Longer ones are cut to it, so that
     /// every due time is a valid timestamp in every backend.
     pub const MAX_DELAY: Duration = crate::clock::MAX_DELAY;
+
+    /// The shortest [`defer_horizon`](Self::defer_horizon) by default: an hour.
+    pub const MIN_DEFAULT_DEFER_HORIZON: Duration = Duration::from_secs(3600);
+
+    /// How long one attempt may be put off (rate limits, an open circuit breaker, an
+    /// unreachable secret store) before the delivery becomes a dead letter: the one set, else
+    /// the length of the retry schedule (its delays without jitter, summed over the attempts;
+    /// about 28 hours by default), at least [`MIN_DEFAULT_DEFER_HORIZON`](Self::MIN_DEFAULT_DEFER_HORIZON).
+    /// Never more than [`MAX_DELAY`](Self::MAX_DELAY). Without a horizon, a backlog behind a
+    /// breaker that never closes would be put off forever.
+    pub fn defer_horizon(&self) -> Duration {
+        match self.defer_horizon_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => self
+                .retry
+                .length(self.max_attempts)
+                .max(Self::MIN_DEFAULT_DEFER_HORIZON),
+        }
+        .min(Self::MAX_DELAY)
+    }
 
     /// The attempt timeout.
     pub fn timeout(&self) -> Duration {
@@ -69,6 +94,33 @@ impl DeliveryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_defer_horizon_is_the_retry_schedule_at_least_an_hour() {
+        let policy = DeliveryPolicy::default();
+        // 5 s + 5 min + 30 min + 2 h + 5 h + 10 h + 10 h: the delays after attempts 1 to 7.
+        assert_eq!(
+            policy.defer_horizon(),
+            Duration::from_secs(5 + 300 + 1800 + 7200 + 18_000 + 72_000)
+        );
+        let short = DeliveryPolicy {
+            max_attempts: 1,
+            ..DeliveryPolicy::default()
+        };
+        assert_eq!(short.defer_horizon(), DeliveryPolicy::MIN_DEFAULT_DEFER_HORIZON);
+        let set = DeliveryPolicy {
+            defer_horizon_ms: Some(u64::MAX),
+            ..DeliveryPolicy::default()
+        };
+        assert_eq!(set.defer_horizon(), DeliveryPolicy::MAX_DELAY);
+        // Stored jobs from before the setting existed still read.
+        let mut json = serde_json::to_value(DeliveryPolicy::default()).unwrap();
+        json.as_object_mut().unwrap().remove("defer_horizon_ms");
+        assert_eq!(
+            serde_json::from_value::<DeliveryPolicy>(json).unwrap(),
+            DeliveryPolicy::default()
+        );
+    }
 
     #[test]
     fn delays_are_clamped_at_the_extremes() {

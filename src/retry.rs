@@ -83,29 +83,44 @@ impl RetrySchedule {
         self
     }
 
-    /// The delay after attempt number `attempt` (1-based) failed, jitter included, at most
-    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). A stored schedule with
-    /// an out-of-range jitter is read as if clamped to `0.0..=1.0` (not finite: none).
-    pub fn delay_after(&self, attempt: u32) -> Duration {
+    /// The time a delivery of `attempts` attempts spends waiting between them: the delays
+    /// after attempts 1 to `attempts - 1`, without jitter, summed (at most
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY)).
+    pub fn length(&self, attempts: u32) -> Duration {
+        let attempts = attempts.min(crate::policy::MAX_ATTEMPTS_LIMIT);
+        (1..attempts)
+            .map(|attempt| Duration::from_millis(self.base_ms(attempt) as u64))
+            .fold(Duration::ZERO, Duration::saturating_add)
+            .min(crate::clock::MAX_DELAY)
+    }
+
+    /// The delay after attempt `attempt` before jitter, in milliseconds.
+    fn base_ms(&self, attempt: u32) -> f64 {
         let index = attempt.saturating_sub(1);
-        let (base_ms, jitter) = match self {
-            Self::Schedule { delays_ms, jitter } => {
+        match self {
+            Self::Schedule { delays_ms, .. } => {
                 let last = delays_ms.len().saturating_sub(1);
-                (
-                    delays_ms.get((index as usize).min(last)).copied().unwrap_or(0) as f64,
-                    *jitter,
-                )
+                delays_ms.get((index as usize).min(last)).copied().unwrap_or(0) as f64
             }
             Self::Exponential {
                 base_ms,
                 factor,
                 max_ms,
-                jitter,
+                ..
             } => {
                 let grown = *base_ms as f64 * factor.powi(index.min(1024) as i32);
-                (grown.min(*max_ms as f64), *jitter)
+                grown.min(*max_ms as f64)
             }
-        };
+        }
+    }
+
+    /// The delay after attempt number `attempt` (1-based) failed, jitter included, at most
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). A stored schedule with
+    /// an out-of-range jitter is read as if clamped to `0.0..=1.0` (not finite: none).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let base_ms = self.base_ms(attempt);
+        let (Self::Schedule { jitter, .. } | Self::Exponential { jitter, .. }) = self;
+        let jitter = *jitter;
         let jitter = if jitter.is_finite() {
             jitter.clamp(0.0, 1.0)
         } else {

@@ -46,6 +46,30 @@ pub trait WebhookSink<K>: Send {
         None
     }
 
+    /// Puts off the task `task_id`, which a worker is running, as `job` (the same attempt, its
+    /// deferral count raised) due at `run_at` (Unix seconds), and returns what the deferral
+    /// stored.
+    ///
+    /// On SQLite, Postgres and Redis the task's own row (hash) is moved back to the queue under a
+    /// fresh task id, keeping its idempotency key and with `result` (apalis's stored result
+    /// JSON, `{"Ok": report}`) as its last result: a deferral stores nothing new however often
+    /// it happens, and the running task's own acknowledgement, which names the old id, changes
+    /// nothing. Trying it again after it landed changes nothing either. Other sinks push `job`
+    /// as a new task (the default).
+    fn defer_task(
+        &mut self,
+        task_id: &str,
+        job: WebhookJob,
+        run_at: u64,
+        result: &str,
+    ) -> impl Future<Output = Result<Deferral, Self::Error>> + Send {
+        let _ = (task_id, result);
+        async move {
+            self.push_job(job, Some(run_at)).await?;
+            Ok(Deferral::Pushed)
+        }
+    }
+
     /// Stores `jobs`, all due now: in one round trip (one transaction, one pipeline) on
     /// SQLite, Postgres and Redis; one by one elsewhere. Used by fan-out.
     fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {
@@ -58,9 +82,22 @@ pub trait WebhookSink<K>: Send {
     }
 }
 
+/// What [`WebhookSink::defer_task`] stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Deferral {
+    /// The running task was moved back to the queue: nothing new was stored.
+    Moved,
+    /// The running task was no longer the worker's (a try of this deferral already moved it,
+    /// or the backend handed it to another worker): nothing was changed.
+    Gone,
+    /// The deferral was stored as a new task (sinks that cannot move a task).
+    Pushed,
+}
+
 impl<S, K> WebhookSink<K> for S
 where
-    S: TaskSink<WebhookJob, K> + Send,
+    S: TaskSink<WebhookJob, K> + Send + 'static,
     S::Error: std::error::Error + Send + Sync + 'static,
 {
     type Error = TaskSinkError<S::Error>;
@@ -73,10 +110,53 @@ where
         self.push_task(task(job, run_at))
     }
 
+    fn defer_task(
+        &mut self,
+        task_id: &str,
+        job: WebhookJob,
+        run_at: u64,
+        result: &str,
+    ) -> impl Future<Output = Result<Deferral, Self::Error>> + Send {
+        // apalis-sqlite's storage is the embedded default, used as the worker's sink as it is:
+        // its rows can be moved in place. Any other apalis storage gets a new task per deferral.
+        #[cfg(feature = "sqlite")]
+        let sqlite = (self as &mut dyn std::any::Any)
+            .downcast_mut::<apalis_sqlite::SqliteStorage<WebhookJob>>()
+            .map(|storage| storage.pool().clone());
+        #[cfg(not(feature = "sqlite"))]
+        let sqlite: Option<()> = None;
+        let (task_id, result) = (task_id.to_owned(), result.to_owned());
+        async move {
+            #[cfg(feature = "sqlite")]
+            if let Some(pool) = sqlite {
+                return crate::backend::sqlite::defer_task(&pool, &task_id, &job, run_at, &result)
+                    .await
+                    .map_err(as_push_error);
+            }
+            let _ = (sqlite, task_id, result);
+            self.push_task(task(job, Some(run_at))).await?;
+            Ok(Deferral::Pushed)
+        }
+    }
+
     fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {
         // Through the backend's buffered sink: apalis-sqlite writes the batch in one flush.
         let tasks = futures::stream::iter(jobs.into_iter().map(|job| task(job, None)));
         async move { self.push_all(tasks).await }
+    }
+}
+
+/// `error` as the push error of a sink whose error type it is (checked at run time: the
+/// blanket impl cannot name it); as a codec error otherwise, which never happens.
+#[cfg(feature = "sqlite")]
+fn as_push_error<E: std::error::Error + Send + Sync + 'static, P: 'static>(error: E) -> TaskSinkError<P> {
+    let boxed: Box<dyn std::any::Any> = Box::new(error);
+    match boxed.downcast::<P>() {
+        Ok(error) => TaskSinkError::PushError(*error),
+        Err(boxed) => match boxed.downcast::<E>() {
+            Ok(error) => TaskSinkError::CodecError(error),
+            Err(_) => TaskSinkError::CodecError("the backend failed".into()),
+        },
     }
 }
 

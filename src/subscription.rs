@@ -73,6 +73,7 @@ pub struct WebhookSubscription {
     rate_limit: Option<Limit>,
     endpoint_id: Option<EndpointId>,
     ordering_key: Option<String>,
+    tenant: Option<String>,
     scheme: SignatureScheme,
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
@@ -114,6 +115,9 @@ pub enum DispatchError {
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
+    /// The tenant is empty, longer than 256 bytes, or has control characters.
+    #[error("invalid tenant: {0}")]
+    InvalidTenant(&'static str),
     /// The subscription has an ordering key but the sink does not keep order: dispatch
     /// through [`OrderedLines::sink`](crate::ordering::OrderedLines::sink).
     #[error("an ordered delivery must be dispatched through OrderedLines::sink")]
@@ -143,6 +147,7 @@ impl WebhookSubscription {
             rate_limit: None,
             endpoint_id: None,
             ordering_key: None,
+            tenant: None,
             scheme: SignatureScheme::default(),
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
@@ -210,6 +215,15 @@ impl WebhookSubscription {
         self
     }
 
+    /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
+    /// that [`WebhookStore::erase`](crate::WebhookStore::erase) can find them
+    /// ([`Erasure::tenant`](crate::Erasure::tenant)). Fan-out sets the registry endpoint's. At
+    /// most 256 bytes, without control characters.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
     /// The signature scheme (Standard Webhooks by default).
     pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
         self.scheme = scheme;
@@ -249,6 +263,16 @@ impl WebhookSubscription {
         self
     }
 
+    /// How long one attempt may be put off (by rate limits, an open circuit breaker, an
+    /// unreachable secret store) before the delivery becomes a dead letter
+    /// ([`DeadLetterReason::DeferredTooLong`](crate::DeadLetterReason::DeferredTooLong)); by
+    /// default the length of its retry schedule, at least an hour (see
+    /// [`DeliveryPolicy::defer_horizon`](crate::DeliveryPolicy::defer_horizon)).
+    pub fn defer_horizon(mut self, horizon: Duration) -> Self {
+        self.policy.defer_horizon_ms = Some(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
     /// Upper bound for a receiver's `Retry-After` (24 h by default).
     pub fn max_retry_after(mut self, limit: Duration) -> Self {
         self.policy.max_retry_after_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
@@ -279,6 +303,9 @@ impl WebhookSubscription {
         }
         if let Some(key) = &self.ordering_key {
             validate_key_id(key)?;
+        }
+        if let Some(tenant) = &self.tenant {
+            validate_tenant(tenant)?;
         }
         match &self.key_id {
             Some(key_id) => {
@@ -315,11 +342,14 @@ impl WebhookSubscription {
             dispatched_at: crate::clock::unix_seconds(),
             replay: 0,
             deferrals: 0,
+            deferred_since: None,
             rate_limit_key: self.rate_limit_key.clone(),
             rate_limit: self.rate_limit,
             endpoint_id: self.endpoint_id.clone(),
             ordering_key: self.ordering_key.clone(),
             repush: 0,
+            tenant: self.tenant.clone(),
+            erased: false,
             parsed: Default::default(),
             fresh: false,
         })
@@ -386,6 +416,7 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("rate_limit", &self.rate_limit)
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
+            .field("tenant", &self.tenant)
             .finish()
     }
 }
@@ -412,6 +443,20 @@ fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {
     }
     if !key_id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(DispatchError::InvalidKeyId("only visible ASCII is allowed"));
+    }
+    Ok(())
+}
+
+/// A tenant is stored with every delivery and compared by erasure: bounded, printable.
+fn validate_tenant(tenant: &str) -> Result<(), DispatchError> {
+    if tenant.is_empty() {
+        return Err(DispatchError::InvalidTenant("empty"));
+    }
+    if tenant.len() > MAX_KEY_ID_LEN {
+        return Err(DispatchError::InvalidTenant("longer than 256 bytes"));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err(DispatchError::InvalidTenant("control characters are not allowed"));
     }
     Ok(())
 }

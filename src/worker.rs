@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use crate::{
     backend::resilient::Backoff,
-    clock::{unix_millis, unix_seconds_after},
+    bounded::MemoryCap,
+    clock::{unix_millis, unix_seconds, unix_seconds_after},
     delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
     job::WebhookJob,
     observe::{self, Settled},
@@ -29,7 +30,7 @@ use crate::{
     record::AttemptRecord,
     registry::{
         DEFAULT_DISABLE_AFTER, EndpointId, EndpointRegistry,
-        health::{EndpointHealth, Verdict},
+        health::{DEFAULT_HEALTH_CAP, EndpointHealth, Verdict},
     },
     secret_store::SecretStore,
     signing::{SigningLayer, SigningService},
@@ -54,6 +55,21 @@ pub const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
 /// Longest one try of a backend write may take before it is tried again. The write may have
 /// succeeded: it is idempotent.
 const STORE_TRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest floor [`deferral_floor`] sets: repeated deferrals of one attempt are at least
+/// this far apart once it has been put off often.
+pub const MAX_DEFERRAL_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The least wait before an attempt put off `deferrals` times already is tried again: none
+/// the first time (the layer's own delay applies), then 1 s doubling up to
+/// [`MAX_DEFERRAL_BACKOFF`]. A layer that keeps deferring with a short delay (a rate limiter
+/// that cannot reach Redis, say) is thereby asked less and less often.
+fn deferral_floor(deferrals: u32) -> Duration {
+    match deferrals {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(1u64.checked_shl(n - 1).unwrap_or(u64::MAX)).min(MAX_DEFERRAL_BACKOFF),
+    }
+}
 
 /// Time the layers (rate limiter, breaker, signer with its secret store) may add to an
 /// attempt's HTTP timeout before the worker gives up on the attempt.
@@ -158,6 +174,14 @@ pub enum DeadLetterReason {
     /// Only the `WebhookStore` reports it (backend features); the record's `error` holds the
     /// last error text the backend stored.
     InfrastructureFailed,
+    /// The attempt was put off (rate limits, an open circuit breaker, an unreachable secret
+    /// store) for longer than the delivery's
+    /// [`defer_horizon`](crate::DeliveryPolicy::defer_horizon); the record's `error` says what
+    /// held it up last.
+    DeferredTooLong,
+    /// The delivery was erased ([`WebhookStore::erase`](crate::WebhookStore::erase)) before
+    /// it was delivered or died: it is never sent, and cannot be replayed.
+    Erased,
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an
@@ -303,6 +327,7 @@ pub struct WebhookWorker<B> {
     disable_after: Duration,
     lines: Option<OrderedLines>,
     max_attempt_timeout: Duration,
+    health_cap: MemoryCap,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
@@ -359,6 +384,7 @@ impl<B: Clone> WebhookWorker<B> {
             disable_after: DEFAULT_DISABLE_AFTER,
             lines: None,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            health_cap: DEFAULT_HEALTH_CAP,
         }
     }
 
@@ -393,6 +419,15 @@ impl<B: Clone> WebhookWorker<B> {
     /// never holds up or fails a delivery.
     pub fn registry(mut self, registry: impl EndpointRegistry) -> Self {
         self.registry = Some(Arc::new(registry));
+        self
+    }
+
+    /// How many registry endpoints the worker remembers a recent success of, so that a healthy
+    /// endpoint costs one registry write per 10 s ([`DEFAULT_HEALTH_CAP`]: 100,000 endpoints,
+    /// 16 MiB). An endpoint dropped past the cap has its next success written again; its
+    /// failures are kept in the registry, not here, so disabling is not affected.
+    pub fn max_tracked_endpoints(mut self, cap: MemoryCap) -> Self {
+        self.health_cap = cap;
         self
     }
 
@@ -504,10 +539,9 @@ impl<B: Clone> WebhookWorker<B> {
             inner,
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
-            health: self
-                .registry
-                .as_ref()
-                .map(|registry| EndpointHealth::new(Arc::clone(registry), self.disable_after)),
+            health: self.registry.as_ref().map(|registry| {
+                EndpointHealth::with_capacity(Arc::clone(registry), self.disable_after, self.health_cap)
+            }),
             // Starts the lines' periodic repair, if they have one; it ends with the service.
             lines: self.lines.as_ref().map(OrderedLines::for_worker),
             attempt_limit,
@@ -566,6 +600,7 @@ where
     }
 
     fn call(&mut self, task: Task<WebhookJob>) -> Self::Future {
+        let task_id = task.task_id().map(ToString::to_string);
         let job = Arc::new(task.args);
         // An ordered delivery (replays go outside their line) needs the lines to move on.
         let ordered = job.line().is_some() && job.replay() == 0;
@@ -599,7 +634,7 @@ where
                     },
                 };
                 observe::record_result(&tracing::Span::current(), &result);
-                let report = settle(&job, started_at_ms, &result, &mut backend, &hooks).await;
+                let report = settle(&job, task_id.as_deref(), started_at_ms, &result, &mut backend, &hooks).await;
                 // Delivered, or dead (the only errors `settle` returns are dead letters).
                 let ends_delivery = matches!(report, Ok(DeliveryReport::Delivered { .. }) | Err(_));
                 if let Some(lines) = lines
@@ -662,9 +697,10 @@ impl Patience {
     }
 }
 
-/// Applies the outcome of one attempt.
+/// Applies the outcome of one attempt of `job`, run as the task `task_id`.
 async fn settle<B, K>(
     job: &WebhookJob,
+    task_id: Option<&str>,
     started_at_ms: u64,
     result: &AttemptResult,
     backend: &mut B,
@@ -717,27 +753,64 @@ where
         }
         Outcome::Fatal => DeadLetterReason::Fatal,
         Outcome::Deferred { delay, reason } => {
-            let until = unix_seconds_after(delay);
-            let deferred = job.deferred();
-            let stored = patiently!(
-                "storing the deferred attempt",
-                backend.push_job(deferred.clone(), Some(until))
-            );
+            let now = unix_seconds();
+            let since = job.deferred_since().unwrap_or(now);
+            let horizon = policy.defer_horizon();
+            if now.saturating_sub(since) >= horizon.as_secs() {
+                return deferred_too_long(job, record, result, reason, horizon, hooks);
+            }
+            let until = unix_seconds_after(delay.max(deferral_floor(job.deferrals())));
+            let deferred = job.deferred(now);
+            let report = DeliveryReport::Deferred {
+                webhook_id: job.webhook_id().clone(),
+                attempt: job.attempt(),
+                until,
+                reason,
+            };
+            let stored_result = serde_json::json!({ "Ok": &report }).to_string();
+            let stored = patiently!("storing the deferred attempt", async {
+                match task_id {
+                    // The running task itself moves back to the queue: nothing new is stored.
+                    Some(task_id) => backend
+                        .defer_task(task_id, deferred.clone(), until, &stored_result)
+                        .await
+                        .map(drop),
+                    None => backend.push_job(deferred.clone(), Some(until)).await,
+                }
+            });
             if let Err(error) = stored {
                 return outcome_not_stored(job, record, result, hooks, &error);
             }
             tracing::debug!(%reason, until, "deferred");
             observe::settled(job, result, Settled::Deferred(reason));
             hooks.emit(&DeliveryEvent::Deferred { job, reason, until });
-            return Ok(DeliveryReport::Deferred {
-                webhook_id: job.webhook_id().clone(),
-                attempt: job.attempt(),
-                until,
-                reason,
-            });
+            return Ok(report);
         }
     };
     Err(dead_letter(job, reason, record, result, hooks))
+}
+
+/// The attempt has been put off for longer than the delivery's horizon: it becomes a dead
+/// letter rather than being put off again.
+fn deferred_too_long(
+    job: &WebhookJob,
+    mut record: AttemptRecord,
+    result: &AttemptResult,
+    reason: DeferReason,
+    horizon: Duration,
+    hooks: &Hooks,
+) -> Result<DeliveryReport, BoxDynError> {
+    record.error = Some(format!(
+        "put off for longer than the defer horizon ({}s); last held up by: {reason}",
+        horizon.as_secs()
+    ));
+    Err(dead_letter(
+        job,
+        DeadLetterReason::DeferredTooLong,
+        record,
+        result,
+        hooks,
+    ))
 }
 
 /// Kills the task as a dead letter: apalis stores it `Killed`, with the record as its result.
@@ -817,3 +890,15 @@ async fn report_health(
     "ordered delivery on a worker without lines: configure WebhookWorker::ordered with the lines it was dispatched into"
 )]
 struct NoLines;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_deferrals_back_off_to_a_cap() {
+        let floors: Vec<u64> = (0..10).map(|n| deferral_floor(n).as_secs()).collect();
+        assert_eq!(floors, [0, 1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(deferral_floor(u32::MAX), MAX_DEFERRAL_BACKOFF);
+    }
+}

@@ -6,7 +6,7 @@ use std::{str::FromStr, time::Duration};
 pub use apalis_sqlite::{Config, Error, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteStorage};
 
 use super::Rearmed;
-use crate::{job::WebhookJob, worker::DEFAULT_POLL_INTERVAL};
+use crate::{job::WebhookJob, sink::Deferral, worker::DEFAULT_POLL_INTERVAL};
 
 /// Tasks fetched per query. apalis's default of 10 costs a round trip per ten deliveries.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -82,6 +82,34 @@ pub fn config() -> Config {
 /// or run `SqliteStorage::setup(&pool)` once on a pool of your own.
 pub fn storage(pool: &SqlitePool) -> SqliteStorage<WebhookJob> {
     SqliteStorage::new(pool).with_config(config())
+}
+
+/// Moves the running task `task_id` back to the queue as `job`, due at `run_at` (Unix
+/// seconds), under a fresh id, with `result` as its last result (see
+/// [`WebhookSink::defer_task`](crate::WebhookSink::defer_task)). Its idempotency key stays.
+/// apalis's acknowledgement of the old id then matches no row.
+pub(crate) async fn defer_task(
+    pool: &SqlitePool,
+    task_id: &str,
+    job: &WebhookJob,
+    run_at: u64,
+    result: &str,
+) -> Result<Deferral, Error> {
+    let body = serde_json::to_vec(job).map_err(|error| Error::Database(sqlx::Error::Encode(Box::new(error))))?;
+    let moved = sqlx::query(
+        "UPDATE Jobs SET id = ?1, job = ?2, status = 'Pending', run_at = ?3, attempts = 0, last_result = ?4, \
+         lock_by = NULL, lock_at = NULL, done_at = NULL \
+         WHERE id = ?5 AND status IN ('Queued', 'Running')",
+    )
+    .bind(ulid::Ulid::new().to_string())
+    .bind(body)
+    .bind(i64::try_from(run_at).unwrap_or(i64::MAX))
+    .bind(result)
+    .bind(task_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(if moved == 0 { Deferral::Gone } else { Deferral::Moved })
 }
 
 /// `storage` polled every [`DEFAULT_POLL_INTERVAL`], for the worker: without it an idle apalis

@@ -2,21 +2,52 @@
 //! due together and get held back again.
 
 use std::{
-    collections::HashMap,
+    fmt,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-/// Most keys remembered before the expired ones are swept.
-const SWEEP_AT: usize = 10_000;
+use crate::bounded::{BoundedMap, HeapSize, MapUsage, MemoryCap};
 
-/// Per key, the time up to which deferred deliveries have been spread.
-#[derive(Debug, Default)]
+/// Per key, the time up to which deferred deliveries have been spread. Capped: past the cap
+/// the least recently deferred keys are forgotten, which costs only spreading (a forgotten
+/// key's next deferral waits its own wait, not behind the earlier ones). A horizon in the past
+/// means the same as none, so expired ones need no sweeping.
 pub(crate) struct Spread {
-    horizons: Mutex<HashMap<String, Instant>>,
+    horizons: Mutex<BoundedMap<String, Horizon>>,
+}
+
+struct Horizon(Instant);
+
+impl HeapSize for Horizon {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+impl fmt::Debug for Spread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spread").field("horizons", &self.usage()).finish()
+    }
 }
 
 impl Spread {
+    /// Spreading for at most `cap` keys.
+    pub(crate) fn new(cap: MemoryCap) -> Self {
+        Self {
+            horizons: Mutex::new(BoundedMap::new("deferral_spread", cap)),
+        }
+    }
+
+    /// The size of the map.
+    pub(crate) fn usage(&self) -> MapUsage {
+        self.lock().usage()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<String, Horizon>> {
+        self.horizons.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The delay for one more delivery of `key` held back for at least `wait`: after the
     /// ones deferred before it, one `interval` apart; never more than `cap`.
     pub(crate) fn delay(&self, key: &str, wait: Duration, interval: Duration, cap: Duration) -> Duration {
@@ -24,18 +55,17 @@ impl Spread {
     }
 
     fn delay_at(&self, key: &str, wait: Duration, interval: Duration, cap: Duration, now: Instant) -> Duration {
-        let mut horizons = self.horizons.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if horizons.len() >= SWEEP_AT {
-            horizons.retain(|_, horizon| *horizon > now);
-        }
+        let mut horizons = self.lock();
         // In durations from now, saturating: no `Instant` arithmetic that can overflow.
         let queued = horizons
-            .get(key)
-            .map_or(Duration::ZERO, |horizon| horizon.saturating_duration_since(now));
+            .peek(key)
+            .map_or(Duration::ZERO, |horizon| horizon.0.saturating_duration_since(now));
         let delay = queued.max(wait).saturating_add(interval).min(cap);
         match now.checked_add(delay) {
-            Some(horizon) => horizons.insert(key.to_owned(), horizon),
-            None => horizons.remove(key),
+            Some(horizon) => horizons.insert(key.to_owned(), Horizon(horizon)),
+            None => {
+                horizons.remove(key);
+            }
         };
         delay
     }
@@ -47,7 +77,7 @@ mod tests {
 
     #[test]
     fn deferrals_of_one_key_queue_up_one_interval_apart() {
-        let spread = Spread::default();
+        let spread = Spread::new(crate::bounded::MemoryCap::new(100, 1 << 20));
         let (now, ms) = (Instant::now(), Duration::from_millis);
         let cap = Duration::from_secs(3600);
         let delays: Vec<Duration> = (0..3)
@@ -65,7 +95,7 @@ mod tests {
 
     #[test]
     fn huge_waits_and_intervals_do_not_overflow() {
-        let spread = Spread::default();
+        let spread = Spread::new(crate::bounded::MemoryCap::new(100, 1 << 20));
         let now = Instant::now();
         let cap = crate::clock::MAX_DELAY;
         for _ in 0..3 {

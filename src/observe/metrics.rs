@@ -61,5 +61,7 @@ fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
         DeadLetterReason::Fatal => "fatal",
         DeadLetterReason::InfrastructureFailed => "infrastructure_failed",
         DeadLetterReason::OutcomeNotStored => "outcome_not_stored",
+        DeadLetterReason::DeferredTooLong => "deferred_too_long",
+        DeadLetterReason::Erased => "erased",
     }
 }

@@ -12,7 +12,7 @@
 //! | `webhook_attempts_total` | counter | `endpoint`, `outcome` | attempts by outcome: `delivered`, `retry_scheduled`, `dead_lettered`, `deferred` |
 //! | `webhook_attempt_duration_seconds` | histogram | `endpoint`, `outcome` | request to response read, for attempts that were made |
 //! | `webhook_retries_total` | counter | `endpoint` | retries scheduled |
-//! | `webhook_dead_letters_total` | counter | `endpoint`, `reason` | `attempts_exhausted`, `endpoint_gone`, `fatal` |
+//! | `webhook_dead_letters_total` | counter | `endpoint`, `reason` | `attempts_exhausted`, `endpoint_gone`, `fatal`, `outcome_not_stored`, `deferred_too_long` |
 //! | `webhook_deferrals_total` | counter | `endpoint`, `reason` | `rate_limited`, `circuit_open`, `limiter_unavailable`, `secret_store_unavailable` |
 //! | `webhook_circuit_breaker_state` | gauge | `endpoint` | 0 closed, 1 half-open, 2 open (set on every change) |
 //! | `webhook_endpoints_disabled_total` | counter | `endpoint` | registry endpoints disabled by the worker |
@@ -37,7 +37,7 @@ mod metrics;
 mod span;
 mod stats;
 
-pub use stats::{EndpointSnapshot, EndpointStats, LATENCY_WINDOW, LastError};
+pub use stats::{DEFAULT_STATS_CAP, EndpointSnapshot, EndpointStats, LATENCY_WINDOW, LastError};
 
 pub(crate) use span::{attempt_span, record_result};
 

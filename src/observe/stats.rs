@@ -2,13 +2,15 @@
 //! endpoint, kept in process and queryable from the app.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     fmt,
+    mem::size_of,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use crate::{
+    bounded::{BoundedMap, HeapSize, MapUsage, MemoryCap},
     clock::unix_millis,
     layers::{CircuitBreakerLayer, Phase},
     worker::DeliveryEvent,
@@ -16,6 +18,11 @@ use crate::{
 
 /// Latencies kept per endpoint for the percentiles: the most recent attempts.
 pub const LATENCY_WINDOW: usize = 1024;
+
+/// How many endpoints [`EndpointStats::new`] keeps, and in how many bytes: 10,000 endpoints
+/// within 64 MiB (an endpoint with a full latency window takes about 16.5 KiB, so about 4,000
+/// of those fit).
+pub const DEFAULT_STATS_CAP: MemoryCap = MemoryCap::new(10_000, 64 << 20);
 
 /// Per-endpoint delivery statistics of this process, fed by the worker's events and,
 /// optionally, a circuit breaker's phase changes:
@@ -36,9 +43,19 @@ pub const LATENCY_WINDOW: usize = 1024;
 ///
 /// Counts are of attempts made by workers that report into this value (deferrals are counted
 /// apart); for a fleet-wide view, use the metrics. Cheap to clone; clones share the numbers.
-#[derive(Clone, Default)]
+///
+/// **Capped** ([`DEFAULT_STATS_CAP`], or [`with_capacity`](Self::with_capacity)): past the cap
+/// the endpoints reported least recently are forgotten, and start again from zero if they are
+/// seen again.
+#[derive(Clone)]
 pub struct EndpointStats {
-    inner: Arc<Mutex<HashMap<String, Endpoint>>>,
+    inner: Arc<Mutex<BoundedMap<String, Endpoint>>>,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        Self::with_capacity(DEFAULT_STATS_CAP)
+    }
 }
 
 #[derive(Default)]
@@ -90,21 +107,44 @@ pub struct EndpointSnapshot {
     pub breaker: Phase,
 }
 
+impl HeapSize for Endpoint {
+    fn heap_bytes(&self) -> usize {
+        let error = self.last_error.as_ref().and_then(|e| e.error.as_ref());
+        self.latencies
+            .capacity()
+            .saturating_mul(size_of::<Duration>())
+            .saturating_add(error.map_or(0, String::capacity))
+    }
+}
+
 impl fmt::Debug for EndpointStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EndpointStats")
-            .field("endpoints", &self.lock().len())
+            .field("endpoints", &self.lock().usage().entries)
             .finish()
     }
 }
 
 impl EndpointStats {
-    /// Empty statistics.
+    /// Empty statistics, holding at most [`DEFAULT_STATS_CAP`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Endpoint>> {
+    /// Empty statistics holding at most `cap` (endpoints, and bytes: latencies and last errors
+    /// included).
+    pub fn with_capacity(cap: MemoryCap) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(BoundedMap::new("endpoint_stats", cap))),
+        }
+    }
+
+    /// The size of the statistics next to their cap (introspection: dashboards, tests).
+    pub fn memory_usage(&self) -> MapUsage {
+        self.lock().usage()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<String, Endpoint>> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -118,7 +158,8 @@ impl EndpointStats {
     pub fn track(&self, layer: CircuitBreakerLayer) -> CircuitBreakerLayer {
         let stats = self.clone();
         layer.on_state_change(move |change| {
-            stats.lock().entry(change.endpoint.clone()).or_default().breaker = change.to;
+            let key = change.endpoint.as_str();
+            stats.lock().update(key, Endpoint::default, |e| e.breaker = change.to);
         })
     }
 
@@ -136,34 +177,35 @@ impl EndpointStats {
                 (*job, record.status, record.error.clone(), duration)
             }
             DeliveryEvent::Deferred { job, .. } => {
-                self.lock().entry(job.endpoint().to_owned()).or_default().deferred += 1;
+                self.lock()
+                    .update(job.endpoint(), Endpoint::default, |e| e.deferred += 1);
                 return;
             }
             _ => return,
         };
-        let mut stats = self.lock();
-        let endpoint = stats.entry(job.endpoint().to_owned()).or_default();
-        endpoint.attempts += 1;
-        if let Some(duration) = duration {
-            endpoint.push_latency(duration);
-        }
-        if status.is_some_and(|status| (200..300).contains(&status)) {
-            endpoint.delivered += 1;
-        } else {
-            endpoint.last_error = Some(LastError {
-                at_ms: unix_millis(),
-                status,
-                error,
-            });
-        }
+        self.lock().update(job.endpoint(), Endpoint::default, |endpoint| {
+            endpoint.attempts += 1;
+            if let Some(duration) = duration {
+                endpoint.push_latency(duration);
+            }
+            if status.is_some_and(|status| (200..300).contains(&status)) {
+                endpoint.delivered += 1;
+            } else {
+                endpoint.last_error = Some(LastError {
+                    at_ms: unix_millis(),
+                    status,
+                    error,
+                });
+            }
+        });
     }
 
     /// The numbers of `endpoint` (`host[:port]`, as [`WebhookJob::endpoint`](crate::WebhookJob::endpoint)).
     pub fn get(&self, endpoint: &str) -> Option<EndpointSnapshot> {
-        self.lock().get(endpoint).map(Endpoint::snapshot)
+        self.lock().peek(endpoint).map(Endpoint::snapshot)
     }
 
-    /// Every endpoint seen, by name.
+    /// Every endpoint seen (and not forgotten past the cap), by name.
     pub fn all(&self) -> Vec<(String, EndpointSnapshot)> {
         let mut all: Vec<_> = self
             .lock()

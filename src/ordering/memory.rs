@@ -7,7 +7,7 @@ use std::{
 
 use futures::future::{BoxFuture, FutureExt, ready};
 
-use super::{HeadsPage, LineError, LineStore};
+use super::{HeadsPage, LineError, LineStore, LinesPage, Member};
 
 #[derive(Default)]
 pub(super) struct MemoryLines {
@@ -80,5 +80,62 @@ impl LineStore for MemoryLines {
             .filter_map(|name| lines[name].members.values().next().map(|(_, job)| job.clone()))
             .collect();
         ready(Ok((heads, next))).boxed()
+    }
+
+    fn lines<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<LinesPage, LineError>> {
+        let lines = self.lock();
+        let mut names: Vec<String> = lines
+            .keys()
+            .filter(|name| cursor.is_none_or(|c| name.as_str() > c))
+            .cloned()
+            .collect();
+        names.sort_unstable();
+        let more = names.len() > limit;
+        names.truncate(limit);
+        let next = names.last().filter(|_| more).cloned();
+        ready(Ok((names, next))).boxed()
+    }
+
+    fn members<'a>(
+        &'a self,
+        line: &'a str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
+        let lines = self.lock();
+        let members = lines.get(line).map_or_else(Vec::new, |line| {
+            line.members
+                .range(after.map_or(0, |a| a.saturating_add(1))..)
+                .take(limit)
+                .map(|(seq, (member, job))| (*seq, member.clone(), job.clone()))
+                .collect()
+        });
+        ready(Ok(members)).boxed()
+    }
+
+    fn erase_member<'a>(
+        &'a self,
+        line: &'a str,
+        member: &'a str,
+        stub: String,
+    ) -> BoxFuture<'a, Result<Option<bool>, LineError>> {
+        let mut lines = self.lock();
+        let erased = lines.get_mut(line).and_then(|line| {
+            let seq = line
+                .members
+                .iter()
+                .find(|(_, (m, _))| m == member)
+                .map(|(seq, _)| *seq)?;
+            let head = line.members.keys().next() == Some(&seq);
+            if head {
+                if let Some(entry) = line.members.get_mut(&seq) {
+                    entry.1 = stub;
+                }
+            } else {
+                line.members.remove(&seq);
+            }
+            Some(head)
+        });
+        ready(Ok(erased)).boxed()
     }
 }

@@ -56,6 +56,7 @@
 //! # drop(service); Ok(()) }
 //! ```
 
+mod erase;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -72,6 +73,7 @@ use std::{
 
 use futures::future::BoxFuture;
 
+pub use erase::LinesErased;
 pub use sink::{OrderedSink, OrderedSinkError};
 pub use state::RepairBackend;
 
@@ -153,7 +155,41 @@ pub(crate) trait LineStore: Send + Sync + 'static {
     /// The jobs of the heads of about `limit` lines from `cursor` (`None`: the first page), and
     /// the cursor of the next page (`None` after the last).
     fn heads<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<HeadsPage, LineError>>;
+    /// About `limit` line names from `cursor` (`None`: the first page), and the cursor of the
+    /// next page (`None` after the last). For erasure.
+    fn lines<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<LinesPage, LineError>> {
+        let _ = (cursor, limit);
+        Box::pin(async { Err(LineError("this line store cannot list its lines".into())) })
+    }
+    /// Up to `limit` members of `line` after entry number `after`, in line order: (entry
+    /// number, member, job).
+    fn members<'a>(
+        &'a self,
+        line: &'a str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
+        let _ = (line, after, limit);
+        Box::pin(async { Err(LineError("this line store cannot list its members".into())) })
+    }
+    /// Atomically: if `member` heads `line`, replaces its job with `stub` (`Some(true)`);
+    /// otherwise takes it out of the line (`Some(false)`); `None` if it is not in the line.
+    fn erase_member<'a>(
+        &'a self,
+        line: &'a str,
+        member: &'a str,
+        stub: String,
+    ) -> BoxFuture<'a, Result<Option<bool>, LineError>> {
+        let _ = (line, member, stub);
+        Box::pin(async { Err(LineError("this line store cannot erase".into())) })
+    }
 }
+
+/// A page of line names and where the next page starts.
+pub(crate) type LinesPage = (Vec<String>, Option<String>);
+
+/// One member of a line: its entry number, its member name (webhook id), its job.
+pub(crate) type Member = (u64, String, String);
 
 /// A page of heads and where the next page starts.
 pub(crate) type HeadsPage = (Vec<String>, Option<String>);
@@ -331,6 +367,17 @@ impl OrderedLines {
                         OrderedSinkError::Backend(error) | OrderedSinkError::InLine(error) => error,
                     })?;
                 tracing::info!(webhook.id = %job.webhook_id(), "repair moved a line on past its finished head");
+            }
+            // An erased head has nothing left to send: the line moves on past it.
+            HeadState::Stranded { .. } if job.is_erased() => {
+                self.advance(&job, &mut Pusher(backend))
+                    .await
+                    .map_err(|error| match error {
+                        OrderedSinkError::Lines(error) => RepairError::Lines(error),
+                        OrderedSinkError::Backend(error) | OrderedSinkError::InLine(error) => error,
+                    })?;
+                tracing::info!(webhook.id = %job.webhook_id(), "repair moved a line on past its erased head");
+                return Ok(HeadState::Finished);
             }
             HeadState::Stranded { repush } => {
                 backend.push(job.repushed(repush)).await?;

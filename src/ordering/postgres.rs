@@ -5,7 +5,7 @@
 use futures::future::{BoxFuture, FutureExt};
 use sqlx::PgPool;
 
-use super::{HeadsPage, LineError, LineStore};
+use super::{HeadsPage, LineError, LineStore, LinesPage, Member};
 
 pub(super) struct PostgresLines {
     pool: PgPool,
@@ -134,6 +134,81 @@ impl LineStore for PostgresLines {
                 .filter(|_| rows.len() >= limit)
                 .map(|(line, _)| line.clone());
             Ok((rows.into_iter().map(|(_, job)| job).collect(), next))
+        }
+        .boxed()
+    }
+
+    fn lines<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<LinesPage, LineError>> {
+        async move {
+            let sql = format!(
+                "SELECT DISTINCT line FROM {} WHERE $1::text IS NULL OR line > $1 ORDER BY line LIMIT $2",
+                self.table
+            );
+            let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(cursor)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            let next = lines.last().filter(|_| lines.len() >= limit).cloned();
+            Ok((lines, next))
+        }
+        .boxed()
+    }
+
+    fn members<'a>(
+        &'a self,
+        line: &'a str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
+        async move {
+            let sql = format!(
+                "SELECT seq, member, job FROM {} WHERE line = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                self.table
+            );
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(line)
+                .bind(after.map_or(0, |a| i64::try_from(a).unwrap_or(i64::MAX)))
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            // bigserial starts at 1: entry numbers are positive.
+            Ok(rows
+                .into_iter()
+                .map(|(seq, member, job)| (seq.max(0) as u64, member, job))
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn erase_member<'a>(
+        &'a self,
+        line: &'a str,
+        member: &'a str,
+        stub: String,
+    ) -> BoxFuture<'a, Result<Option<bool>, LineError>> {
+        async move {
+            let mut tx = self.locked(line).await?;
+            let head = self.head(&mut tx, line).await?.is_some_and(|(head, _)| head == member);
+            let sql = if head {
+                format!("UPDATE {} SET job = $3 WHERE line = $1 AND member = $2", self.table)
+            } else {
+                format!(
+                    "DELETE FROM {} WHERE line = $1 AND member = $2 AND $3::text IS NOT NULL",
+                    self.table
+                )
+            };
+            let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(line)
+                .bind(member)
+                .bind(stub)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            Ok((done.rows_affected() == 1).then_some(head))
         }
         .boxed()
     }

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use ::redis::Script;
 use futures::future::{BoxFuture, FutureExt};
 
-use super::{HeadsPage, LineError, LineStore};
+use super::{HeadsPage, LineError, LineStore, LinesPage, Member};
 use crate::backend::redis::ConnectionManager;
 
 pub(super) struct RedisLines {
@@ -72,6 +72,24 @@ static HEAD: LazyLock<Script> = LazyLock::new(|| {
 local head = redis.call('ZRANGE', KEYS[1], 0, 0)
 if not head[1] then return false end
 return redis.call('HGET', KEYS[2], head[1])
+"#,
+    )
+});
+
+/// KEYS: members, jobs. ARGV: member, stub. Returns 1 if the member heads the line (its job is
+/// now the stub), 0 if it was taken out, -1 if it is not in the line.
+static ERASE_MEMBER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return -1 end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0)
+if head[1] == ARGV[1] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  return 1
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 0
 "#,
     )
 });
@@ -162,6 +180,87 @@ impl LineStore for RedisLines {
                 heads.extend(head);
             }
             Ok((heads, Some(next).filter(|next| next != "0")))
+        }
+        .boxed()
+    }
+
+    fn lines<'a>(&'a self, cursor: Option<&'a str>, limit: usize) -> BoxFuture<'a, Result<LinesPage, LineError>> {
+        async move {
+            // SSCAN's cursor; COUNT is a hint, so a page holds about `limit` lines.
+            let (next, lines): (String, Vec<String>) = ::redis::cmd("SSCAN")
+                .arg(self.lines_set())
+                .arg(cursor.unwrap_or("0"))
+                .arg("COUNT")
+                .arg(limit)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            Ok((lines, Some(next).filter(|next| next != "0")))
+        }
+        .boxed()
+    }
+
+    fn members<'a>(
+        &'a self,
+        line: &'a str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Member>, LineError>> {
+        async move {
+            let [members, jobs, ..] = self.keys(line);
+            let mut conn = self.conn.clone();
+            let min = after.map_or_else(|| "-inf".to_owned(), |a| format!("({a}"));
+            let entries: Vec<(String, f64)> = ::redis::cmd("ZRANGEBYSCORE")
+                .arg(&members)
+                .arg(min)
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if entries.is_empty() {
+                return Ok(Vec::new());
+            }
+            let texts: Vec<Option<String>> = ::redis::cmd("HMGET")
+                .arg(&jobs)
+                .arg(entries.iter().map(|(member, _)| member.as_str()).collect::<Vec<_>>())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            // Entry numbers come from INCR: whole and positive.
+            Ok(entries
+                .into_iter()
+                .zip(texts)
+                .filter_map(|((member, seq), job)| Some((seq.max(0.0) as u64, member, job?)))
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn erase_member<'a>(
+        &'a self,
+        line: &'a str,
+        member: &'a str,
+        stub: String,
+    ) -> BoxFuture<'a, Result<Option<bool>, LineError>> {
+        async move {
+            let [members, jobs, ..] = self.keys(line);
+            let erased: i8 = ERASE_MEMBER
+                .key(members)
+                .key(jobs)
+                .arg(member)
+                .arg(stub)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+            Ok(match erased {
+                1 => Some(true),
+                0 => Some(false),
+                _ => None,
+            })
         }
         .boxed()
     }

@@ -3,7 +3,10 @@
 use std::fmt;
 
 use super::{LineError, OrderedLines, encode};
-use crate::{job::WebhookJob, sink::WebhookSink};
+use crate::{
+    job::WebhookJob,
+    sink::{Deferral, WebhookSink},
+};
 
 /// Made by [`OrderedLines::sink`]: a new delivery with an ordering key enters its line and is
 /// pushed into `S` only as the line's head; everything else goes straight to `S`.
@@ -75,5 +78,22 @@ impl<S: WebhookSink<K>, K> WebhookSink<K> for OrderedSink<S> {
 
     fn orders(&self) -> bool {
         true
+    }
+
+    fn orphan_window(&self) -> Option<std::time::Duration> {
+        self.inner.orphan_window()
+    }
+
+    async fn defer_task(
+        &mut self,
+        task_id: &str,
+        job: WebhookJob,
+        run_at: u64,
+        result: &str,
+    ) -> Result<Deferral, Self::Error> {
+        self.inner
+            .defer_task(task_id, job, run_at, result)
+            .await
+            .map_err(OrderedSinkError::Backend)
     }
 }

@@ -149,7 +149,7 @@ fn task_state(status: &str, attempts: i64, max_attempts: i64, result: Option<&st
                     successor: job.next_attempt().idempotency_key(),
                 },
                 Some("deferred") => TaskState::Superseded {
-                    successor: job.deferred().idempotency_key(),
+                    successor: job.deferred(0).idempotency_key(),
                 },
                 Some("replayed" | "discarded") => TaskState::Dead,
                 _ => TaskState::Delivered,

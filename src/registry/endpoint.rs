@@ -243,7 +243,8 @@ impl Endpoint {
     }
 
     /// The subscription its deliveries are made with: URL, secrets or key id, scheme, headers,
-    /// and the endpoint id. An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
+    /// the endpoint id and its tenant (which [`Erasure::tenant`](crate::Erasure::tenant)
+    /// selects by). An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
     /// under its id (`endpoint:{id}`), so that its limit is not shared with other endpoints on
     /// the same host; the others under their host, as any subscription.
     pub fn subscription(&self) -> WebhookSubscription {
@@ -255,6 +256,9 @@ impl Endpoint {
             subscription = subscription.secret(secret.clone());
         }
         subscription = subscription.scheme(self.scheme.clone()).endpoint_id(self.id.clone());
+        if let Some(tenant) = &self.tenant {
+            subscription = subscription.tenant(tenant.clone());
+        }
         for (name, value) in &self.headers {
             subscription = subscription.header(name.clone(), value.clone());
         }

@@ -47,7 +47,7 @@ use futures::future::BoxFuture;
 pub use endpoint::{Endpoint, EndpointId};
 pub use fanout::{Event, FanOutError, dispatch_event};
 pub use filter::{EventFilter, InvalidFilter, MAX_FILTER_LEN};
-pub use health::DEFAULT_DISABLE_AFTER;
+pub use health::{DEFAULT_DISABLE_AFTER, DEFAULT_HEALTH_CAP, EndpointHealth, Verdict};
 pub use memory::MemoryRegistry;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_TABLE, InvalidTableName, PostgresRegistry};

@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+mod erasure;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod purge_schedule;
@@ -38,6 +39,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::erasure::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
 pub use self::purge_schedule::{MIN_PURGE_INTERVAL, PurgeRuns, PurgeSchedule};
 pub use self::retention::{
     DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_DELIVERED_RETENTION, DEFAULT_PURGE_BATCH, MAX_PURGE_BATCH, MAX_RETENTION,
@@ -327,17 +329,29 @@ impl WebhookStore {
     }
 
     /// Delivers dead letter `webhook_id` again: same id, attempts from 1. Returns `false` if
-    /// the delivery is not dead (already replayed, delivered, pending, or unknown).
+    /// the delivery is not dead (already replayed, delivered, pending, or unknown), or was
+    /// [erased](Self::erase): it has nothing left to send.
     pub async fn replay(&self, webhook_id: &WebhookId) -> Result<bool, StoreError> {
         let Some((last, dead)) = self.dead_end(webhook_id).await? else {
             return Ok(false);
         };
+        if last.job.is_erased() {
+            return Ok(false);
+        }
         on_backend!(self, b => b.push(last.job.replayed()).await)?;
         let replayed = DeliveryReport::Replayed {
             record: dead.record,
             reason: dead.reason,
         };
         on_backend!(self, b => b.settle_dead(&last.task_id, &replayed).await)
+    }
+
+    /// Erases the payloads, headers and secrets of the deliveries `erasure` chooses, keeping an
+    /// audit stub of each task (history and dead letters still read), and cancels those still
+    /// waiting for an attempt. Idempotent; see [`Erasure`] for what is kept and the caveat
+    /// about tasks running right now ([`ErasureReport::in_flight`]).
+    pub async fn erase(&self, erasure: &Erasure) -> Result<ErasureReport, StoreError> {
+        self.erase_chosen(erasure).await
     }
 
     /// Replays every dead letter matching `filter`; returns how many.

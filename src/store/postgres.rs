@@ -161,7 +161,7 @@ impl PostgresBackend {
     }
 }
 
-fn task_row(row: &sqlx::postgres::PgRow) -> Result<(Position, TaskRow), StoreError> {
+pub(super) fn task_row(row: &sqlx::postgres::PgRow) -> Result<(Position, TaskRow), StoreError> {
     let column = |name: &str| StoreError::backend_column(name);
     TaskRow::from_columns(
         row.try_get("id").map_err(|_| column("id"))?,

@@ -46,7 +46,7 @@ impl RedisBackend {
         Self { sink }
     }
 
-    fn keys(&self) -> &Keys {
+    pub(super) fn keys(&self) -> &Keys {
         self.sink.keys()
     }
 
@@ -123,7 +123,7 @@ impl RedisBackend {
         Ok(done)
     }
 
-    async fn metas(&self, ids: &[String]) -> Result<Vec<HashMap<String, String>>, StoreError> {
+    pub(super) async fn metas(&self, ids: &[String]) -> Result<Vec<HashMap<String, String>>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -137,7 +137,7 @@ impl RedisBackend {
     }
 
     /// Reads the job and due time of each task and builds its row.
-    async fn rows(
+    pub(super) async fn rows(
         &self,
         tasks: Vec<(String, HashMap<String, String>)>,
     ) -> Result<Vec<(Position, TaskRow)>, StoreError> {

@@ -61,6 +61,10 @@ pub struct DeliveryHistory {
     pub status: DeliveryStatus,
     /// Every finished attempt, oldest first, replays included.
     pub attempts: Vec<AttemptRecord>,
+    /// Whether its payload, headers and secrets were erased
+    /// ([`WebhookStore::erase`](crate::WebhookStore::erase)): what is left is this audit stub.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 /// One apalis task of a webhook queue, as a backend stores it.
@@ -249,6 +253,7 @@ pub(crate) fn history_from_rows(mut rows: Vec<TaskRow>) -> Option<DeliveryHistor
         endpoint_host: last.job.endpoint_host().to_owned(),
         status,
         attempts,
+        erased: rows.iter().any(|row| row.job.is_erased()),
     })
 }
 

@@ -118,7 +118,7 @@ impl SqliteBackend {
     }
 }
 
-fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<(Position, TaskRow), StoreError> {
+pub(super) fn task_row(row: &sqlx::sqlite::SqliteRow) -> Result<(Position, TaskRow), StoreError> {
     let column = |name: &str| StoreError::backend_column(name);
     TaskRow::from_columns(
         row.try_get("id").map_err(|_| column("id"))?,

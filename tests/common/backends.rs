@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    WebhookJob, WebhookSink, WebhookStore, WebhookWorker,
+    AttemptResult, DeliveryRequest, HttpDelivery, WebhookJob, WebhookSink, WebhookStore, WebhookWorker,
     backend::{memory, postgres, redis, sqlite, worker_name},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -61,7 +61,51 @@ pub trait TestBackend: Sized + Send + Sync + 'static {
         builder: WebhookWorker<Self::Sink>,
         concurrency: usize,
         stop: oneshot::Receiver<()>,
-    ) -> JoinHandle<()>;
+    ) -> JoinHandle<()> {
+        let signing = builder.signing_layer();
+        self.run_layered(builder, signing, concurrency, stop)
+    }
+
+    /// As `run_with`, delivering through `layer` (which should include the signer).
+    fn run_layered<L>(
+        &self,
+        builder: WebhookWorker<Self::Sink>,
+        layer: L,
+        concurrency: usize,
+        stop: oneshot::Receiver<()>,
+    ) -> JoinHandle<()>
+    where
+        L: Layered;
+
+    /// The job of every task the backend stores for this queue, as JSON, whatever its state.
+    async fn stored_jobs(&self) -> Vec<serde_json::Value>;
+}
+
+/// What a delivery stack around [`HttpDelivery`] must be for a test worker.
+pub trait Layered: tower::Layer<HttpDelivery, Service = Self::Stack> {
+    type Stack: tower::Service<
+            DeliveryRequest,
+            Response = AttemptResult,
+            Future: Send + 'static,
+            Error: Into<apalis_core::error::BoxDynError> + Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static;
+}
+
+impl<L> Layered for L
+where
+    L: tower::Layer<HttpDelivery>,
+    L::Service: tower::Service<DeliveryRequest, Response = AttemptResult> + Clone + Send + Sync + 'static,
+    <L::Service as tower::Service<DeliveryRequest>>::Future: Send + 'static,
+    <L::Service as tower::Service<DeliveryRequest>>::Error: Into<apalis_core::error::BoxDynError> + Send + 'static,
+{
+    type Stack = L::Service;
+}
+
+fn parse_jobs(jobs: Vec<Vec<u8>>) -> Vec<serde_json::Value> {
+    jobs.iter().map(|job| serde_json::from_slice(job).unwrap()).collect()
 }
 
 fn unique_queue(test: &str) -> String {
@@ -118,16 +162,26 @@ impl TestBackend for Sqlite {
         Some(WebhookStore::sqlite_queue(&self.pool, &self.queue))
     }
 
-    fn run_with(
+    async fn stored_jobs(&self) -> Vec<serde_json::Value> {
+        let jobs = sqlx::query_scalar("SELECT job FROM Jobs WHERE job_type = ?1")
+            .bind(&self.queue)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+        parse_jobs(jobs)
+    }
+
+    fn run_layered<L: Layered>(
         &self,
         builder: WebhookWorker<Self::Sink>,
+        layer: L,
         concurrency: usize,
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(sqlite::polling(self.storage()))
             .concurrency(concurrency)
-            .build(builder.service().unwrap());
+            .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)
     }
 }
@@ -167,16 +221,26 @@ impl TestBackend for Postgres {
         Some(WebhookStore::postgres(&self.sink()))
     }
 
-    fn run_with(
+    async fn stored_jobs(&self) -> Vec<serde_json::Value> {
+        let jobs = sqlx::query_scalar("SELECT job FROM apalis.jobs WHERE job_type = $1")
+            .bind(&self.queue)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+        parse_jobs(jobs)
+    }
+
+    fn run_layered<L: Layered>(
         &self,
         builder: WebhookWorker<Self::Sink>,
+        layer: L,
         concurrency: usize,
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(postgres::listening_with(self.storage(), concurrency))
             .concurrency(concurrency)
-            .build(builder.service().unwrap());
+            .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)
     }
 }
@@ -212,16 +276,27 @@ impl TestBackend for Redis {
         Some(WebhookStore::redis(&self.sink()))
     }
 
-    fn run_with(
+    async fn stored_jobs(&self) -> Vec<serde_json::Value> {
+        let data = redis::config().queue(&self.queue).job_data_hash();
+        let jobs: Vec<Vec<u8>> = ::redis::cmd("HVALS")
+            .arg(data)
+            .query_async(&mut self.conn.clone())
+            .await
+            .unwrap();
+        parse_jobs(jobs)
+    }
+
+    fn run_layered<L: Layered>(
         &self,
         builder: WebhookWorker<Self::Sink>,
+        layer: L,
         concurrency: usize,
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(redis::listening_with(self.storage(), concurrency))
             .concurrency(concurrency)
-            .build(builder.service().unwrap());
+            .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)
     }
 }
@@ -251,9 +326,15 @@ impl TestBackend for Memory {
         None
     }
 
-    fn run_with(
+    /// The in-memory backend keeps no finished tasks, and its queue cannot be read.
+    async fn stored_jobs(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
+
+    fn run_layered<L: Layered>(
         &self,
         builder: WebhookWorker<Self::Sink>,
+        layer: L,
         concurrency: usize,
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
@@ -266,7 +347,7 @@ impl TestBackend for Memory {
         let worker = WorkerBuilder::new(worker_name("test"))
             .backend(storage)
             .concurrency(concurrency)
-            .build(builder.service().unwrap());
+            .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)
     }
 }

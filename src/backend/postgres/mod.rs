@@ -39,7 +39,10 @@ use apalis_core::backend::ext::poll_strategy::{PollWith, Strategy};
 pub use apalis_postgres::{Config, Error, PgConnectOptions, PgConnection, PgPool, PostgresStorage, Pubsub};
 
 use super::Rearmed;
-use crate::{job::WebhookJob, sink::WebhookSink};
+use crate::{
+    job::WebhookJob,
+    sink::{Deferral, WebhookSink},
+};
 
 mod worker;
 pub use worker::PostgresBackend;
@@ -160,6 +163,43 @@ impl WebhookSink<Postgres> for PostgresSink {
     async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
         insert_all(&self.pool, &self.queue, &jobs).await
     }
+
+    async fn defer_task(
+        &mut self,
+        task_id: &str,
+        job: WebhookJob,
+        run_at: u64,
+        result: &str,
+    ) -> Result<Deferral, Error> {
+        defer_task(&self.pool, task_id, &job, run_at, result).await
+    }
+}
+
+/// Moves the running task `task_id` back to the queue under a fresh id (see
+/// [`WebhookSink::defer_task`]), due `run_at` by the database's clock as [`insert`] computes it.
+async fn defer_task(
+    pool: &PgPool,
+    task_id: &str,
+    job: &WebhookJob,
+    run_at: u64,
+    result: &str,
+) -> Result<Deferral, Error> {
+    let body = serde_json::to_vec(job).map_err(Error::JsonError)?;
+    let moved = sqlx::query(
+        "UPDATE apalis.jobs SET id = $1, job = $2, status = 'Pending', \
+         run_at = now() + make_interval(secs => $3::float8), attempts = 0, last_result = $4::jsonb, \
+         lock_by = NULL, lock_at = NULL, done_at = NULL \
+         WHERE id = $5 AND status IN ('Queued', 'Running')",
+    )
+    .bind(ulid::Ulid::new().to_string())
+    .bind(body)
+    .bind(crate::clock::until(run_at).as_secs_f64().min(MAX_DELAY_SECS))
+    .bind(result)
+    .bind(task_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(if moved == 0 { Deferral::Gone } else { Deferral::Moved })
 }
 
 /// Pushes webhook jobs inside the caller's transaction: they become visible to workers when

@@ -48,7 +48,12 @@ pub use apalis_redis::{Config, ConnectionManager, Error, RedisStorage};
 use super::Rearmed;
 
 mod worker;
-use crate::{clock::until, job::WebhookJob, sink::WebhookSink, worker::DEFAULT_POLL_INTERVAL};
+use crate::{
+    clock::until,
+    job::WebhookJob,
+    sink::{Deferral, WebhookSink},
+    worker::DEFAULT_POLL_INTERVAL,
+};
 pub use worker::RedisBackend;
 
 /// Tasks fetched per script. apalis's default of 10 costs a round trip per ten deliveries.
@@ -281,6 +286,37 @@ impl WebhookSink<Redis> for RedisSink {
         let _stored: Vec<bool> = pipeline.query_async(&mut self.conn).await?;
         Ok(())
     }
+
+    async fn defer_task(
+        &mut self,
+        task_id: &str,
+        job: WebhookJob,
+        run_at: u64,
+        result: &str,
+    ) -> Result<Deferral, Error> {
+        let body = serde_json::to_string(&job).map_err(Error::Json)?;
+        let moved: bool = DEFER_SCRIPT
+            .key(&self.keys.data)
+            .key(&self.keys.meta)
+            .key(&self.keys.scheduled)
+            .key(self.keys.history(job.webhook_id().as_str()))
+            .key(&self.keys.idempotency)
+            .arg(task_id)
+            .arg(ulid::Ulid::new().to_string())
+            .arg(body)
+            .arg(delay_secs(run_at))
+            .arg(result)
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(if moved { Deferral::Moved } else { Deferral::Gone })
+    }
+}
+
+/// Seconds from now to `run_at`, rounded up and capped: a delay, not a time, so that scripts add
+/// it to Redis's clock, which every worker's promotion reads (a skewed clock here moves nothing).
+fn delay_secs(run_at: u64) -> u64 {
+    let delay = until(run_at);
+    (delay.as_secs() + u64::from(delay.subsec_nanos() > 0)).min(MAX_DELAY_SECS)
 }
 
 impl RedisSink {
@@ -290,10 +326,7 @@ impl RedisSink {
         run_at: Option<u64>,
     ) -> Result<::redis::ScriptInvocation<'static>, Error> {
         let body = serde_json::to_string(job).map_err(Error::Json)?;
-        // A delay, not a time: the script adds it to Redis's clock, which every worker's
-        // promotion reads, so a skewed clock here moves nothing. Rounded up, and capped.
-        let delay = run_at.map_or(Duration::ZERO, until);
-        let delay_secs = (delay.as_secs() + u64::from(delay.subsec_nanos() > 0)).min(MAX_DELAY_SECS);
+        let delay_secs = run_at.map_or(0, delay_secs);
         let marker_ttl = if job.fresh { 0 } else { IDEMPOTENCY_TTL.as_secs() };
         let mut invocation = PUSH_SCRIPT.prepare_invoke();
         invocation
@@ -337,6 +370,47 @@ return 1
 "#;
 
 static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PUSH_LUA));
+
+/// Moves a running task (ARGV[1]) back to this crate's scheduled set under a fresh id
+/// (ARGV[2]): its data and meta move to the new id (the meta keeps the idempotency key and
+/// apalis's attempt limit, gets `Pending` and ARGV[5] as its result), the delivery's history
+/// list and the idempotency marker point at the new id. The old id stays in its worker's
+/// inflight set until the acknowledgement removes it, which writes nothing for an id without
+/// data (see the worker's scripts). Returns 0 if the task was moved already.
+static DEFER_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+-- KEYS: data, meta prefix, scheduled, history, idempotency prefix
+-- ARGV: old id, new id, job, delay in seconds, result
+if redis.call("hexists", KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+local old_meta = KEYS[2] .. ":" .. ARGV[1]
+local key = redis.call("hget", old_meta, "idempotency_key")
+local max_attempts = redis.call("hget", old_meta, "max_attempts") or "25"
+redis.call("hdel", KEYS[1], ARGV[1])
+redis.call("del", old_meta)
+redis.call("hset", KEYS[1], ARGV[2], ARGV[3])
+local new_meta = KEYS[2] .. ":" .. ARGV[2]
+redis.call("hset", new_meta, "attempts", 0, "max_attempts", max_attempts, "status", "Pending", "result", ARGV[5])
+if key then
+    redis.call("hset", new_meta, "idempotency_key", key)
+    local marker = KEYS[5] .. ":" .. key
+    if redis.call("get", marker) == ARGV[1] then
+        redis.call("set", marker, ARGV[2], "XX", "KEEPTTL")
+    end
+end
+local at = redis.call("lpos", KEYS[4], ARGV[1])
+if at then
+    redis.call("lset", KEYS[4], at, ARGV[2])
+else
+    redis.call("rpush", KEYS[4], ARGV[2])
+end
+redis.call("zadd", KEYS[3], tonumber(redis.call("time")[1]) + tonumber(ARGV[4]), ARGV[2])
+return 1
+"#,
+    )
+});
 
 /// Moves up to ARGV[1] tasks due by Redis's clock from this crate's scheduled set to the active list.
 static PROMOTE_SCRIPT: LazyLock<Script> = LazyLock::new(|| {

@@ -123,6 +123,7 @@ impl RedisPersistence {
             .key(self.config.inflight_set_for(worker))
             .key(self.config.active_jobs_list())
             .key(self.config.signal_list())
+            .key(self.config.job_data_hash())
             .arg(self.custody.held())
             .invoke_async(&mut conn)
             .await?;
@@ -158,6 +159,7 @@ impl RedisPersistence {
             .key(self.config.active_jobs_list())
             .key(self.config.signal_list())
             .key(self.config.inflight_jobs_set())
+            .key(self.config.job_data_hash())
             .arg(self.config.orphaned_duration().as_secs())
             .arg(worker.name())
             .invoke_async(&mut conn)
@@ -200,7 +202,8 @@ impl RedisPersistence {
             .key(self.config.done_jobs_set())
             .key(self.config.dead_jobs_set())
             .key(self.config.scheduled_jobs_set())
-            .key(self.config.job_meta_hash());
+            .key(self.config.job_meta_hash())
+            .key(self.config.job_data_hash());
         for payload in acks {
             let result = serde_json::to_string(&payload.result).map_err(Error::Json)?;
             invocation
@@ -334,14 +337,20 @@ return 1
 static SWEEP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: workers, active, signal, inflight prefix; ARGV: orphan window (s), the caller's name
+-- KEYS: workers, active, signal, inflight prefix, data; ARGV: orphan window (s), the caller's name
 local expired = tonumber(redis.call("time")[1]) - tonumber(ARGV[1])
 local workers = redis.call("zrangebyscore", KEYS[1], 0, expired)
 local processed = 0
 for _, worker in ipairs(workers) do
     if worker ~= ARGV[2] then
         local inflight = KEYS[4] .. ":" .. worker
-        local jobs = redis.call("smembers", inflight)
+        -- Ids without data were moved away by a deferral: fetching them would fail.
+        local jobs = {}
+        for _, id in ipairs(redis.call("smembers", inflight)) do
+            if redis.call("hexists", KEYS[5], id) == 1 then
+                jobs[#jobs + 1] = id
+            end
+        end
         for i = 1, #jobs, 1000 do
             redis.call("rpush", KEYS[2], unpack(jobs, i, math.min(i + 999, #jobs)))
         end
@@ -365,13 +374,14 @@ return processed
 static ACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: inflight set, done, dead, apalis scheduled, meta prefix
+-- KEYS: inflight set, done, dead, apalis scheduled, meta prefix, data
 -- ARGV: groups of task id, result, status, attempt
 local now = tonumber(redis.call("time")[1])
 local acked = 0
 for i = 1, #ARGV, 4 do
     local task_id, result, status, attempt = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    if redis.call("srem", KEYS[1], task_id) == 1 then
+    -- A task without data was moved away by a deferral (or purged): nothing to record.
+    if redis.call("srem", KEYS[1], task_id) == 1 and redis.call("hexists", KEYS[6], task_id) == 1 then
         if status == "Done" then
             redis.call("sadd", KEYS[2], task_id)
         elseif (status == "Failed" or status == "Pending") and (tonumber(attempt) or 0) < 25 then
@@ -395,7 +405,7 @@ return acked
 static RECLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
--- KEYS: inflight set, active, signal; ARGV: task ids the worker holds
+-- KEYS: inflight set, active, signal, data; ARGV: task ids the worker holds
 local held = {}
 for _, id in ipairs(ARGV) do
     held[id] = true
@@ -404,8 +414,11 @@ local reclaimed = 0
 for _, id in ipairs(redis.call("smembers", KEYS[1])) do
     if not held[id] then
         redis.call("srem", KEYS[1], id)
-        redis.call("rpush", KEYS[2], id)
-        reclaimed = reclaimed + 1
+        -- An id without data was moved away by a deferral: fetching it would fail.
+        if redis.call("hexists", KEYS[4], id) == 1 then
+            redis.call("rpush", KEYS[2], id)
+            reclaimed = reclaimed + 1
+        end
     end
 end
 if reclaimed > 0 then

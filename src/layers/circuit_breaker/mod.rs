@@ -6,9 +6,8 @@ mod state;
 mod store;
 
 use std::{
-    collections::HashMap,
     fmt,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -19,6 +18,7 @@ use tower::{Layer, Service};
 
 pub use config::{BreakerConfig, Trip};
 pub use state::Phase;
+pub use store::DEFAULT_BREAKER_CAP;
 
 use self::{
     state::{Admission, Breaker},
@@ -26,6 +26,7 @@ use self::{
 };
 use super::{DEFAULT_MAX_DEFERRAL, deferral_cap, endpoint_failed, take_ready};
 use crate::{
+    bounded::{MapUsage, MemoryCap},
     delivery::DeliveryRequest,
     outcome::{AttemptResult, DeferReason},
 };
@@ -124,10 +125,36 @@ impl Default for CircuitBreakerLayer {
     }
 }
 
+/// Memory: the in-process breakers are capped.
+impl CircuitBreakerLayer {
+    /// Keeps at most `cap` breakers in memory ([`DEFAULT_BREAKER_CAP`] by default: 100,000
+    /// endpoints, 32 MiB), forgetting the least recently used past it. A forgotten breaker is
+    /// closed with nothing counted, as for an endpoint never seen: an open one lets deliveries
+    /// through again until it trips anew, so size the cap above the number of endpoints that
+    /// fail at the same time. Only endpoints with failures on record take room: a healthy
+    /// delivery stores nothing. Starts the in-memory state anew; no effect on
+    /// [`shared`](Self::shared) (Redis) state, which expires in Redis.
+    pub fn max_endpoints(self, cap: MemoryCap) -> Self {
+        let mut shared = self.into_shared();
+        if let Some(store) = shared.store.recapped(cap) {
+            shared.store = store;
+        }
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The size of the in-memory breaker map next to its cap (introspection: dashboards,
+    /// tests); empty in Redis mode.
+    pub fn memory_usage(&self) -> Vec<MapUsage> {
+        self.shared.store.usage()
+    }
+}
+
 impl CircuitBreakerLayer {
     /// Breakers with `config`, state in memory.
     pub fn new(config: BreakerConfig) -> Self {
-        let store = Store::Local(Mutex::new(HashMap::new()));
+        let store = Store::local(DEFAULT_BREAKER_CAP);
         Self::from_parts(config, DEFAULT_MAX_DEFERRAL, store, Vec::new())
     }
 
@@ -207,7 +234,7 @@ impl CircuitBreakerLayer {
             // starts anew here.
             Err(shared) => {
                 let store = match &shared.store {
-                    Store::Local(_) => Store::Local(Mutex::new(HashMap::new())),
+                    Store::Local(_) => shared.store.fresh(),
                     #[cfg(feature = "redis")]
                     Store::Redis(redis) => Store::Redis(store::redis_store::RedisStore {
                         conn: redis.conn.clone(),
@@ -243,8 +270,10 @@ impl Shared {
         }
     }
 
-    async fn admit(&self, endpoint: &str) -> Admission {
-        match self.store.update(&self.config, endpoint, Breaker::admit).await {
+    /// Admits or defers a delivery whose attempt may take `probe_wait`.
+    async fn admit(&self, endpoint: &str, probe_wait: Duration) -> Admission {
+        let step = |breaker: &mut Breaker, config: &BreakerConfig, now| breaker.admit(config, now, probe_wait);
+        match self.store.update(&self.config, endpoint, step).await {
             Ok((admission, change)) => {
                 self.report(endpoint, change);
                 admission
@@ -327,7 +356,7 @@ where
         Box::pin(async move {
             let job = Arc::clone(&request.job);
             let endpoint = job.endpoint();
-            let probe = match shared.admit(endpoint).await {
+            let probe = match shared.admit(endpoint, job.policy().timeout()).await {
                 Admission::Go { probe } => probe,
                 Admission::Defer(wait) => {
                     let spread = rand::rng().random_range(Duration::ZERO..=MAX_SPREAD);

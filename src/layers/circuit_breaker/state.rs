@@ -34,6 +34,11 @@ pub(crate) struct Breaker {
     pub(crate) half_open_since: u64,
     pub(crate) probes_sent: u32,
     pub(crate) probe_successes: u32,
+    /// When the probes sent so far must have ended (their attempts' timeouts), so that the
+    /// deliveries held back meanwhile wait for the verdict instead of asking again and again.
+    /// 0 in state written before it existed.
+    #[serde(default)]
+    pub(crate) verdict_due: u64,
 }
 
 /// What the breaker says about one delivery.
@@ -50,8 +55,9 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Breaker {
-    /// Decides on one delivery at `now`.
-    pub(crate) fn admit(&mut self, config: &BreakerConfig, now: u64) -> Admission {
+    /// Decides on one delivery at `now`; `probe_wait` is how long its attempt may take, should
+    /// it be sent as a probe.
+    pub(crate) fn admit(&mut self, config: &BreakerConfig, now: u64, probe_wait: Duration) -> Admission {
         if self.phase == Phase::Open {
             if now < self.open_until {
                 // Never open longer than `open_for` from now, whatever the state says (written
@@ -67,15 +73,22 @@ impl Breaker {
         if self.phase == Phase::HalfOpen {
             // Probes whose outcome never came back (a worker killed mid-probe) are given up
             // after an open period, so the breaker cannot stay half-open forever.
-            if self.probes_sent >= config.half_open_probes
-                && now >= self.half_open_since.saturating_add(millis(config.open_for))
-            {
+            let give_up_at = self.half_open_since.saturating_add(millis(config.open_for));
+            if self.probes_sent >= config.half_open_probes && now >= give_up_at {
                 self.half_open(now);
             }
             if self.probes_sent >= config.half_open_probes {
-                return Admission::Defer(config.open_for.min(Duration::from_secs(1)));
+                // Wait for the probes' verdict, at the latest until lost probes are given up:
+                // a success closes the breaker, a failure opens it again, and either way one
+                // deferral per held-back delivery is enough.
+                let verdict_at = match self.verdict_due {
+                    0 => give_up_at,
+                    due => due.min(give_up_at),
+                };
+                return Admission::Defer(Duration::from_millis(verdict_at.saturating_sub(now).max(1_000)));
             }
             self.probes_sent = self.probes_sent.saturating_add(1);
+            self.verdict_due = self.verdict_due.max(now.saturating_add(millis(probe_wait)));
             return Admission::Go { probe: true };
         }
         Admission::Go { probe: false }
@@ -172,8 +185,10 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    const PROBE_WAIT: Duration = Duration::from_millis(500);
+
     fn run(breaker: &mut Breaker, config: &BreakerConfig, now: u64, failed: bool) -> Admission {
-        let admission = breaker.admit(config, now);
+        let admission = breaker.admit(config, now, PROBE_WAIT);
         if let Admission::Go { probe } = admission {
             breaker.record(config, now, Some(failed), probe);
         }
@@ -195,15 +210,57 @@ mod tests {
         assert_eq!(b.phase, Phase::Closed);
         run(&mut b, &config, 4, true);
         assert_eq!(b.phase, Phase::Open);
-        assert_eq!(b.admit(&config, 5_000), Admission::Defer(Duration::from_millis(5_004)));
+        assert_eq!(
+            b.admit(&config, 5_000, PROBE_WAIT),
+            Admission::Defer(Duration::from_millis(5_004))
+        );
         // Half-open: exactly two probes, then deferral until they report.
-        assert_eq!(b.admit(&config, 10_004), Admission::Go { probe: true });
-        assert_eq!(b.admit(&config, 10_005), Admission::Go { probe: true });
-        assert!(matches!(b.admit(&config, 10_006), Admission::Defer(_)));
+        assert_eq!(b.admit(&config, 10_004, PROBE_WAIT), Admission::Go { probe: true });
+        assert_eq!(b.admit(&config, 10_005, PROBE_WAIT), Admission::Go { probe: true });
+        assert!(matches!(b.admit(&config, 10_006, PROBE_WAIT), Admission::Defer(_)));
         b.record(&config, 10_007, Some(false), true);
         assert_eq!(b.phase, Phase::HalfOpen);
         b.record(&config, 10_008, Some(false), true);
         assert_eq!(b.phase, Phase::Closed);
+    }
+
+    /// Held-back deliveries wait for the probe's verdict (its attempt's time, at most an open
+    /// period) instead of asking every second.
+    #[test]
+    fn half_open_waiters_wait_for_the_probes_verdict() {
+        let config = BreakerConfig::default()
+            .consecutive_failures(1)
+            .open_for(Duration::from_secs(30));
+        let mut b = Breaker::default();
+        run(&mut b, &config, 0, true);
+        assert_eq!(
+            b.admit(&config, 30_000, Duration::from_secs(10)),
+            Admission::Go { probe: true }
+        );
+        // The probe may take 10 s: a delivery a second later waits the 9 s left.
+        assert_eq!(
+            b.admit(&config, 31_000, PROBE_WAIT),
+            Admission::Defer(Duration::from_secs(9))
+        );
+        // A probe allowed longer than the open period is given up at its end.
+        let mut slow = Breaker::default();
+        run(&mut slow, &config, 0, true);
+        assert_eq!(
+            slow.admit(&config, 30_000, Duration::from_secs(600)),
+            Admission::Go { probe: true }
+        );
+        assert_eq!(
+            slow.admit(&config, 40_000, PROBE_WAIT),
+            Admission::Defer(Duration::from_secs(20))
+        );
+        // Never less than a second, even with the verdict due now.
+        assert_eq!(
+            b.admit(&config, 39_999, PROBE_WAIT),
+            Admission::Defer(Duration::from_secs(1))
+        );
+        // The verdict closes it: the next delivery goes.
+        b.record(&config, 40_000, Some(false), true);
+        assert_eq!(b.admit(&config, 40_001, PROBE_WAIT), Admission::Go { probe: false });
     }
 
     #[test]
@@ -213,15 +270,15 @@ mod tests {
             .open_for(Duration::from_secs(1));
         let mut b = Breaker::default();
         run(&mut b, &config, 0, true);
-        assert_eq!(b.admit(&config, 1_000), Admission::Go { probe: true });
+        assert_eq!(b.admit(&config, 1_000, PROBE_WAIT), Admission::Go { probe: true });
         b.record(&config, 1_001, None, true); // held back by a later layer: not a probe after all
-        assert_eq!(b.admit(&config, 1_002), Admission::Go { probe: true });
+        assert_eq!(b.admit(&config, 1_002, PROBE_WAIT), Admission::Go { probe: true });
         b.record(&config, 1_003, Some(true), true);
         assert_eq!((b.phase, b.open_until), (Phase::Open, 2_003));
         // A lost probe is given up after an open period.
-        assert_eq!(b.admit(&config, 2_003), Admission::Go { probe: true });
-        assert!(matches!(b.admit(&config, 2_500), Admission::Defer(_)));
-        assert_eq!(b.admit(&config, 3_003), Admission::Go { probe: true });
+        assert_eq!(b.admit(&config, 2_003, PROBE_WAIT), Admission::Go { probe: true });
+        assert!(matches!(b.admit(&config, 2_500, PROBE_WAIT), Admission::Defer(_)));
+        assert_eq!(b.admit(&config, 3_003, PROBE_WAIT), Admission::Go { probe: true });
     }
 
     #[test]
@@ -233,13 +290,13 @@ mod tests {
             open_until: u64::MAX,
             ..Breaker::default()
         };
-        match b.admit(&config, 1_000) {
+        match b.admit(&config, 1_000, PROBE_WAIT) {
             Admission::Defer(wait) => assert!(wait <= Duration::from_secs(30), "{wait:?}"),
             other => panic!("{other:?}"),
         }
         // ... and stays cut: it half-opens once the configured period has passed.
         assert_eq!(b.open_until, 31_000);
-        assert_eq!(b.admit(&config, 31_000), Admission::Go { probe: true });
+        assert_eq!(b.admit(&config, 31_000, PROBE_WAIT), Admission::Go { probe: true });
         // Extreme settings and clocks do not overflow either.
         let forever = BreakerConfig::default()
             .consecutive_failures(1)
@@ -248,8 +305,11 @@ mod tests {
         let mut b = Breaker::default();
         run(&mut b, &forever, u64::MAX - 10, true);
         assert_eq!((b.phase, b.open_until), (Phase::Open, u64::MAX));
-        assert!(matches!(b.admit(&forever, u64::MAX - 5), Admission::Defer(_)));
-        assert_eq!(b.admit(&forever, u64::MAX), Admission::Go { probe: true });
+        assert!(matches!(
+            b.admit(&forever, u64::MAX - 5, PROBE_WAIT),
+            Admission::Defer(_)
+        ));
+        assert_eq!(b.admit(&forever, u64::MAX, PROBE_WAIT), Admission::Go { probe: true });
     }
 
     #[test]

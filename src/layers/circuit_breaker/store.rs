@@ -1,20 +1,33 @@
 //! Where breakers live: process memory, or Redis for a fleet.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{mem::size_of, sync::Mutex};
 
 use super::{
     StateUnavailable,
     config::BreakerConfig,
     state::{Breaker, Phase},
 };
+use crate::bounded::{BoundedMap, HeapSize, MapUsage, MemoryCap};
+
+/// How many breakers a layer keeps in memory by default, and in how many bytes: 100,000
+/// endpoints (about 200 bytes each with a short name) within 32 MiB. Past it, the breakers
+/// used least recently are forgotten, which closes them (see
+/// [`CircuitBreakerLayer::max_endpoints`](super::CircuitBreakerLayer::max_endpoints)).
+pub const DEFAULT_BREAKER_CAP: MemoryCap = MemoryCap::new(100_000, 32 << 20);
 
 /// A breaker change made by one step, to report.
 pub(super) type Change = Option<(Phase, Phase)>;
 
 pub(super) enum Store {
-    Local(Mutex<HashMap<String, Breaker>>),
+    Local(Mutex<BoundedMap<String, Breaker>>),
     #[cfg(feature = "redis")]
     Redis(redis_store::RedisStore),
+}
+
+impl HeapSize for Breaker {
+    fn heap_bytes(&self) -> usize {
+        self.window.capacity().saturating_mul(size_of::<(u64, u32, u32)>())
+    }
 }
 
 /// Runs `step` on `breaker` at `now`; returns its result and the phase change it made.
@@ -31,6 +44,41 @@ fn run_step<T>(
 }
 
 impl Store {
+    /// Breakers in memory, at most `cap` of them.
+    pub(super) fn local(cap: MemoryCap) -> Self {
+        Self::Local(Mutex::new(BoundedMap::new("breakers", cap)))
+    }
+
+    /// An empty store like this one: same cap, or same Redis prefix.
+    pub(super) fn fresh(&self) -> Self {
+        match self {
+            Self::Local(breakers) => Self::local(lock(breakers).usage().cap),
+            #[cfg(feature = "redis")]
+            Self::Redis(redis) => Self::Redis(redis_store::RedisStore {
+                conn: redis.conn.clone(),
+                prefix: redis.prefix.clone(),
+            }),
+        }
+    }
+
+    /// An empty in-memory store holding at most `cap`, if this one is in memory.
+    pub(super) fn recapped(&self, cap: MemoryCap) -> Option<Self> {
+        match self {
+            Self::Local(_) => Some(Self::local(cap)),
+            #[cfg(feature = "redis")]
+            Self::Redis(_) => None,
+        }
+    }
+
+    /// The size of the in-memory map (none in Redis mode: Redis expires its breakers).
+    pub(super) fn usage(&self) -> Vec<MapUsage> {
+        match self {
+            Self::Local(breakers) => vec![lock(breakers).usage()],
+            #[cfg(feature = "redis")]
+            Self::Redis(_) => Vec::new(),
+        }
+    }
+
     /// Runs `step` on `key`'s breaker at the store's clock (Unix ms) and saves the result.
     /// Returns what `step` returned and the phase change, if any.
     pub(super) async fn update<T>(
@@ -42,7 +90,8 @@ impl Store {
         match self {
             Self::Local(breakers) => {
                 let now = crate::clock::unix_millis();
-                let mut breakers = breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut breakers = lock(breakers);
+                // A forgotten (evicted) breaker is a closed one, as if it never failed.
                 let mut breaker = breakers.remove(key).unwrap_or_default();
                 let stepped = run_step(&mut breaker, config, now, &step);
                 // A closed breaker with nothing counted is the same as none: the map keeps only
@@ -61,9 +110,9 @@ impl Store {
     pub(super) async fn read(&self, key: &str) -> Result<(Breaker, u64), StateUnavailable> {
         match self {
             Self::Local(breakers) => {
-                let breakers = breakers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let breakers = lock(breakers);
                 Ok((
-                    breakers.get(key).cloned().unwrap_or_default(),
+                    breakers.peek(key).cloned().unwrap_or_default(),
                     crate::clock::unix_millis(),
                 ))
             }
@@ -71,6 +120,10 @@ impl Store {
             Self::Redis(redis) => redis.read(key).await,
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(feature = "redis")]

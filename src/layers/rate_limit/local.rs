@@ -1,46 +1,101 @@
-//! Rate budgets in process memory, on governor's GCRA.
+//! Rate budgets in process memory: GCRA per key, in one capped map.
+//!
+//! The per-key cells are kept here rather than in governor's keyed limiters so that every
+//! limit a job can carry shares one [`BoundedMap`]: governor keeps one unbounded map per
+//! limiter (one limiter per distinct [`Limit`]), swept only by scans. The arithmetic is
+//! governor's (`test_n_all_and_update`), so decisions are the same; the global limit is still
+//! a governor direct limiter (one cell, nothing keyed).
 
 use std::{
-    collections::HashMap,
     num::NonZeroU32,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use governor::{
-    DefaultDirectRateLimiter, DefaultKeyedRateLimiter, RateLimiter,
+    DefaultDirectRateLimiter, RateLimiter,
     clock::{Clock, DefaultClock},
 };
 
 use super::{Adaptation, Decision};
-use crate::layers::Limit;
+use crate::{
+    bounded::{BoundedMap, HeapSize, MapUsage, MemoryCap},
+    layers::Limit,
+};
 
-/// Keys admitted between two sweeps of idle keys out of the limiter.
-const SWEEP_EVERY: u64 = 10_000;
+/// A key's budget under one limit: jobs with limits of their own are held to those apart
+/// from the layer's, as with one limiter per limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BudgetKey {
+    limit: Limit,
+    key: String,
+}
+
+impl HeapSize for BudgetKey {
+    fn heap_bytes(&self) -> usize {
+        self.key.heap_bytes()
+    }
+}
+
+/// A key slowed down after 429s, until when it is held back entirely.
+struct Adapted(Adaptation, Instant);
+
+impl HeapSize for Adapted {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// A GCRA theoretical arrival time, in nanoseconds since the budget's start.
+struct Tat(u64);
+
+impl HeapSize for Tat {
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
 
 pub(super) struct LocalBudget {
-    endpoint: DefaultKeyedRateLimiter<String>,
     endpoint_limit: Limit,
-    /// One keyed limiter per other limit that jobs carry (registry endpoints with their own).
-    own: Mutex<HashMap<Limit, Arc<DefaultKeyedRateLimiter<String>>>>,
+    /// Per key and limit; a forgotten (evicted) key starts again with a full burst.
+    budgets: Mutex<BoundedMap<BudgetKey, Tat>>,
     global: Option<DefaultDirectRateLimiter>,
-    adaptations: Mutex<HashMap<String, (Adaptation, Instant)>>,
-    admitted: AtomicU64,
+    /// Keys slowed after 429s; a forgotten one is back at full rate.
+    adaptations: Mutex<BoundedMap<String, Adapted>>,
+    start: Instant,
     clock: DefaultClock,
 }
 
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One GCRA decision for `cells` cells at `now` (ns): the new arrival time, or how long to
+/// wait. Governor's arithmetic: `t` the interval, `tau = t × (burst − 1)`.
+fn gcra(tat: Option<u64>, now: u64, limit: Limit, cells: u32) -> Result<u64, Duration> {
+    let t = nanos(limit.interval()).max(1);
+    let tau = t.saturating_mul(u64::from(limit.burst_size().saturating_sub(1)));
+    let additional = t.saturating_mul(u64::from(cells.saturating_sub(1)));
+    if additional > tau {
+        // More cells than the burst: never, `cost` is capped by it; wait one interval.
+        return Err(limit.interval());
+    }
+    let tat = tat.unwrap_or(now);
+    let earliest = tat.saturating_add(additional).saturating_sub(tau);
+    if now < earliest {
+        return Err(Duration::from_nanos(earliest - now));
+    }
+    Ok(tat.max(now).saturating_add(t).saturating_add(additional))
+}
+
 impl LocalBudget {
-    pub(super) fn new(endpoint: Limit, global: Option<Limit>) -> Self {
+    pub(super) fn new(endpoint: Limit, global: Option<Limit>, cap: MemoryCap) -> Self {
         Self {
-            endpoint: RateLimiter::keyed(endpoint.quota()),
             endpoint_limit: endpoint,
-            own: Mutex::default(),
+            budgets: Mutex::new(BoundedMap::new("rate_budgets", cap)),
             global: global.map(|limit| RateLimiter::direct(limit.quota())),
-            adaptations: Mutex::default(),
-            admitted: AtomicU64::new(0),
+            adaptations: Mutex::new(BoundedMap::new("rate_adaptations", cap)),
+            start: Instant::now(),
             clock: DefaultClock::default(),
         }
     }
@@ -48,50 +103,46 @@ impl LocalBudget {
     /// Admits one delivery under `key`, whose limit is `limit` (the job's own) or the layer's.
     pub(super) fn acquire(&self, key: &str, limit: Option<Limit>) -> Decision {
         let now = Instant::now();
-        let factor = match self.lock().get(key) {
-            Some((_, cooldown_until)) if *cooldown_until > now => return Decision::Wait(*cooldown_until - now),
-            Some((adaptation, _)) => adaptation.factor,
+        let factor = match self.adaptations().peek(key) {
+            Some(Adapted(_, cooldown_until)) if *cooldown_until > now => {
+                return Decision::Wait(*cooldown_until - now);
+            }
+            Some(Adapted(adaptation, _)) => adaptation.factor,
             None => 1.0,
         };
         let limit = limit.unwrap_or(self.endpoint_limit);
-        let own = (limit != self.endpoint_limit).then(|| self.own_limiter(limit));
-        let limiter = own.as_deref().unwrap_or(&self.endpoint);
         let cost = NonZeroU32::new(super::cost(factor, limit.burst_size())).unwrap_or(NonZeroU32::MIN);
-        let key = key.to_owned();
-        match limiter.check_key_n(&key, cost) {
-            Ok(Ok(())) => {}
-            Ok(Err(not_until)) => return Decision::Wait(not_until.wait_time_from(self.clock.now())),
-            // `cost` never exceeds the burst; wait one interval should it ever.
-            Err(_) => return Decision::Wait(limit.interval()),
+        let at = nanos(now.saturating_duration_since(self.start));
+        let budget = BudgetKey {
+            limit,
+            key: key.to_owned(),
+        };
+        let decided = self.budgets().update(
+            &budget,
+            || Tat(at),
+            |tat| {
+                let next = gcra(Some(tat.0), at, limit, cost.get())?;
+                tat.0 = next;
+                Ok(())
+            },
+        );
+        if let Err(wait) = decided {
+            return Decision::Wait(wait);
         }
         if let Some(global) = &self.global
             && let Err(not_until) = global.check()
         {
             return Decision::Wait(not_until.wait_time_from(self.clock.now()));
         }
-        if self.admitted.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.endpoint.retain_recent();
-            for limiter in self.own.lock().unwrap_or_else(|p| p.into_inner()).values() {
-                limiter.retain_recent();
-            }
-        }
         Decision::Admit { factor }
-    }
-
-    fn own_limiter(&self, limit: Limit) -> Arc<DefaultKeyedRateLimiter<String>> {
-        let mut own = self.own.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Arc::clone(
-            own.entry(limit)
-                .or_insert_with(|| Arc::new(RateLimiter::keyed(limit.quota()))),
-        )
     }
 
     /// Applies `change` to the key's adaptation; an adaptation back at full rate is forgotten.
     pub(super) fn adapt(&self, key: &str, change: impl FnOnce(Adaptation) -> (Adaptation, Duration)) {
-        let mut adaptations = self.lock();
+        let mut adaptations = self.adaptations();
         let current = adaptations
-            .get(key)
-            .map_or(Adaptation::FULL, |(adaptation, _)| *adaptation);
+            .peek(key)
+            .map_or(Adaptation::FULL, |Adapted(adaptation, _)| *adaptation);
         let (next, cooldown) = change(current);
         if next.factor >= 1.0 && cooldown.is_zero() {
             adaptations.remove(key);
@@ -103,21 +154,30 @@ impl LocalBudget {
                 .checked_add(cooldown)
                 .or_else(|| now.checked_add(crate::clock::MAX_DELAY))
                 .unwrap_or(now);
-            adaptations.insert(key.to_owned(), (next, until));
+            adaptations.insert(key.to_owned(), Adapted(next, until));
         }
     }
 
     pub(super) fn adaptation(&self, key: &str) -> Adaptation {
         let now = Instant::now();
-        self.lock()
-            .get(key)
-            .map_or(Adaptation::FULL, |(adaptation, until)| Adaptation {
+        self.adaptations()
+            .peek(key)
+            .map_or(Adaptation::FULL, |Adapted(adaptation, until)| Adaptation {
                 cooldown: until.saturating_duration_since(now),
                 ..*adaptation
             })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Adaptation, Instant)>> {
+    /// The sizes of the budget and adaptation maps.
+    pub(super) fn usage(&self) -> [MapUsage; 2] {
+        [self.budgets().usage(), self.adaptations().usage()]
+    }
+
+    fn budgets(&self) -> MutexGuard<'_, BoundedMap<BudgetKey, Tat>> {
+        self.budgets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn adaptations(&self) -> MutexGuard<'_, BoundedMap<String, Adapted>> {
         self.adaptations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -128,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_huge_cooldown_does_not_overflow() {
-        let budget = LocalBudget::new(Limit::per_second(10), None);
+        let budget = LocalBudget::new(Limit::per_second(10), None, super::super::DEFAULT_KEY_CAP);
         budget.adapt("k", |current| (Adaptation { factor: 0.5, ..current }, Duration::MAX));
         assert!(budget.adaptation("k").cooldown > Duration::ZERO);
         match budget.acquire("k", None) {
@@ -139,7 +199,7 @@ mod tests {
 
     #[test]
     fn a_job_with_its_own_limit_is_held_to_it() {
-        let budget = LocalBudget::new(Limit::per_second(1000), None);
+        let budget = LocalBudget::new(Limit::per_second(1000), None, super::super::DEFAULT_KEY_CAP);
         let own = Limit::per_minute(2);
         let admitted = |key: &str, limit| matches!(budget.acquire(key, limit), Decision::Admit { .. });
         // Its own burst of two, then a wait of about 30 s, while the layer's limit has room.
@@ -152,5 +212,58 @@ mod tests {
         // Other keys, under the layer's limit or their own, are not affected.
         assert!(admitted("endpoint:b", Some(own)));
         assert!((0..100).all(|_| admitted("api.example.com", None)));
+    }
+
+    #[test]
+    fn decisions_match_governor() {
+        // Same limit, same instants: the same admissions and waits as governor's keyed limiter.
+        let limit = Limit::per(3, Duration::from_millis(300)).burst(3);
+        let mut tat = None;
+        let mut ours = Vec::new();
+        for (at_ms, cells) in [
+            (0, 1),
+            (0, 1),
+            (0, 1),
+            (0, 1),
+            (50, 1),
+            (100, 1),
+            (100, 2),
+            (400, 2),
+            (400, 1),
+        ] {
+            let at = at_ms * 1_000_000;
+            match gcra(tat, at, limit, cells) {
+                Ok(next) => {
+                    tat = Some(next);
+                    ours.push(Ok(()));
+                }
+                Err(wait) => ours.push(Err(wait)),
+            }
+        }
+        let clock = governor::clock::FakeRelativeClock::default();
+        let keyed = RateLimiter::hashmap_with_clock(limit.quota(), clock.clone());
+        let mut theirs = Vec::new();
+        let mut now_ms = 0;
+        for (at_ms, cells) in [
+            (0, 1),
+            (0, 1),
+            (0, 1),
+            (0, 1),
+            (50, 1),
+            (100, 1),
+            (100, 2),
+            (400, 2),
+            (400, 1),
+        ] {
+            clock.advance(Duration::from_millis(at_ms - now_ms));
+            now_ms = at_ms;
+            let cells = NonZeroU32::new(cells).unwrap();
+            theirs.push(match keyed.check_key_n(&"k", cells).unwrap() {
+                Ok(()) => Ok(()),
+                Err(not_until) => Err(not_until.wait_time_from(clock.now())),
+            });
+        }
+        assert_eq!(ours, theirs);
+        assert!(ours.iter().any(Result::is_err) && ours.iter().any(Result::is_ok));
     }
 }

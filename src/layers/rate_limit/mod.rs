@@ -16,6 +16,7 @@ use tower::{Layer, Service};
 
 use super::{DEFAULT_MAX_DEFERRAL, Limit, deferral_cap, spread::Spread, take_ready};
 use crate::{
+    bounded::{MapUsage, MemoryCap},
     delivery::DeliveryRequest,
     outcome::{AttemptResult, DeferReason},
 };
@@ -24,6 +25,10 @@ use crate::{
 pub const MIN_RATE_FACTOR: f64 = 1.0 / 16.0;
 /// How much of its rate an endpoint regains per success after a slow-down.
 pub const RECOVERY_STEP: f64 = 1.0 / 16.0;
+/// How many keys a layer tracks in memory by default, per map (budgets, 429 slow-downs,
+/// deferral spreading), and in how many bytes: 100,000 keys within 32 MiB. See
+/// [`RateLimitLayer::max_keys`].
+pub const DEFAULT_KEY_CAP: MemoryCap = MemoryCap::new(100_000, 32 << 20);
 /// How long a deferral waits when the shared (Redis) state cannot be reached.
 const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 
@@ -48,9 +53,12 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 ///   hour by default), whatever a receiver, a stored state or a limit says; a delivery held
 ///   back longer comes back then and is checked again. Slowing down is done by charging each delivery several
 ///   GCRA cells, so it needs a burst of at least 2 to show below the cooldown.
-/// * **Local or fleet-wide.** State is in memory (governor's GCRA) by default; with
-///   [`shared`](Self::shared) it is in Redis, one atomic script per decision using Redis's
-///   clock, so N workers on N machines stay within one budget and a restart keeps it.
+/// * **Local or fleet-wide.** State is in memory (GCRA, as governor computes it) by default;
+///   with [`shared`](Self::shared) it is in Redis, one atomic script per decision using
+///   Redis's clock, so N workers on N machines stay within one budget and a restart keeps it.
+/// * **Bounded memory.** In memory, at most [`max_keys`](Self::max_keys) keys are tracked
+///   ([`DEFAULT_KEY_CAP`]); the least recently used are forgotten and start again with a full
+///   budget.
 ///
 /// ```
 /// use apalis_webhooks::layers::{Limit, RateLimitLayer};
@@ -77,10 +85,12 @@ struct Settings {
     global: Option<Limit>,
     adaptive: bool,
     max_deferral: Duration,
+    cap: MemoryCap,
 }
 
 enum Budget {
-    Local(local::LocalBudget),
+    /// Boxed: the local state is several maps, the Redis one a connection.
+    Local(Box<local::LocalBudget>),
     #[cfg(feature = "redis")]
     Redis(redis::RedisBudget),
 }
@@ -160,6 +170,7 @@ impl RateLimitLayer {
             global: None,
             adaptive: true,
             max_deferral: DEFAULT_MAX_DEFERRAL,
+            cap: DEFAULT_KEY_CAP,
         };
         Self::build(settings, None)
     }
@@ -193,6 +204,32 @@ impl RateLimitLayer {
             ..self.shared.settings
         };
         Self::build(settings, self.redis())
+    }
+
+    /// Keeps at most `cap` keys in each in-memory map of this layer ([`DEFAULT_KEY_CAP`] by
+    /// default: 100,000 keys, 32 MiB): the budgets (one per key and limit), the 429
+    /// slow-downs, and the spreading of deferrals. Past it, the least recently used keys are
+    /// forgotten: a forgotten key starts again with a full burst at full rate (at worst one
+    /// burst early), so size the cap above the number of keys busy at once. In Redis mode only
+    /// the spreading is in memory. Starts the in-memory state anew.
+    pub fn max_keys(self, cap: MemoryCap) -> Self {
+        let settings = Settings {
+            cap,
+            ..self.shared.settings
+        };
+        Self::build(settings, self.redis())
+    }
+
+    /// The sizes of this layer's in-memory maps next to their caps (introspection:
+    /// dashboards, tests).
+    pub fn memory_usage(&self) -> Vec<MapUsage> {
+        let mut usage = match &self.shared.budget {
+            Budget::Local(local) => local.usage().to_vec(),
+            #[cfg(feature = "redis")]
+            Budget::Redis(_) => Vec::new(),
+        };
+        usage.push(self.shared.spread.usage());
+        usage
     }
 
     /// Keeps the budgets in Redis under `prefix`, shared by every worker using the same
@@ -230,20 +267,22 @@ impl RateLimitLayer {
             endpoint,
             global,
             max_deferral,
+            cap,
             ..
         } = settings;
         let budget = match redis {
             Some((conn, prefix)) => {
                 Budget::Redis(redis::RedisBudget::new(conn, prefix, endpoint, global, max_deferral))
             }
-            None => Budget::Local(local::LocalBudget::new(endpoint, global)),
+            None => Budget::Local(Box::new(local::LocalBudget::new(endpoint, global, cap))),
         };
         Self::with_budget(settings, budget)
     }
 
     #[cfg(not(feature = "redis"))]
     fn build(settings: Settings, _: Option<std::convert::Infallible>) -> Self {
-        let budget = Budget::Local(local::LocalBudget::new(settings.endpoint, settings.global));
+        let local = local::LocalBudget::new(settings.endpoint, settings.global, settings.cap);
+        let budget = Budget::Local(Box::new(local));
         Self::with_budget(settings, budget)
     }
 
@@ -252,7 +291,7 @@ impl RateLimitLayer {
             shared: Arc::new(Shared {
                 settings,
                 budget,
-                spread: Spread::default(),
+                spread: Spread::new(settings.cap),
             }),
         }
     }
@@ -322,6 +361,7 @@ impl fmt::Debug for RateLimitLayer {
             .field("global", &settings.global)
             .field("adaptive", &settings.adaptive)
             .field("max_deferral", &settings.max_deferral)
+            .field("cap", &settings.cap)
             .field("state", &mode)
             .finish()
     }
