@@ -96,6 +96,11 @@ pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
 };
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub use store::{
+    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_DELIVERED_RETENTION, DEFAULT_PURGE_BATCH, MAX_PURGE_BATCH, MAX_RETENTION,
+    MIN_PURGE_INTERVAL, PurgeReport, PurgeRuns, PurgeSchedule, RetentionError, RetentionPolicy,
+};
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
 pub use subscription::{
     DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,

@@ -27,8 +27,10 @@
 mod erasure;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod purge_schedule;
 #[cfg(feature = "redis")]
 mod redis;
+mod retention;
 mod rows;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -38,6 +40,11 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use self::erasure::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
+pub use self::purge_schedule::{MIN_PURGE_INTERVAL, PurgeRuns, PurgeSchedule};
+pub use self::retention::{
+    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_DELIVERED_RETENTION, DEFAULT_PURGE_BATCH, MAX_PURGE_BATCH, MAX_RETENTION,
+    PurgeReport, RetentionError, RetentionPolicy,
+};
 pub use self::rows::{DeliveryHistory, DeliveryStatus};
 use self::rows::{TaskRow, history_from_rows};
 use crate::{
@@ -374,6 +381,21 @@ impl WebhookStore {
             reason: dead.reason,
         };
         on_backend!(self, b => b.settle_dead(&last.task_id, &discarded).await)
+    }
+
+    /// Removes the finished deliveries `policy` no longer keeps, whole (every task of each), in
+    /// batches of [`RetentionPolicy::batch`] deliveries, each batch atomic; see
+    /// [`RetentionPolicy`] for what is kept. Idempotent, and safe to stop at any point (drop
+    /// the future): what is kept is never touched. Deliveries on the memory backend live and
+    /// die with the process; it has no store to purge.
+    pub async fn purge(&self, policy: &RetentionPolicy) -> Result<PurgeReport, StoreError> {
+        on_backend!(self, b => b.purge(policy).await)
+    }
+
+    /// Runs [`purge`](Self::purge) with `policy` now and every `interval` until the returned
+    /// handle is dropped; see [`PurgeSchedule`]. Must be called within a Tokio runtime.
+    pub fn purge_every(&self, policy: RetentionPolicy, interval: std::time::Duration) -> PurgeSchedule {
+        PurgeSchedule::spawn(self.clone(), policy, interval)
     }
 
     /// The latest task of delivery `webhook_id` and its dead letter, if that task is dead.

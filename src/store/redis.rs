@@ -20,7 +20,7 @@ use crate::{
 
 /// How often apalis-redis runs a failed task at most: its result script hard-codes 25 and
 /// ignores the task's own `max_attempts`; past it the task goes to the dead set, still `Failed`.
-const APALIS_REDIS_MAX_ATTEMPTS: u32 = 25;
+pub(super) const APALIS_REDIS_MAX_ATTEMPTS: u32 = 25;
 
 /// The attempts apalis recorded in a task's metadata (0 before its first run).
 fn attempts(meta: &HashMap<String, String>) -> Option<u32> {
