@@ -67,19 +67,17 @@ async fn tasks_per_delivery<B: TestBackend>(backend: &B) -> HashMap<String, usiz
     tasks
 }
 
-/// A worker over `backend` whose breaker opens on one failure and stays open `open_for`;
-/// sends every delivery event to the returned channel and every breaker change to the watch.
-fn start<B: TestBackend>(
-    backend: &B,
-    open_for: Duration,
-    max_deferral: Duration,
-    concurrency: usize,
-) -> (
+/// A running worker: its delivery events, its breaker's phase, its stop signal and its task.
+type Running = (
     mpsc::UnboundedReceiver<(String, Event)>,
     watch::Receiver<Phase>,
     oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
-) {
+);
+
+/// A worker over `backend` whose breaker opens on one failure and stays open `open_for`;
+/// sends every delivery event to the returned channel and every breaker change to the watch.
+fn start<B: TestBackend>(backend: &B, open_for: Duration, max_deferral: Duration, concurrency: usize) -> Running {
     let (events_tx, events) = mpsc::unbounded_channel();
     let builder = WebhookWorker::new(backend.sink())
         .egress(EgressPolicy::new().allow_loopback())
@@ -126,11 +124,7 @@ fn subscription(url: &str) -> WebhookSubscription {
 }
 
 async fn a_held_back_backlog_does_not_grow<B: TestBackend>(test: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .try_init();
     let Some(backend) = B::open(test).await else { return };
-    let t0 = std::time::Instant::now();
     // Probes take 2 s to fail, as long as the breaker stays open: the breaker spends about
     // half its time half-open, the rest open.
     let (url, requests) = failing_receiver(Duration::from_secs(2)).await;
@@ -143,7 +137,6 @@ async fn a_held_back_backlog_does_not_grow<B: TestBackend>(test: &str) {
         .await
         .expect("the breaker did not open")
         .unwrap();
-    eprintln!("{test} open after {:?}", t0.elapsed());
     let mut ids = vec![tripper];
     for n in 0..BACKLOG {
         ids.push(subscription(&url).dispatch(&mut sink, "held", &n).await.unwrap());
@@ -160,9 +153,7 @@ async fn a_held_back_backlog_does_not_grow<B: TestBackend>(test: &str) {
             }
         }
     });
-    eprintln!("{test} dispatched after {:?}", t0.elapsed());
     tokio::time::sleep(HELD_FOR).await;
-    eprintln!("{test} held after {:?}", t0.elapsed());
     let stored = tasks_per_delivery(&backend).await;
     // A delivery still held back reads as deferred: its one task carries the deferral.
     let store = backend.store().unwrap();
@@ -185,10 +176,8 @@ async fn a_held_back_backlog_does_not_grow<B: TestBackend>(test: &str) {
         }
     }
     assert!(held_back > 0, "every delivery was attempted");
-    eprintln!("stopping {:?}", std::time::Instant::now());
     let _ = stop.send(());
     tokio::time::timeout(PATIENCE, worker).await.unwrap().unwrap();
-    eprintln!("stopped {:?}", std::time::Instant::now());
     counter.abort();
 
     let deferrals = deferrals.lock().unwrap().clone();
