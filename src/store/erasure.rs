@@ -285,20 +285,6 @@ fn redacted_result(mut result: serde_json::Value) -> serde_json::Value {
     result
 }
 
-/// Dispatches a call to the erasing side of the backend in use.
-macro_rules! on_eraser {
-    ($store:expr, $b:ident => $call:expr) => {
-        match &$store.backend {
-            #[cfg(feature = "sqlite")]
-            Backend::Sqlite($b) => $call,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres($b) => $call,
-            #[cfg(feature = "redis")]
-            Backend::Redis($b) => $call,
-        }
-    };
-}
-
 /// A page of candidate tasks (read or not) and the cursor of the next page.
 pub(super) type ScanPage = (Vec<Result<TaskRow, StoreError>>, Option<String>);
 
@@ -314,7 +300,7 @@ impl WebhookStore {
         }
         let mut cursor: Option<String> = None;
         loop {
-            let (rows, next) = on_eraser!(self, b => b.scan(erasure, cursor.as_deref()).await)?;
+            let (rows, next) = on_backend!(self, b => b.scan(erasure, cursor.as_deref()).await)?;
             // Only for this batch: a delivery met again in a later batch has nothing left.
             let mut seen = HashSet::new();
             let mut found = Vec::new();
@@ -349,7 +335,7 @@ impl WebhookStore {
     ) -> Result<(), StoreError> {
         let ids: Vec<WebhookId> = found.iter().map(|(id, _)| id.clone()).collect();
         let chosen: HashSet<&WebhookId> = ids.iter().collect();
-        let mut rows = on_eraser!(self, b => b.delivery_rows(&ids).await)?;
+        let mut rows = on_backend!(self, b => b.delivery_rows(&ids).await)?;
         // Only tasks whose job is indeed of one of these deliveries.
         rows.retain(|row| chosen.contains(row.job.webhook_id()));
         let known: HashSet<String> = rows.iter().map(|row| row.task_id.clone()).collect();
@@ -368,7 +354,7 @@ impl WebhookStore {
         if plans.is_empty() {
             return Ok(());
         }
-        let written = on_eraser!(self, b => b.erase_tasks(&plans).await)?;
+        let written = on_backend!(self, b => b.erase_tasks(&plans).await)?;
         let mut erased = HashSet::new();
         for (plan, written) in plans.iter().zip(written) {
             match written {

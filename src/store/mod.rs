@@ -24,6 +24,21 @@
 //! # Ok(()) }
 //! ```
 
+// Before the modules, so that they can use it too.
+/// Dispatches a call to the backend in use.
+macro_rules! on_backend {
+    ($self:expr, $b:ident => $call:expr) => {
+        match &$self.backend {
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite($b) => $call,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres($b) => $call,
+            #[cfg(feature = "redis")]
+            Backend::Redis($b) => $call,
+        }
+    };
+}
+
 mod erasure;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -223,20 +238,6 @@ impl fmt::Debug for WebhookStore {
             .field("backend", &kind)
             .finish_non_exhaustive()
     }
-}
-
-/// Dispatches a call to the backend in use.
-macro_rules! on_backend {
-    ($self:expr, $b:ident => $call:expr) => {
-        match &$self.backend {
-            #[cfg(feature = "sqlite")]
-            Backend::Sqlite($b) => $call,
-            #[cfg(feature = "postgres")]
-            Backend::Postgres($b) => $call,
-            #[cfg(feature = "redis")]
-            Backend::Redis($b) => $call,
-        }
-    };
 }
 
 impl WebhookStore {
