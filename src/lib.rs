@@ -87,7 +87,10 @@ pub use outcome::{AttemptResult, DeferReason, Outcome, StatusRange, StatusSet, T
 pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
 pub use record::AttemptRecord;
 pub use retry::RetrySchedule;
-pub use secret::{MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, Secret, SecretError, WHSEC_PREFIX, generate_secret};
+pub use secret::{
+    MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
+    WHSEC_PREFIX, WeakSecret, generate_secret,
+};
 pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
 pub use sink::{Deferral, WebhookSink};

@@ -32,8 +32,33 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
 ///
 /// `Debug` and `Display` print `Secret([REDACTED])`; the material is zeroed when dropped. Cloning is
 /// cheap (the material is shared).
+///
+/// # Key strength
+///
+/// A short key can be recovered from one captured signature by brute force, so
+/// [`dispatch`](crate::WebhookSubscription::dispatch) refuses keys under
+/// [`MIN_STANDARD_KEY_BYTES`] (24, the Standard Webhooks minimum) decoded bytes for Standard
+/// Webhooks and under [`MIN_LITERAL_KEY_BYTES`] (16) bytes for the Stripe and GitHub styles
+/// ([`DispatchError::WeakSecret`](crate::DispatchError::WeakSecret)). A receiver that already
+/// holds a shorter key can still be served: mark that secret with
+/// [`allow_weak`](Self::allow_weak). Keys longer than the 64 bytes the specification mentions
+/// are not refused: they are not weaker, and the official libraries accept them.
+///
+/// ```
+/// use apalis_webhooks::{DispatchError, Secret, WebhookSubscription};
+///
+/// let weak = WebhookSubscription::new("https://example.com/hooks", "whsec_AA==");
+/// assert!(matches!(weak.job("order.created", &1), Err(DispatchError::WeakSecret(_))));
+///
+/// let allowed = WebhookSubscription::new("https://example.com/hooks", Secret::new("whsec_AA==").allow_weak());
+/// assert!(allowed.job("order.created", &1).is_ok());
+/// ```
 #[derive(Clone)]
-pub struct Secret(Arc<Material>);
+pub struct Secret {
+    material: Arc<Material>,
+    /// Set by [`Secret::allow_weak`]: the key length is not checked.
+    allow_weak: bool,
+}
 
 enum Material {
     Text(SecretBox<str>),
@@ -54,6 +79,30 @@ pub enum SecretError {
     /// [`MAX_GENERATED_BYTES`] bytes, as Standard Webhooks asks.
     #[error("a generated secret has 24 to 64 bytes, not {0}")]
     InvalidLength(usize),
+}
+
+/// Fewest decoded key bytes of a Standard Webhooks secret that a sender accepts without
+/// [`Secret::allow_weak`] (the specification asks for 24 to 64).
+pub const MIN_STANDARD_KEY_BYTES: usize = 24;
+/// Fewest bytes of a Stripe- or GitHub-style secret that a sender accepts without
+/// [`Secret::allow_weak`] (128 bits; those schemes publish no minimum).
+pub const MIN_LITERAL_KEY_BYTES: usize = 16;
+
+/// A key too short to sign with unless explicitly allowed ([`Secret::allow_weak`]). It names the
+/// scheme and the lengths, never the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "weak secret: a {scheme} key needs at least {min_bytes} bytes, this one has {len} \
+     (make one with Secret::generate, or mark a key the receiver already holds with Secret::allow_weak)"
+)]
+#[non_exhaustive]
+pub struct WeakSecret {
+    /// The signature scheme: `standard`, `stripe` or `github`.
+    pub scheme: &'static str,
+    /// The scheme's minimum key length in bytes.
+    pub min_bytes: usize,
+    /// The key's length in bytes (decoded, for Standard Webhooks).
+    pub len: usize,
 }
 
 /// Fewest key bytes [`Secret::generate_with_len`] makes (Standard Webhooks: 24 to 64).
@@ -77,13 +126,43 @@ impl Secret {
     /// Stripe- or GitHub-style receiver is configured with.
     pub fn new(text: impl Into<String>) -> Self {
         let text: String = text.into();
-        Self(Arc::new(Material::Text(SecretBox::new(text.into_boxed_str()))))
+        Self::of(Material::Text(SecretBox::new(text.into_boxed_str())))
+    }
+
+    fn of(material: Material) -> Self {
+        Self {
+            material: Arc::new(material),
+            allow_weak: false,
+        }
+    }
+
+    /// The same secret, exempt from the key-length check at dispatch (and, in secret-store
+    /// mode, at send time): for a receiver that already holds a key shorter than
+    /// [`MIN_STANDARD_KEY_BYTES`] / [`MIN_LITERAL_KEY_BYTES`] and cannot change it yet. The
+    /// allowance is kept when the secret is stored (a registry [`Endpoint`](crate::registry::Endpoint),
+    /// a job). Prefer rotating to a [generated](Self::generate) key.
+    pub fn allow_weak(mut self) -> Self {
+        self.allow_weak = true;
+        self
+    }
+
+    /// Whether [`allow_weak`](Self::allow_weak) exempts this secret from the key-length check.
+    pub fn is_weak_allowed(&self) -> bool {
+        self.allow_weak
+    }
+
+    /// Checks that a key of `len` bytes is long enough for `scheme`, unless allowed.
+    pub(crate) fn check_len(&self, scheme: &'static str, min_bytes: usize, len: usize) -> Result<(), WeakSecret> {
+        if self.allow_weak || len >= min_bytes {
+            return Ok(());
+        }
+        Err(WeakSecret { scheme, min_bytes, len })
     }
 
     /// A secret from raw key bytes.
     pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
         let bytes: Vec<u8> = bytes.into();
-        Self(Arc::new(Material::Bytes(SecretBox::new(bytes.into_boxed_slice()))))
+        Self::of(Material::Bytes(SecretBox::new(bytes.into_boxed_slice())))
     }
 
     /// A fresh Standard Webhooks secret: `whsec_` and the base64 of 32 bytes from a CSPRNG.
@@ -108,7 +187,7 @@ impl Secret {
 
     /// The HMAC key for Standard Webhooks: the decoded base64 after `whsec_`.
     pub(crate) fn standard_key(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
-        let key = match &*self.0 {
+        let key = match &*self.material {
             Material::Bytes(bytes) => bytes.expose_secret().to_vec(),
             Material::Text(text) => {
                 let text = text.expose_secret();
@@ -125,7 +204,7 @@ impl Secret {
 
     /// The HMAC key for the Stripe and GitHub styles: the secret's own bytes.
     pub(crate) fn literal_key(&self) -> Result<&[u8], SecretError> {
-        let key = match &*self.0 {
+        let key = match &*self.material {
             Material::Bytes(bytes) => bytes.expose_secret(),
             Material::Text(text) => text.expose_secret().as_bytes(),
         };
@@ -160,25 +239,37 @@ impl From<String> for Secret {
     }
 }
 
-/// How a secret is written into a stored job. The job must be able to sign later, on another
-/// process, so the material is stored; `Debug` of the job still redacts it.
+/// How a secret is written into a stored job or registry endpoint. The job must be able to sign
+/// later, on another process, so the material is stored; `Debug` of the job still redacts it.
+///
+/// Exactly one of `text` and `base64` is set. Without the weak-key allowance this is the same
+/// JSON as before the allowance existed (`{"text": …}` or `{"base64": …}`), so stored jobs and
+/// endpoints read both ways.
 #[derive(Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum StoredSecret {
-    Text(String),
-    Base64(String),
+struct StoredSecret {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base64: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    allow_weak: bool,
 }
 
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let stored = match &*self.0 {
-            Material::Text(text) => StoredSecret::Text(text.expose_secret().to_owned()),
-            Material::Bytes(bytes) => StoredSecret::Base64(STANDARD.encode(bytes.expose_secret())),
+        let mut stored = StoredSecret {
+            text: None,
+            base64: None,
+            allow_weak: self.allow_weak,
         };
+        match &*self.material {
+            Material::Text(text) => stored.text = Some(text.expose_secret().to_owned()),
+            Material::Bytes(bytes) => stored.base64 = Some(STANDARD.encode(bytes.expose_secret())),
+        }
         let result = stored.serialize(serializer);
         // Scrub the temporary copy of the material.
-        match stored {
-            StoredSecret::Text(mut s) | StoredSecret::Base64(mut s) => zeroize::Zeroize::zeroize(&mut s),
+        for s in [&mut stored.text, &mut stored.base64].into_iter().flatten() {
+            zeroize::Zeroize::zeroize(s);
         }
         result
     }
@@ -186,13 +277,23 @@ impl Serialize for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match StoredSecret::deserialize(deserializer)? {
-            StoredSecret::Text(text) => Ok(Self::new(text)),
-            StoredSecret::Base64(encoded) => STANDARD
+        let stored = StoredSecret::deserialize(deserializer)?;
+        let secret = match (stored.text, stored.base64) {
+            (Some(text), None) => Self::new(text),
+            (None, Some(encoded)) => STANDARD
                 .decode(encoded)
                 .map(Self::from_bytes)
-                .map_err(serde::de::Error::custom),
-        }
+                .map_err(serde::de::Error::custom)?,
+            _ => {
+                return Err(serde::de::Error::custom(
+                    "a stored secret has exactly one of `text` and `base64`",
+                ));
+            }
+        };
+        Ok(Self {
+            allow_weak: stored.allow_weak,
+            ..secret
+        })
     }
 }
 

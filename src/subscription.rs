@@ -13,7 +13,7 @@ use crate::{
     policy::DeliveryPolicy,
     registry::EndpointId,
     retry::RetrySchedule,
-    secret::{Secret, SecretError},
+    secret::{Secret, SecretError, WeakSecret},
     signing::SignatureScheme,
     sink::WebhookSink,
 };
@@ -112,6 +112,11 @@ pub enum DispatchError {
     /// A secret yields no key for the chosen scheme.
     #[error("invalid secret: {0}")]
     InvalidSecret(#[from] SecretError),
+    /// A secret's key is shorter than its scheme's minimum (see
+    /// [`SignatureScheme::check_strength`]) and was not marked with
+    /// [`Secret::allow_weak`]. The error names the scheme and the lengths, never the key.
+    #[error(transparent)]
+    WeakSecret(#[from] WeakSecret),
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
@@ -317,6 +322,9 @@ impl WebhookSubscription {
             }
             None => self.scheme.check_secrets(&self.secrets)?,
         }
+        // Every secret of a rotation: one weak key is enough to forge signatures the receiver
+        // accepts. Secrets from a secret store are checked by the signing layer at send time.
+        self.scheme.check_strength(&self.secrets)?;
         Ok(())
     }
 

@@ -46,6 +46,11 @@ fn store_retry_delay(deferrals: u32) -> Duration {
 /// secrets yield no key, its key id is unknown) is answered with [`AttemptResult::Refused`] and
 /// never sent.
 ///
+/// A store secret shorter than its scheme's minimum (see
+/// [`SignatureScheme::check_strength`](super::SignatureScheme::check_strength)) is refused the
+/// same way, with a reason starting `refused: weak secret`, unless the store returned it marked
+/// with [`Secret::allow_weak`].
+///
 /// A store that cannot answer ([`SecretStoreError::Unavailable`], or no answer within the
 /// [lookup timeout](Self::secret_lookup_timeout), 5 s by default) defers the attempt with
 /// [`DeferReason::SecretStoreUnavailable`]: nothing is sent, no attempt is used, and it counts
@@ -191,6 +196,14 @@ where
                     return Ok(unavailable(request.job.deferrals()));
                 }
             };
+            // The store's secrets were never seen at dispatch: hold them to the same key-length
+            // rule (the job's own were checked when it was dispatched). Sending with a weak key
+            // would hand out signatures that give the key away, so the delivery is refused.
+            if let Err(weak) = request.job.scheme().check_strength(&secrets) {
+                tracing::warn!(key_id, %weak, "refusing: the secret store returned a weak secret");
+                let reason = weak.to_string();
+                return Ok(AttemptResult::Refused { reason });
+            }
             secrets.extend(request.job.secrets().iter().cloned());
             match sign(&mut request, &secrets) {
                 Ok(()) => inner.call(request).await,

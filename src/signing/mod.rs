@@ -17,7 +17,7 @@ use sha2::Sha256;
 pub use layer::{DEFAULT_SECRET_LOOKUP_TIMEOUT, SigningLayer, SigningService};
 
 use crate::{
-    secret::{Secret, SecretError},
+    secret::{MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError, WeakSecret},
     verify::VerifyError,
 };
 
@@ -99,6 +99,30 @@ impl SignatureScheme {
             match self {
                 Self::Standard => drop(secret.standard_key()?),
                 Self::Stripe { .. } | Self::GitHub { .. } => drop(secret.literal_key()?),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every secret (each one, during rotation) has a key long enough for this
+    /// scheme: [`MIN_STANDARD_KEY_BYTES`] decoded bytes for Standard Webhooks,
+    /// [`MIN_LITERAL_KEY_BYTES`] for the Stripe and GitHub styles, unless the secret was marked
+    /// with [`Secret::allow_weak`]. A secret that yields no key at all is left to
+    /// [`check_secrets`](Self::check_secrets).
+    pub fn check_strength(&self, secrets: &[Secret]) -> Result<(), WeakSecret> {
+        for secret in secrets.iter().filter(|s| !s.is_weak_allowed()) {
+            match self {
+                Self::Standard => {
+                    if let Ok(key) = secret.standard_key() {
+                        secret.check_len("standard", MIN_STANDARD_KEY_BYTES, key.len())?;
+                    }
+                }
+                Self::Stripe { .. } | Self::GitHub { .. } => {
+                    let name = if matches!(self, Self::Stripe { .. }) { "stripe" } else { "github" };
+                    if let Ok(key) = secret.literal_key() {
+                        secret.check_len(name, MIN_LITERAL_KEY_BYTES, key.len())?;
+                    }
+                }
             }
         }
         Ok(())
