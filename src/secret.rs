@@ -358,6 +358,38 @@ mod tests {
     }
 
     #[test]
+    fn serde_keeps_the_weak_key_allowance_and_the_old_format() {
+        let strong = Secret::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        // Without the allowance the stored form is the one jobs had before it existed.
+        assert_eq!(
+            serde_json::to_string(&strong).unwrap(),
+            r#"{"text":"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}"#
+        );
+        let back: Secret = serde_json::from_str(r#"{"base64":"AQID"}"#).unwrap();
+        assert!(!back.is_weak_allowed());
+        for secret in [Secret::new("whsec_AA==").allow_weak(), Secret::from_bytes(vec![1, 2]).allow_weak()] {
+            let json = serde_json::to_string(&secret).unwrap();
+            assert!(json.contains(r#""allow_weak":true"#), "{json}");
+            let back: Secret = serde_json::from_str(&json).unwrap();
+            assert!(back.is_weak_allowed());
+            assert_eq!(back.literal_key().unwrap(), secret.literal_key().unwrap());
+        }
+        for bad in [r#"{}"#, r#"{"text":"a","base64":"AQID"}"#] {
+            assert!(serde_json::from_str::<Secret>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn weak_secret_errors_never_show_the_key() {
+        let secret = Secret::new("whsec_AA==");
+        let err = secret.check_len("standard", MIN_STANDARD_KEY_BYTES, 1).unwrap_err();
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains("AA=="), "{shown}");
+        }
+        assert!(secret.allow_weak().check_len("standard", MIN_STANDARD_KEY_BYTES, 1).is_ok());
+    }
+
+    #[test]
     fn serde_round_trip_keeps_material() {
         for secret in [
             Secret::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"),

@@ -589,9 +589,9 @@ mod tests {
             .job("a", &1)
             .unwrap_err();
         assert!(matches!(err, DispatchError::InvalidSecret(SecretError::NotBase64)));
-        // The same text is a fine literal key for the Stripe style.
+        // The same kind of text is a fine literal key for the Stripe style (16 bytes or more).
         assert!(
-            WebhookSubscription::new("https://e.com", "whsec_@@@")
+            WebhookSubscription::new("https://e.com", "whsec_@@@ stripe-style")
                 .scheme(SignatureScheme::stripe())
                 .job("a", &1)
                 .is_ok()
@@ -622,6 +622,78 @@ mod tests {
                 .job("a", &1),
             Err(DispatchError::InvalidSecret(_))
         ));
+    }
+
+    /// `whsec_` and the base64 of `len` bytes.
+    fn standard_of(len: usize) -> String {
+        use base64::Engine;
+        format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(vec![0x5a; len]))
+    }
+
+    #[test]
+    fn weak_standard_keys_are_refused_unless_allowed() {
+        // The one-byte key of the report, then one byte under the minimum.
+        for (secret, len) in [("whsec_AA==".to_owned(), 1), (standard_of(23), 23)] {
+            let err = WebhookSubscription::new("https://e.com", secret.as_str())
+                .job("a", &1)
+                .unwrap_err();
+            let DispatchError::WeakSecret(weak) = &err else {
+                panic!("{err:?}");
+            };
+            assert_eq!((weak.scheme, weak.min_bytes, weak.len), ("standard", 24, len));
+            let encoded = secret.trim_start_matches("whsec_");
+            for shown in [err.to_string(), format!("{err:?}")] {
+                assert!(!shown.contains(encoded), "{shown}");
+                assert!(shown.contains("24") && shown.contains("standard"), "{shown}");
+            }
+            let allowed = WebhookSubscription::new("https://e.com", Secret::new(secret).allow_weak());
+            assert!(allowed.job("a", &1).is_ok());
+        }
+        assert!(WebhookSubscription::new("https://e.com", standard_of(24)).job("a", &1).is_ok());
+        // Longer than the 64 bytes the specification mentions: not weaker, so accepted.
+        assert!(WebhookSubscription::new("https://e.com", standard_of(65)).job("a", &1).is_ok());
+        // Raw key bytes are held to the same rule.
+        assert!(matches!(
+            WebhookSubscription::new("https://e.com", Secret::from_bytes(vec![1; 16])).job("a", &1),
+            Err(DispatchError::WeakSecret(WeakSecret { len: 16, .. }))
+        ));
+    }
+
+    #[test]
+    fn weak_literal_keys_are_refused_for_stripe_and_github() {
+        for (scheme, name) in [(SignatureScheme::stripe(), "stripe"), (SignatureScheme::github(), "github")] {
+            let weak = WebhookSubscription::new("https://e.com", "fifteen-bytes!!").scheme(scheme.clone());
+            match weak.job("a", &1) {
+                Err(DispatchError::WeakSecret(w)) => {
+                    assert_eq!((w.scheme, w.min_bytes, w.len), (name, 16, 15));
+                }
+                other => panic!("{other:?}"),
+            }
+            let strong = WebhookSubscription::new("https://e.com", "sixteen-bytes!!!").scheme(scheme.clone());
+            assert!(strong.job("a", &1).is_ok());
+            let allowed =
+                WebhookSubscription::new("https://e.com", Secret::new("short").allow_weak()).scheme(scheme);
+            assert!(allowed.job("a", &1).is_ok());
+        }
+    }
+
+    #[test]
+    fn every_rotated_secret_is_checked() {
+        // A strong first secret does not cover a weak second one, in either order, and
+        // next to a key id too (inline secrets are stored with the job).
+        let weak = "whsec_AAAA";
+        for subscription in [
+            WebhookSubscription::new("https://e.com", SECRET).secret(weak),
+            WebhookSubscription::new("https://e.com", weak).secret(SECRET),
+            WebhookSubscription::with_key_id("https://e.com", "k").secret(weak),
+        ] {
+            assert!(matches!(
+                subscription.job("a", &1),
+                Err(DispatchError::WeakSecret(WeakSecret { len: 3, .. }))
+            ));
+        }
+        let allowed = WebhookSubscription::new("https://e.com", SECRET).secret(Secret::new(weak).allow_weak());
+        assert!(allowed.job("a", &1).is_ok());
     }
 
     #[test]
