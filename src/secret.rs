@@ -367,7 +367,10 @@ mod tests {
         );
         let back: Secret = serde_json::from_str(r#"{"base64":"AQID"}"#).unwrap();
         assert!(!back.is_weak_allowed());
-        for secret in [Secret::new("whsec_AA==").allow_weak(), Secret::from_bytes(vec![1, 2]).allow_weak()] {
+        for secret in [
+            Secret::new("whsec_AA==").allow_weak(),
+            Secret::from_bytes(vec![1, 2]).allow_weak(),
+        ] {
             let json = serde_json::to_string(&secret).unwrap();
             assert!(json.contains(r#""allow_weak":true"#), "{json}");
             let back: Secret = serde_json::from_str(&json).unwrap();
@@ -386,7 +389,12 @@ mod tests {
         for shown in [err.to_string(), format!("{err:?}")] {
             assert!(!shown.contains("AA=="), "{shown}");
         }
-        assert!(secret.allow_weak().check_len("standard", MIN_STANDARD_KEY_BYTES, 1).is_ok());
+        assert!(
+            secret
+                .allow_weak()
+                .check_len("standard", MIN_STANDARD_KEY_BYTES, 1)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -28,6 +28,10 @@ use crate::secret::Secret;
 /// Implement it over your database, Vault or KMS; [`MemorySecretStore`] keeps them in memory.
 pub trait SecretStore: Send + Sync + 'static {
     /// The active secrets of `key_id`, newest first.
+    ///
+    /// The signer holds each to the key-length rule when it signs (a weak one makes the
+    /// delivery a `refused: weak secret` dead letter): return a receiver's existing short key
+    /// marked with [`Secret::allow_weak`].
     fn secrets<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<Vec<Secret>, SecretStoreError>>;
 }
 

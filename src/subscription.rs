@@ -134,6 +134,10 @@ pub enum DispatchError {
 
 impl WebhookSubscription {
     /// A subscription for `url`, signed with `secret` under Standard Webhooks.
+    ///
+    /// Dispatch refuses a key shorter than its scheme's minimum
+    /// ([`DispatchError::WeakSecret`]) unless the secret is marked with
+    /// [`Secret::allow_weak`]; see [`Secret`]'s key strength section.
     pub fn new(url: impl Into<String>, secret: impl Into<Secret>) -> Self {
         Self::signed_by(url.into(), vec![secret.into()], None)
     }
@@ -178,7 +182,7 @@ impl WebhookSubscription {
 
     /// Adds another active secret (rotation): every attempt carries a signature per secret
     /// (GitHub style: the first secret only). In secret-store mode this secret is stored in the
-    /// job and signs next to the store's.
+    /// job and signs next to the store's. Each secret is held to the key-length rule.
     pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
         self.secrets.push(secret.into());
         self
@@ -627,7 +631,10 @@ mod tests {
     /// `whsec_` and the base64 of `len` bytes.
     fn standard_of(len: usize) -> String {
         use base64::Engine;
-        format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(vec![0x5a; len]))
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(vec![0x5a; len])
+        )
     }
 
     #[test]
@@ -649,9 +656,17 @@ mod tests {
             let allowed = WebhookSubscription::new("https://e.com", Secret::new(secret).allow_weak());
             assert!(allowed.job("a", &1).is_ok());
         }
-        assert!(WebhookSubscription::new("https://e.com", standard_of(24)).job("a", &1).is_ok());
+        assert!(
+            WebhookSubscription::new("https://e.com", standard_of(24))
+                .job("a", &1)
+                .is_ok()
+        );
         // Longer than the 64 bytes the specification mentions: not weaker, so accepted.
-        assert!(WebhookSubscription::new("https://e.com", standard_of(65)).job("a", &1).is_ok());
+        assert!(
+            WebhookSubscription::new("https://e.com", standard_of(65))
+                .job("a", &1)
+                .is_ok()
+        );
         // Raw key bytes are held to the same rule.
         assert!(matches!(
             WebhookSubscription::new("https://e.com", Secret::from_bytes(vec![1; 16])).job("a", &1),
@@ -661,7 +676,10 @@ mod tests {
 
     #[test]
     fn weak_literal_keys_are_refused_for_stripe_and_github() {
-        for (scheme, name) in [(SignatureScheme::stripe(), "stripe"), (SignatureScheme::github(), "github")] {
+        for (scheme, name) in [
+            (SignatureScheme::stripe(), "stripe"),
+            (SignatureScheme::github(), "github"),
+        ] {
             let weak = WebhookSubscription::new("https://e.com", "fifteen-bytes!!").scheme(scheme.clone());
             match weak.job("a", &1) {
                 Err(DispatchError::WeakSecret(w)) => {
@@ -671,8 +689,7 @@ mod tests {
             }
             let strong = WebhookSubscription::new("https://e.com", "sixteen-bytes!!!").scheme(scheme.clone());
             assert!(strong.job("a", &1).is_ok());
-            let allowed =
-                WebhookSubscription::new("https://e.com", Secret::new("short").allow_weak()).scheme(scheme);
+            let allowed = WebhookSubscription::new("https://e.com", Secret::new("short").allow_weak()).scheme(scheme);
             assert!(allowed.job("a", &1).is_ok());
         }
     }

@@ -89,6 +89,10 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// An enabled endpoint `id` at `url`, signed with `secret`, receiving every event.
+    ///
+    /// Its secrets are held to the same key-length rule as a subscription's; a receiver that
+    /// already holds a short key is served with a secret marked
+    /// [`Secret::allow_weak`], an allowance the endpoint keeps when a registry stores it.
     pub fn new(id: impl Into<EndpointId>, url: impl Into<String>, secret: impl Into<Secret>) -> Self {
         Self::signed_by(id.into(), url.into(), vec![secret.into()], None)
     }

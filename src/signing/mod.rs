@@ -118,7 +118,11 @@ impl SignatureScheme {
                     }
                 }
                 Self::Stripe { .. } | Self::GitHub { .. } => {
-                    let name = if matches!(self, Self::Stripe { .. }) { "stripe" } else { "github" };
+                    let name = if matches!(self, Self::Stripe { .. }) {
+                        "stripe"
+                    } else {
+                        "github"
+                    };
                     if let Ok(key) = secret.literal_key() {
                         secret.check_len(name, MIN_LITERAL_KEY_BYTES, key.len())?;
                     }
