@@ -112,8 +112,8 @@ async fn fans_out_to_matching_endpoints<B: TestBackend>(test: &str) {
             serde_json::from_slice::<serde_json::Value>(&request.body).unwrap(),
             payload
         );
-        Verifier::new(secrets[i].clone())
-            .verify(&request.headers, &request.body)
+        Verifier::new(secrets[i].clone()).unwrap()
+            .verify(&request.headers, &request.body).await
             .unwrap();
     }
     worker.stop().await;
