@@ -112,8 +112,10 @@ async fn fans_out_to_matching_endpoints<B: TestBackend>(test: &str) {
             serde_json::from_slice::<serde_json::Value>(&request.body).unwrap(),
             payload
         );
-        Verifier::new(secrets[i].clone()).unwrap()
-            .verify(&request.headers, &request.body).await
+        Verifier::new(secrets[i].clone())
+            .unwrap()
+            .verify(&request.headers, &request.body)
+            .await
             .unwrap();
     }
     worker.stop().await;

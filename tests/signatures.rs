@@ -54,8 +54,10 @@ async fn reproduces_published_standard_webhooks_vectors() {
         let signature = signed.iter().find(|(n, _)| n == "webhook-signature").unwrap();
         assert_eq!(signature.1, v.signature, "vector {}", v.id);
         // And they verify at their own time.
-        let verified = Verifier::new(v.secret.as_str()).unwrap()
-            .verify_at(&headers(&signed), v.body.as_bytes(), v.timestamp).await
+        let verified = Verifier::new(v.secret.as_str())
+            .unwrap()
+            .verify_at(&headers(&signed), v.body.as_bytes(), v.timestamp)
+            .await
             .unwrap();
         assert_eq!(verified.webhook_id(), Some(v.id.as_str()));
     }
@@ -99,15 +101,24 @@ async fn round_trips_for_every_scheme_with_rotation() {
             if matches!(scheme, SignatureScheme::GitHub { .. }) && !is_primary {
                 continue; // GitHub style carries one signature: the first secret's.
             }
-            let verifier = Verifier::builder(receiver_secret.clone()).scheme(scheme.clone()).build().unwrap();
-            verifier.verify(&h, body).await.unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
+            let verifier = Verifier::builder(receiver_secret.clone())
+                .scheme(scheme.clone())
+                .build()
+                .unwrap();
+            verifier
+                .verify(&h, body)
+                .await
+                .unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
         }
         // A receiver holding both secrets accepts a sender that signs with only one of them.
         let single = headers(&scheme.sign("msg_1", now(), body, std::slice::from_ref(&old)).unwrap());
         Verifier::builder(new.clone())
             .secret(old.clone())
-            .scheme(scheme.clone()).build().unwrap()
-            .verify(&single, body).await
+            .scheme(scheme.clone())
+            .build()
+            .unwrap()
+            .verify(&single, body)
+            .await
             .unwrap();
     }
 }
@@ -155,7 +166,10 @@ async fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
     let secret = Secret::generate();
     let body = br#"{"amount":1}"#;
     for scheme in schemes() {
-        let verifier = Verifier::builder(secret.clone()).scheme(scheme.clone()).build().unwrap();
+        let verifier = Verifier::builder(secret.clone())
+            .scheme(scheme.clone())
+            .build()
+            .unwrap();
         let signed = headers(
             &scheme
                 .sign("msg_1", now(), body, std::slice::from_ref(&secret))
@@ -166,7 +180,10 @@ async fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
             VerifyError::NoMatchingSignature,
             "{scheme:?}"
         );
-        let other = Verifier::builder(Secret::generate()).scheme(scheme.clone()).build().unwrap();
+        let other = Verifier::builder(Secret::generate())
+            .scheme(scheme.clone())
+            .build()
+            .unwrap();
         assert_eq!(
             other.verify(&signed, body).await.unwrap_err(),
             VerifyError::NoMatchingSignature,
@@ -249,7 +266,11 @@ async fn unknown_signature_versions_are_ignored_next_to_a_valid_v1() {
         .unwrap();
     let sig = signed.iter_mut().find(|(n, _)| n == "webhook-signature").unwrap();
     sig.1 = format!("v1a,c29tZXRoaW5n v2,abc {}", sig.1);
-    Verifier::new(secret).unwrap().verify(&headers(&signed), b"{}").await.unwrap();
+    Verifier::new(secret)
+        .unwrap()
+        .verify(&headers(&signed), b"{}")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

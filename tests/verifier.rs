@@ -33,11 +33,7 @@ fn headers(pairs: &[(String, String)]) -> HeaderMap {
 }
 
 fn signed(scheme: &SignatureScheme, id: &str, timestamp: i64, body: &[u8], secret: &Secret) -> HeaderMap {
-    headers(
-        &scheme
-            .sign(id, timestamp, body, std::slice::from_ref(secret))
-            .unwrap(),
-    )
+    headers(&scheme.sign(id, timestamp, body, std::slice::from_ref(secret)).unwrap())
 }
 
 fn now() -> i64 {
@@ -118,10 +114,7 @@ async fn a_stripe_replay_is_rejected_even_with_its_header_reshuffled() {
     // Items reordered and a junk `v1` added: the signature still verifies, and is still a replay.
     let value = request["stripe-signature"].to_str().unwrap();
     let (t, v1) = value.split_once(',').unwrap();
-    let mangled = headers(&[(
-        "stripe-signature".to_owned(),
-        format!("{v1}, v1=00ff, {t}"),
-    )]);
+    let mangled = headers(&[("stripe-signature".to_owned(), format!("{v1}, v1=00ff, {t}"))]);
     assert_eq!(
         verifier.verify_at(&mangled, body, T + 2).await,
         Err(VerifyError::Replayed)
@@ -292,7 +285,10 @@ async fn a_full_store_refuses_new_messages_instead_of_forgetting_old_ones() {
         Err(VerifyError::ReplayStore(ReplayStoreError::Full { capacity: 1 }))
     );
     // The remembered message is not forgotten to make room: its replay is still caught.
-    assert_eq!(verifier.verify_at(&first, b"{}", T + 300).await, Err(VerifyError::Replayed));
+    assert_eq!(
+        verifier.verify_at(&first, b"{}", T + 300).await,
+        Err(VerifyError::Replayed)
+    );
     // Once it expires, the sender's retry of the refused message gets in.
     let retry = signed(&SignatureScheme::Standard, "msg_2", T + 301, b"{}", &secret);
     verifier.verify_at(&retry, b"{}", T + 301).await.unwrap();
@@ -316,7 +312,10 @@ impl ReplayStore for Down {
 #[tokio::test]
 async fn a_failing_store_fails_verification_closed_after_the_signature_check() {
     let secret = Secret::generate();
-    let verifier = Verifier::builder(secret.clone()).replay_store(Down, "").build().unwrap();
+    let verifier = Verifier::builder(secret.clone())
+        .replay_store(Down, "")
+        .build()
+        .unwrap();
     let request = signed(&SignatureScheme::Standard, "msg_1", T, b"{}", &secret);
     assert_eq!(
         verifier.verify_at(&request, b"{}", T).await,
@@ -441,6 +440,12 @@ async fn the_extractor_answers_each_failure_with_its_own_status() {
     let second = signed(&SignatureScheme::Standard, "msg_4", t, b"{}", &secret);
     assert_eq!(send(&url, second).await.0, 503);
 
-    let down = serve(Verifier::builder(secret.clone()).replay_store(Down, "").build().unwrap()).await;
+    let down = serve(
+        Verifier::builder(secret.clone())
+            .replay_store(Down, "")
+            .build()
+            .unwrap(),
+    )
+    .await;
     assert_eq!(send(&down, genuine).await.0, 503);
 }

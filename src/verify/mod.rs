@@ -192,7 +192,9 @@ fn verify_with(
         },
         SignatureScheme::GitHub { .. } => Verified::GitHub,
         SignatureScheme::Standard => Verified::Standard {
-            webhook_id: parts.webhook_id.ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_ID))?,
+            webhook_id: parts
+                .webhook_id
+                .ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_ID))?,
             timestamp: parts
                 .timestamp
                 .ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_TIMESTAMP))?,
@@ -335,7 +337,9 @@ impl Verifier {
         };
         // The timestamp check accepts the message through `timestamp + tolerance` inclusive, so
         // it is remembered that long. Saturating is safe: such a timestamp never verifies.
-        let expires_at = timestamp.checked_add(tolerance_secs(self.tolerance)).unwrap_or(i64::MAX);
+        let expires_at = timestamp
+            .checked_add(tolerance_secs(self.tolerance))
+            .unwrap_or(i64::MAX);
         if replay.store.check_and_remember(&key, now, expires_at.max(now)).await? {
             Ok(verified)
         } else {
