@@ -74,8 +74,12 @@ async fn webhook(State(verifier): State<Verifier>, headers: HeaderMap, body: Byt
             (StatusCode::NO_CONTENT, String::new())
         }
         Err(error) => {
-            println!("401 invalid event={event} attempt={attempt} reason=\"{error}\"");
-            (StatusCode::UNAUTHORIZED, error.to_string())
+            let status = error.status();
+            println!(
+                "{} invalid event={event} attempt={attempt} reason=\"{error}\"",
+                status.as_u16()
+            );
+            (status, error.to_string())
         }
     }
 }

@@ -86,23 +86,23 @@ pub enum WebhookRejection {
 impl IntoResponse for WebhookRejection {
     fn into_response(self) -> Response {
         match self {
-            Self::Signature(VerifyError::InvalidSecret(error)) => {
-                tracing::error!(%error, "webhook verification is misconfigured");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "webhook verification is misconfigured",
-                )
-                    .into_response()
+            Self::Signature(error) => {
+                let status = error.status();
+                // The server-side failures are logged (the sender only sees a status) and their
+                // detail is kept out of the response body.
+                let body = match &error {
+                    VerifyError::InvalidSecret(_) => {
+                        tracing::error!(%error, "webhook verification is misconfigured");
+                        "webhook verification is misconfigured".to_owned()
+                    }
+                    VerifyError::ReplayStore(_) => {
+                        tracing::warn!(%error, "webhook refused: replay check unavailable");
+                        "replay check unavailable, retry later".to_owned()
+                    }
+                    _ => error.to_string(),
+                };
+                (status, body).into_response()
             }
-            Self::Signature(VerifyError::ReplayStore(error)) => {
-                tracing::warn!(%error, "webhook refused: replay check unavailable");
-                (StatusCode::SERVICE_UNAVAILABLE, "replay check unavailable, retry later").into_response()
-            }
-            Self::Signature(error @ VerifyError::Replayed) => (StatusCode::CONFLICT, error.to_string()).into_response(),
-            Self::Signature(error @ VerifyError::InvalidHeader(_)) => {
-                (StatusCode::BAD_REQUEST, error.to_string()).into_response()
-            }
-            Self::Signature(error) => (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
             Self::Body(rejection) => rejection.into_response(),
             Self::Payload(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
         }

@@ -83,6 +83,30 @@ pub enum VerifyError {
     InvalidSecret(#[from] SecretError),
 }
 
+impl VerifyError {
+    /// The HTTP status a receiver should answer with; the axum extractor uses it.
+    ///
+    /// * 401: missing signature headers, no matching signature, timestamp outside the tolerance;
+    /// * 400: a malformed signature header (not ASCII, too long, unparseable);
+    /// * 409: a replay. Its signature is genuine, so a distinct status tells a logged attack or a
+    ///   duplicating proxy apart from a wrong secret;
+    /// * 503: the replay store could not answer; the sender should retry later, where a 4xx
+    ///   could make it give the delivery up;
+    /// * 500: the receiver's own secret is unusable (free function [`verify`] only).
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Self::MissingHeader(_) | Self::TimestampTooOld | Self::TimestampInFuture | Self::NoMatchingSignature => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::InvalidHeader(_) => StatusCode::BAD_REQUEST,
+            Self::Replayed => StatusCode::CONFLICT,
+            Self::ReplayStore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidSecret(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 /// Why a [`Verifier`] could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -13,7 +13,8 @@ use std::{
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-/// Entries [`MemoryReplayStore::default`] holds at most: 100 000, about 15 MB.
+/// Entries [`MemoryReplayStore::default`] holds at most: 100 000, about 25 MB with a short
+/// namespace (each key, namespace and 64 hex digits, is held in a map and an expiry heap).
 ///
 /// Each entry is a fixed-size digest (the webhook id is hashed, so a long id costs no more), so
 /// the bound is on memory as well as on count. At one message per second per tenant, it covers
