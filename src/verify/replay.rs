@@ -253,15 +253,16 @@ mod redis_store {
                     .checked_add(1)
                     .and_then(|end| end.checked_sub(now))
                     .and_then(|secs| secs.checked_mul(1000))
-                    .filter(|ms| *ms > 0)
-                    .ok_or_else(|| ReplayStoreError::Unavailable("entry lifetime out of range".to_owned()))?;
+                    .map(|ms| ms.max(1));
+                let mut set = redis::cmd("SET");
+                set.arg(format!("{}{}", self.prefix, key.as_str())).arg(1).arg("NX");
+                // A lifetime too long to express (an enormous tolerance) is kept without expiry:
+                // forgetting it early would let the replay in.
+                if let Some(ttl_ms) = ttl_ms {
+                    set.arg("PX").arg(ttl_ms);
+                }
                 let mut conn = self.conn.clone();
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(format!("{}{}", self.prefix, key.as_str()))
-                    .arg(1)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms)
+                let set: Option<String> = set
                     .query_async(&mut conn)
                     .await
                     .map_err(|error| ReplayStoreError::Unavailable(error.to_string()))?;
