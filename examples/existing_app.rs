@@ -61,7 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 StatusCode::NO_CONTENT
             }),
         )
-        .with_state(Verifier::new(secret.clone()));
+        .with_state(Verifier::new(secret.clone())?);
     tokio::spawn(async move { axum::serve(listener, receiver).await });
 
     // The host's existing queue, with a job waiting.

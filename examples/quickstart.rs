@@ -41,7 +41,7 @@ async fn receive(
     axum::extract::State(receiver): axum::extract::State<Receiver>,
     webhook: VerifiedWebhook<Value>,
 ) -> StatusCode {
-    let id = webhook.webhook_id.unwrap_or_default();
+    let id = webhook.webhook_id().unwrap_or_default().to_owned();
     let event = webhook.event_type.unwrap_or_default();
     if event == "invoice.paid" && receiver.failed_once.lock().unwrap().insert(id.clone()) {
         println!("  receiver: {event} {id} -> 503 (pretending to be down)");
@@ -61,7 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 2. A receiver on 127.0.0.1 that verifies Standard Webhooks signatures.
     let secret = Secret::generate();
     let receiver = Receiver {
-        verifier: Verifier::new(secret.clone()).reject_replays(),
+        verifier: Verifier::builder(secret.clone()).reject_replays().build()?,
         failed_once: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -64,9 +64,9 @@ async fn webhook(State(verifier): State<Verifier>, headers: HeaderMap, body: Byt
         .get(apalis_webhooks::ATTEMPT_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    match verifier.verify(&headers, &body) {
+    match verifier.verify(&headers, &body).await {
         Ok(verified) => {
-            let id = verified.webhook_id.as_deref().unwrap_or("-");
+            let id = verified.webhook_id().unwrap_or("-");
             println!(
                 "204 valid   event={event} id={id} attempt={attempt} bytes={}",
                 body.len()
@@ -74,8 +74,12 @@ async fn webhook(State(verifier): State<Verifier>, headers: HeaderMap, body: Byt
             (StatusCode::NO_CONTENT, String::new())
         }
         Err(error) => {
-            println!("401 invalid event={event} attempt={attempt} reason=\"{error}\"");
-            (StatusCode::UNAUTHORIZED, error.to_string())
+            let status = error.status();
+            println!(
+                "{} invalid event={event} attempt={attempt} reason=\"{error}\"",
+                status.as_u16()
+            );
+            (status, error.to_string())
         }
     }
 }
@@ -89,8 +93,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Replay protection needs a webhook id, which only the standard scheme signs.
-    let verifier = Verifier::new(args.secret).scheme(args.scheme.clone()).reject_replays();
+    // Replay protection needs a signed timestamp, which the GitHub style lacks.
+    let builder = Verifier::builder(args.secret).scheme(args.scheme.clone());
+    let builder = if matches!(args.scheme, SignatureScheme::GitHub { .. }) {
+        builder
+    } else {
+        builder.reject_replays()
+    };
+    let verifier = match builder.build() {
+        Ok(verifier) => verifier,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
     let app = Router::new().route("/webhook", post(webhook)).with_state(verifier);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,

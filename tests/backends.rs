@@ -72,7 +72,11 @@ async fn delivers_signed<B: TestBackend>(test: &str) {
         .unwrap();
     let request = receiver.next().await;
     assert_eq!(request.header("webhook-id"), id.as_str());
-    Verifier::new(secret).verify(&request.headers, &request.body).unwrap();
+    Verifier::new(secret)
+        .unwrap()
+        .verify(&request.headers, &request.body)
+        .await
+        .unwrap();
     assert!(matches!(
         worker.next_for(id.as_str()).await,
         Seen::Delivered {

@@ -36,8 +36,12 @@ async fn delivers_signed_payload_with_documented_headers() {
     assert_eq!(request.header("x-webhook-attempt"), "1");
     assert_eq!(request.header("x-tenant"), "acme");
     assert_eq!(request.header("webhook-id"), id.as_str());
-    let verified = Verifier::new(secret).verify(&request.headers, &request.body).unwrap();
-    assert_eq!(verified.webhook_id.as_deref(), Some(id.as_str()));
+    let verified = Verifier::new(secret)
+        .unwrap()
+        .verify(&request.headers, &request.body)
+        .await
+        .unwrap();
+    assert_eq!(verified.webhook_id(), Some(id.as_str()));
 
     match worker.next().await {
         Seen::Delivered {
@@ -187,7 +191,9 @@ async fn attempts_are_numbered_and_the_webhook_id_is_stable_across_retries() {
         assert_eq!(request.body, "\"x\"");
         // Each attempt is signed afresh and verifies.
         Verifier::new(secret.clone())
+            .unwrap()
             .verify(&request.headers, &request.body)
+            .await
             .unwrap();
         timestamps.push(request.header("webhook-timestamp").parse::<u64>().unwrap());
     }

@@ -113,7 +113,9 @@ async fn fans_out_to_matching_endpoints<B: TestBackend>(test: &str) {
             payload
         );
         Verifier::new(secrets[i].clone())
+            .unwrap()
             .verify(&request.headers, &request.body)
+            .await
             .unwrap();
     }
     worker.stop().await;

@@ -52,7 +52,13 @@ async fn key_id_jobs_store_no_secret_and_sign_with_the_rotated_secrets() {
 
     let first = subscription.dispatch(&mut db.storage(), "a.b", &1).await.unwrap();
     let request = receiver.next().await;
-    assert!(Verifier::new(old).verify(&request.headers, &request.body).is_ok());
+    assert!(
+        Verifier::new(old)
+            .unwrap()
+            .verify(&request.headers, &request.body)
+            .await
+            .is_ok()
+    );
     assert!(matches!(worker.next_for(first.as_str()).await, Seen::Delivered { .. }));
 
     // Rotate: during the overlap every delivery carries a signature for each secret, so a
@@ -62,10 +68,18 @@ async fn key_id_jobs_store_no_secret_and_sign_with_the_rotated_secrets() {
     let second = subscription.dispatch(&mut db.storage(), "a.b", &2).await.unwrap();
     let request = receiver.next().await;
     assert_eq!(request.header("webhook-signature").split(' ').count(), 2);
-    assert!(Verifier::new(old).verify(&request.headers, &request.body).is_ok());
+    assert!(
+        Verifier::new(old)
+            .unwrap()
+            .verify(&request.headers, &request.body)
+            .await
+            .is_ok()
+    );
     assert!(
         Verifier::new(new.clone())
+            .unwrap()
             .verify(&request.headers, &request.body)
+            .await
             .is_ok()
     );
     assert!(matches!(worker.next_for(second.as_str()).await, Seen::Delivered { .. }));
@@ -74,8 +88,20 @@ async fn key_id_jobs_store_no_secret_and_sign_with_the_rotated_secrets() {
     store.insert("endpoint-42", new.clone());
     let third = subscription.dispatch(&mut db.storage(), "a.b", &3).await.unwrap();
     let request = receiver.next().await;
-    assert!(Verifier::new(old).verify(&request.headers, &request.body).is_err());
-    assert!(Verifier::new(new).verify(&request.headers, &request.body).is_ok());
+    assert!(
+        Verifier::new(old)
+            .unwrap()
+            .verify(&request.headers, &request.body)
+            .await
+            .is_err()
+    );
+    assert!(
+        Verifier::new(new)
+            .unwrap()
+            .verify(&request.headers, &request.body)
+            .await
+            .is_ok()
+    );
     assert!(matches!(worker.next_for(third.as_str()).await, Seen::Delivered { .. }));
     worker.stop().await;
 
@@ -203,7 +229,13 @@ async fn a_secret_store_outage_defers_without_using_an_attempt_or_opening_the_br
     worker.stop().await;
     let request = receiver.next().await;
     assert_eq!(request.header(apalis_webhooks::ATTEMPT_HEADER), "1");
-    assert!(Verifier::new(secret).verify(&request.headers, &request.body).is_ok());
+    assert!(
+        Verifier::new(secret)
+            .unwrap()
+            .verify(&request.headers, &request.body)
+            .await
+            .is_ok()
+    );
     assert!(receiver.requests.try_recv().is_err(), "sent once, signed");
     let state = breakers.state(&receiver.addr.to_string()).await.unwrap();
     assert_eq!((state.phase, state.consecutive_failures), (Phase::Closed, 0));

@@ -45,8 +45,8 @@ fn vectors() -> Vec<Vector> {
     serde_json::from_str::<Vectors>(raw).unwrap().vectors
 }
 
-#[test]
-fn reproduces_published_standard_webhooks_vectors() {
+#[tokio::test]
+async fn reproduces_published_standard_webhooks_vectors() {
     for v in vectors() {
         let signed = SignatureScheme::Standard
             .sign(&v.id, v.timestamp, v.body.as_bytes(), &[Secret::new(v.secret.clone())])
@@ -55,9 +55,11 @@ fn reproduces_published_standard_webhooks_vectors() {
         assert_eq!(signature.1, v.signature, "vector {}", v.id);
         // And they verify at their own time.
         let verified = Verifier::new(v.secret.as_str())
+            .unwrap()
             .verify_at(&headers(&signed), v.body.as_bytes(), v.timestamp)
+            .await
             .unwrap();
-        assert_eq!(verified.webhook_id.as_deref(), Some(v.id.as_str()));
+        assert_eq!(verified.webhook_id(), Some(v.id.as_str()));
     }
 }
 
@@ -86,8 +88,8 @@ fn schemes() -> Vec<SignatureScheme> {
     ]
 }
 
-#[test]
-fn round_trips_for_every_scheme_with_rotation() {
+#[tokio::test]
+async fn round_trips_for_every_scheme_with_rotation() {
     let old = Secret::generate();
     let new = Secret::generate();
     let body = br#"{"order":42}"#;
@@ -99,15 +101,24 @@ fn round_trips_for_every_scheme_with_rotation() {
             if matches!(scheme, SignatureScheme::GitHub { .. }) && !is_primary {
                 continue; // GitHub style carries one signature: the first secret's.
             }
-            let verifier = Verifier::new(receiver_secret.clone()).scheme(scheme.clone());
-            verifier.verify(&h, body).unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
+            let verifier = Verifier::builder(receiver_secret.clone())
+                .scheme(scheme.clone())
+                .build()
+                .unwrap();
+            verifier
+                .verify(&h, body)
+                .await
+                .unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
         }
         // A receiver holding both secrets accepts a sender that signs with only one of them.
         let single = headers(&scheme.sign("msg_1", now(), body, std::slice::from_ref(&old)).unwrap());
-        Verifier::new(new.clone())
+        Verifier::builder(new.clone())
             .secret(old.clone())
             .scheme(scheme.clone())
+            .build()
+            .unwrap()
             .verify(&single, body)
+            .await
             .unwrap();
     }
 }
@@ -150,25 +161,31 @@ fn stripe_and_github_formats() {
     assert_eq!(github[0].1, expected);
 }
 
-#[test]
-fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
+#[tokio::test]
+async fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
     let secret = Secret::generate();
     let body = br#"{"amount":1}"#;
     for scheme in schemes() {
-        let verifier = Verifier::new(secret.clone()).scheme(scheme.clone());
+        let verifier = Verifier::builder(secret.clone())
+            .scheme(scheme.clone())
+            .build()
+            .unwrap();
         let signed = headers(
             &scheme
                 .sign("msg_1", now(), body, std::slice::from_ref(&secret))
                 .unwrap(),
         );
         assert_eq!(
-            verifier.verify(&signed, br#"{"amount":9}"#).unwrap_err(),
+            verifier.verify(&signed, br#"{"amount":9}"#).await.unwrap_err(),
             VerifyError::NoMatchingSignature,
             "{scheme:?}"
         );
-        let other = Verifier::new(Secret::generate()).scheme(scheme.clone());
+        let other = Verifier::builder(Secret::generate())
+            .scheme(scheme.clone())
+            .build()
+            .unwrap();
         assert_eq!(
-            other.verify(&signed, body).unwrap_err(),
+            other.verify(&signed, body).await.unwrap_err(),
             VerifyError::NoMatchingSignature,
             "{scheme:?}"
         );
@@ -181,7 +198,7 @@ fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
                 .unwrap(),
         );
         assert_eq!(
-            verifier.verify(&stale, body).unwrap_err(),
+            verifier.verify(&stale, body).await.unwrap_err(),
             VerifyError::TimestampTooOld,
             "{scheme:?}"
         );
@@ -191,7 +208,7 @@ fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
                 .unwrap(),
         );
         assert_eq!(
-            verifier.verify(&future, body).unwrap_err(),
+            verifier.verify(&future, body).await.unwrap_err(),
             VerifyError::TimestampInFuture,
             "{scheme:?}"
         );
@@ -200,28 +217,28 @@ fn rejects_tampered_body_wrong_secret_and_bad_timestamps() {
                 .sign("msg_1", now() - 290, body, std::slice::from_ref(&secret))
                 .unwrap(),
         );
-        verifier.verify(&edge, body).unwrap();
+        verifier.verify(&edge, body).await.unwrap();
     }
 }
 
-#[test]
-fn rejects_missing_and_malformed_headers() {
+#[tokio::test]
+async fn rejects_missing_and_malformed_headers() {
     let secret = Secret::generate();
-    let verifier = Verifier::new(secret.clone());
+    let verifier = Verifier::new(secret.clone()).unwrap();
     let signed = SignatureScheme::Standard
         .sign("msg_1", now(), b"{}", std::slice::from_ref(&secret))
         .unwrap();
     for missing in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
         let partial: Vec<_> = signed.iter().filter(|(n, _)| n != missing).cloned().collect();
         assert_eq!(
-            verifier.verify(&headers(&partial), b"{}").unwrap_err(),
+            verifier.verify(&headers(&partial), b"{}").await.unwrap_err(),
             VerifyError::MissingHeader(missing)
         );
     }
     let mut bad_ts = headers(&signed);
     bad_ts.insert("webhook-timestamp", HeaderValue::from_static("yesterday"));
     assert_eq!(
-        verifier.verify(&bad_ts, b"{}").unwrap_err(),
+        verifier.verify(&bad_ts, b"{}").await.unwrap_err(),
         VerifyError::InvalidHeader("webhook-timestamp")
     );
     let mut huge = headers(&signed);
@@ -230,47 +247,51 @@ fn rejects_missing_and_malformed_headers() {
         HeaderValue::try_from("v1,".to_owned() + &"A".repeat(20_000)).unwrap(),
     );
     assert_eq!(
-        verifier.verify(&huge, b"{}").unwrap_err(),
+        verifier.verify(&huge, b"{}").await.unwrap_err(),
         VerifyError::InvalidHeader("webhook-signature")
     );
     let mut garbage = headers(&signed);
     garbage.insert("webhook-signature", HeaderValue::from_static("v1 , ,,, v1,!!!"));
     assert_eq!(
-        verifier.verify(&garbage, b"{}").unwrap_err(),
+        verifier.verify(&garbage, b"{}").await.unwrap_err(),
         VerifyError::NoMatchingSignature
     );
 }
 
-#[test]
-fn unknown_signature_versions_are_ignored_next_to_a_valid_v1() {
+#[tokio::test]
+async fn unknown_signature_versions_are_ignored_next_to_a_valid_v1() {
     let secret = Secret::generate();
     let mut signed = SignatureScheme::Standard
         .sign("msg_1", now(), b"{}", std::slice::from_ref(&secret))
         .unwrap();
     let sig = signed.iter_mut().find(|(n, _)| n == "webhook-signature").unwrap();
     sig.1 = format!("v1a,c29tZXRoaW5n v2,abc {}", sig.1);
-    Verifier::new(secret).verify(&headers(&signed), b"{}").unwrap();
+    Verifier::new(secret)
+        .unwrap()
+        .verify(&headers(&signed), b"{}")
+        .await
+        .unwrap();
 }
 
-#[test]
-fn replay_guard_rejects_an_exact_replay_but_not_a_fresh_retry() {
+#[tokio::test]
+async fn replay_guard_rejects_an_exact_replay_but_not_a_fresh_retry() {
     let secret = Secret::generate();
-    let verifier = Verifier::new(secret.clone()).reject_replays();
+    let verifier = Verifier::builder(secret.clone()).reject_replays().build().unwrap();
     let t = now();
     let first = headers(
         &SignatureScheme::Standard
             .sign("msg_1", t, b"{}", std::slice::from_ref(&secret))
             .unwrap(),
     );
-    verifier.verify(&first, b"{}").unwrap();
-    assert_eq!(verifier.verify(&first, b"{}").unwrap_err(), VerifyError::Replayed);
+    verifier.verify(&first, b"{}").await.unwrap();
+    assert_eq!(verifier.verify(&first, b"{}").await.unwrap_err(), VerifyError::Replayed);
     // The sender's retry: same id, later timestamp, new signature.
     let retry = headers(
         &SignatureScheme::Standard
             .sign("msg_1", t + 5, b"{}", std::slice::from_ref(&secret))
             .unwrap(),
     );
-    verifier.verify(&retry, b"{}").unwrap();
+    verifier.verify(&retry, b"{}").await.unwrap();
     // A forged request is not remembered and does not block the genuine one.
     let fresh = headers(
         &SignatureScheme::Standard
@@ -282,14 +303,14 @@ fn replay_guard_rejects_an_exact_replay_but_not_a_fresh_retry() {
         "webhook-signature",
         HeaderValue::from_static("v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
     );
-    assert!(verifier.verify(&forged, b"{}").is_err());
-    verifier.verify(&fresh, b"{}").unwrap();
+    assert!(verifier.verify(&forged, b"{}").await.is_err());
+    verifier.verify(&fresh, b"{}").await.unwrap();
 }
 
 #[test]
 fn secrets_never_print() {
     let secret = Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
-    let verifier = Verifier::new(secret.clone());
+    let verifier = Verifier::new(secret.clone()).unwrap();
     let sub = apalis_webhooks::WebhookSubscription::new("https://e.com", secret.clone());
     let job = sub.job("a.b", &1).unwrap();
     for text in [

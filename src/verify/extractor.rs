@@ -13,9 +13,20 @@ use crate::delivery::EVENT_HEADER;
 
 /// A delivery whose signature checked out, with its JSON payload deserialized.
 ///
-/// The [`Verifier`] comes from the router state (`Verifier: FromRef<S>`). Rejections:
-/// 401 for a missing, invalid, stale or replayed signature; 400 for a payload that is not
-/// the expected JSON; the body extractor's own status for unreadable bodies.
+/// The [`Verifier`] comes from the router state (`Verifier: FromRef<S>`). Rejections (see
+/// [`WebhookRejection`]):
+///
+/// | status | when |
+/// |---|---|
+/// | 401 | signature headers missing, no matching signature, timestamp outside the tolerance |
+/// | 400 | a signature header malformed (not ASCII, too long, unparseable), or a genuine body that is not the expected JSON |
+/// | 409 | a replay: this exact signed message was already accepted |
+/// | 503 | the replay store could not answer (full, or Redis down): retry later |
+/// | 500 | the receiver's own secret unusable (only with the free function; a built `Verifier` checks it) |
+///
+/// A replay gets 409 rather than 401 because its signature is genuine: the distinct status
+/// tells a logged attack or a duplicating proxy apart from a wrong secret. 503 lets a sender
+/// retry once the store is back, where a 4xx could make it give the delivery up.
 ///
 /// ```no_run
 /// use apalis_webhooks::verify::{VerifiedWebhook, Verifier};
@@ -26,28 +37,42 @@ use crate::delivery::EVENT_HEADER;
 ///     "ok"
 /// }
 ///
-/// let app: Router = Router::new()
-///     .route("/webhook", post(handle))
-///     .with_state(Verifier::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").reject_replays());
+/// let verifier = Verifier::builder("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+///     .reject_replays()
+///     .build()
+///     .expect("a valid secret");
+/// let app: Router = Router::new().route("/webhook", post(handle)).with_state(verifier);
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct VerifiedWebhook<T = serde_json::Value> {
-    /// `webhook-id`, where the scheme has one: the same on every retry.
-    pub webhook_id: Option<String>,
-    /// The signed timestamp, where the scheme has one.
-    pub timestamp: Option<i64>,
+    /// What the signature vouches for: the webhook id (Standard Webhooks, the same on every
+    /// retry) and timestamp, per scheme.
+    pub verified: Verified,
     /// The `x-webhook-event` header (not covered by the signature).
     pub event_type: Option<String>,
     /// The deserialized payload.
     pub payload: T,
 }
 
+impl<T> VerifiedWebhook<T> {
+    /// The `webhook-id`, where the scheme signs one (Standard Webhooks).
+    pub fn webhook_id(&self) -> Option<&str> {
+        self.verified.webhook_id()
+    }
+
+    /// The signed timestamp, Unix seconds, where the scheme signs one.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.verified.timestamp()
+    }
+}
+
 /// Why [`VerifiedWebhook`] rejected a request.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WebhookRejection {
-    /// The signature did not verify (401; 500 if the receiver's own secret is unusable).
+    /// The signature did not verify: 401, 400 for a malformed header, 409 for a replay, 503
+    /// when the replay store could not answer, 500 if the receiver's own secret is unusable.
     #[error("webhook signature rejected: {0}")]
     Signature(#[from] VerifyError),
     /// The body could not be read.
@@ -61,12 +86,23 @@ pub enum WebhookRejection {
 impl IntoResponse for WebhookRejection {
     fn into_response(self) -> Response {
         match self {
-            Self::Signature(VerifyError::InvalidSecret(_)) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "webhook verification is misconfigured",
-            )
-                .into_response(),
-            Self::Signature(error) => (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
+            Self::Signature(error) => {
+                let status = error.status();
+                // The server-side failures are logged (the sender only sees a status) and their
+                // detail is kept out of the response body.
+                let body = match &error {
+                    VerifyError::InvalidSecret(_) => {
+                        tracing::error!(%error, "webhook verification is misconfigured");
+                        "webhook verification is misconfigured".to_owned()
+                    }
+                    VerifyError::ReplayStore(_) => {
+                        tracing::warn!(%error, "webhook refused: replay check unavailable");
+                        "replay check unavailable, retry later".to_owned()
+                    }
+                    _ => error.to_string(),
+                };
+                (status, body).into_response()
+            }
             Self::Body(rejection) => rejection.into_response(),
             Self::Payload(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
         }
@@ -85,15 +121,14 @@ where
         let verifier = Verifier::from_ref(state);
         let headers = request.headers().clone();
         let body = Bytes::from_request(request, state).await?;
-        let Verified { webhook_id, timestamp } = verifier.verify(&headers, &body)?;
+        let verified = verifier.verify(&headers, &body).await?;
         let payload = serde_json::from_slice(&body).map_err(WebhookRejection::Payload)?;
         let event_type = headers
             .get(EVENT_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         Ok(Self {
-            webhook_id,
-            timestamp,
+            verified,
             event_type,
             payload,
         })

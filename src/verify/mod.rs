@@ -1,25 +1,44 @@
 //! Receiver side: verify a delivery's signature (and optionally reject replays).
 //!
+//! A [`Verifier`] is checked when built: every secret must yield a key for the scheme, and
+//! replay protection is refused for a scheme without a signed timestamp (GitHub style).
+//!
 //! ```
-//! use apalis_webhooks::verify::Verifier;
+//! use apalis_webhooks::{SignatureScheme, verify::{Verifier, VerifierError}};
 //! use http::HeaderMap;
 //!
-//! let verifier = Verifier::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+//! # futures::executor::block_on(async {
+//! let verifier = Verifier::builder("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+//!     .reject_replays()
+//!     .build()?;
 //! let headers = HeaderMap::new();
-//! assert!(verifier.verify(&headers, b"{}").is_err()); // no signature headers
+//! assert!(verifier.verify(&headers, b"{}").await.is_err()); // no signature headers
+//!
+//! // A GitHub-style signature has no timestamp: a replay cannot be told from a delivery.
+//! let refused = Verifier::builder("s3cret").scheme(SignatureScheme::github()).reject_replays().build();
+//! assert!(matches!(refused, Err(VerifierError::ReplayProtectionUnsupported)));
+//! # Ok::<_, VerifierError>(())
+//! # }).unwrap();
 //! ```
 
 #[cfg(feature = "axum")]
 mod extractor;
 mod replay;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use http::HeaderMap;
 
 #[cfg(feature = "axum")]
 pub use extractor::{VerifiedWebhook, WebhookRejection};
-pub use replay::ReplayGuard;
+#[cfg(feature = "redis")]
+pub use replay::RedisReplayStore;
+pub use replay::{DEFAULT_REPLAY_CAPACITY, MemoryReplayStore, ReplayKey, ReplayStore, ReplayStoreError};
+
+use sha2::{Digest, Sha256};
 
 use crate::{
     secret::{Secret, SecretError},
@@ -54,19 +73,98 @@ pub enum VerifyError {
     /// This exact message was already accepted.
     #[error("replayed message")]
     Replayed,
-    /// A configured secret yields no key for the scheme.
+    /// The replay store could not answer (full, or its backend failed), so the message was
+    /// not accepted: replay protection fails closed.
+    #[error("replay check unavailable: {0}")]
+    ReplayStore(#[from] ReplayStoreError),
+    /// A configured secret yields no key for the scheme. Only the free function [`verify`]
+    /// returns it: a [`Verifier`] checks its secrets when built.
     #[error("receiver secret unusable: {0}")]
     InvalidSecret(#[from] SecretError),
 }
 
-/// What a verified signature vouches for, besides the body.
+impl VerifyError {
+    /// The HTTP status a receiver should answer with; the axum extractor uses it.
+    ///
+    /// * 401: missing signature headers, no matching signature, timestamp outside the tolerance;
+    /// * 400: a malformed signature header (not ASCII, too long, unparseable);
+    /// * 409: a replay. Its signature is genuine, so a distinct status tells a logged attack or a
+    ///   duplicating proxy apart from a wrong secret;
+    /// * 503: the replay store could not answer; the sender should retry later, where a 4xx
+    ///   could make it give the delivery up;
+    /// * 500: the receiver's own secret is unusable (free function [`verify`] only).
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            Self::MissingHeader(_) | Self::TimestampTooOld | Self::TimestampInFuture | Self::NoMatchingSignature => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::InvalidHeader(_) => StatusCode::BAD_REQUEST,
+            Self::Replayed => StatusCode::CONFLICT,
+            Self::ReplayStore(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InvalidSecret(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Why a [`Verifier`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifierError {
+    /// Secret number `index` (0 for the first) yields no key for the scheme: empty, or not
+    /// base64 after `whsec_` for Standard Webhooks.
+    #[error("receiver secret {index} unusable: {source}")]
+    InvalidSecret {
+        /// Position of the secret, in the order given.
+        index: usize,
+        /// Why it is unusable.
+        #[source]
+        source: SecretError,
+    },
+    /// Replay protection was asked for with a scheme that signs no timestamp (GitHub style): a
+    /// replay cannot be told from a new delivery with the same body, and there is no window
+    /// after which a captured request stops verifying.
+    #[error("the signature scheme signs no timestamp, so replays cannot be rejected")]
+    ReplayProtectionUnsupported,
+}
+
+/// What a verified signature vouches for, besides the body; one variant per scheme, so what a
+/// scheme always signs is never optional.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Verified {
-    /// `webhook-id` (Standard Webhooks): stable across retries, use it to drop duplicates.
-    pub webhook_id: Option<String>,
-    /// The signed timestamp, Unix seconds (Standard Webhooks and Stripe style).
-    pub timestamp: Option<i64>,
+pub enum Verified {
+    /// Standard Webhooks.
+    Standard {
+        /// `webhook-id`: stable across the sender's retries, use it to drop duplicates.
+        webhook_id: String,
+        /// The signed `webhook-timestamp`, Unix seconds.
+        timestamp: i64,
+    },
+    /// Stripe style.
+    Stripe {
+        /// The signed `t=` timestamp, Unix seconds.
+        timestamp: i64,
+    },
+    /// GitHub style: the signature covers the body only.
+    GitHub,
+}
+
+impl Verified {
+    /// The webhook id where the scheme signs one (Standard Webhooks).
+    pub fn webhook_id(&self) -> Option<&str> {
+        match self {
+            Self::Standard { webhook_id, .. } => Some(webhook_id),
+            Self::Stripe { .. } | Self::GitHub => None,
+        }
+    }
+
+    /// The signed timestamp, Unix seconds, where the scheme signs one.
+    pub fn timestamp(&self) -> Option<i64> {
+        match self {
+            Self::Standard { timestamp, .. } | Self::Stripe { timestamp } => Some(*timestamp),
+            Self::GitHub => None,
+        }
+    }
 }
 
 /// Verifies Standard Webhooks headers against any of `secrets` with a timestamp `tolerance`.
@@ -110,9 +208,21 @@ fn verify_with(
         )
     };
     let parts = scheme.verify(&lookup, body, secrets, tolerance, now)?;
-    Ok(Verified {
-        webhook_id: parts.webhook_id,
-        timestamp: parts.timestamp,
+    // Each scheme's verifier returns what it signs; a missing part would be a bug there, and is
+    // reported as the header it comes from rather than a panic.
+    Ok(match scheme {
+        SignatureScheme::Stripe { .. } => Verified::Stripe {
+            timestamp: parts.timestamp.ok_or(VerifyError::InvalidHeader("signature"))?,
+        },
+        SignatureScheme::GitHub { .. } => Verified::GitHub,
+        SignatureScheme::Standard => Verified::Standard {
+            webhook_id: parts
+                .webhook_id
+                .ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_ID))?,
+            timestamp: parts
+                .timestamp
+                .ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_TIMESTAMP))?,
+        },
     })
 }
 
@@ -132,21 +242,63 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// A receiver's verification settings: scheme, secrets, tolerance, optional replay guard.
+/// A receiver's verification settings: scheme, secrets, tolerance, optional replay store.
 ///
-/// Cheap to clone; use it as axum state for [`VerifiedWebhook`].
+/// Built by [`Verifier::new`] (Standard Webhooks, one secret) or [`Verifier::builder`], which
+/// check every secret up front, so a bad key is a startup error rather than a 500 on every
+/// request. Cheap to clone; use it as axum state for the `VerifiedWebhook` extractor.
+///
+/// # Replay protection
+///
+/// A replay is a captured request sent again: the same signed headers and body. With a replay
+/// store, each verified message is remembered until its timestamp leaves the tolerance window
+/// (`timestamp + tolerance`, inclusive), after which the timestamp check rejects it anyway.
+/// The message is identified, within the verifier's namespace, by:
+///
+/// * Standard Webhooks: `(webhook-id, webhook-timestamp)`. The sender's own retries carry the
+///   same id with a fresh timestamp and signature, so they pass (dedupe them in your handler by
+///   `webhook-id`); keying on the id alone would answer a retry after a lost 2xx with a 4xx and
+///   turn a delivered event into the sender's dead letter.
+/// * Stripe style: `(t, SHA-256 of the body)`. For a given key this is the signature (the
+///   signature is the HMAC of `t.body`), but unlike the header text it cannot be varied by
+///   reordering the header's items or adding more `v1=` entries.
+/// * GitHub style: refused at build time ([`VerifierError::ReplayProtectionUnsupported`]).
 #[derive(Debug, Clone)]
 pub struct Verifier {
     scheme: SignatureScheme,
     secrets: Vec<Secret>,
     tolerance: Duration,
-    replay: Option<ReplayGuard>,
+    replay: Option<Replay>,
+}
+
+/// A replay store and the namespace this verifier's keys live in.
+#[derive(Debug, Clone)]
+struct Replay {
+    store: Arc<dyn ReplayStore>,
+    namespace: Arc<str>,
+}
+
+/// Builds a [`Verifier`]; options may be given in any order, they are combined in
+/// [`build`](Self::build).
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct VerifierBuilder {
+    scheme: SignatureScheme,
+    secrets: Vec<Secret>,
+    tolerance: Duration,
+    replay: Option<Replay>,
 }
 
 impl Verifier {
-    /// Standard Webhooks verification with `secret`, ±5 minutes, no replay guard.
-    pub fn new(secret: impl Into<Secret>) -> Self {
-        Self {
+    /// Standard Webhooks verification with `secret`, ±5 minutes, no replay store; fails if the
+    /// secret yields no key.
+    pub fn new(secret: impl Into<Secret>) -> Result<Self, VerifierError> {
+        Self::builder(secret).build()
+    }
+
+    /// A builder starting from Standard Webhooks, `secret`, ±5 minutes and no replay store.
+    pub fn builder(secret: impl Into<Secret>) -> VerifierBuilder {
+        VerifierBuilder {
             scheme: SignatureScheme::Standard,
             secrets: vec![secret.into()],
             tolerance: DEFAULT_TOLERANCE,
@@ -154,6 +306,73 @@ impl Verifier {
         }
     }
 
+    /// The scheme verified.
+    pub fn scheme(&self) -> &SignatureScheme {
+        &self.scheme
+    }
+
+    /// The timestamp tolerance, both directions; also how long the replay store remembers a
+    /// message past its timestamp.
+    pub fn tolerance(&self) -> Duration {
+        self.tolerance
+    }
+
+    /// Whether this verifier rejects replays.
+    pub fn rejects_replays(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Verifies a request's headers and raw body, then (with a replay store) checks and
+    /// remembers the message.
+    pub async fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, VerifyError> {
+        self.verify_at(headers, body, unix_now()).await
+    }
+
+    /// As [`verify`](Self::verify), with `now` in Unix seconds (for tests and replays of logs).
+    pub async fn verify_at(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<Verified, VerifyError> {
+        let verified = verify_with(&self.scheme, headers, body, &self.secrets, self.tolerance, now)?;
+        // Only a genuine message is remembered, so forged requests cannot fill the store or
+        // block real ones.
+        let Some(replay) = &self.replay else {
+            return Ok(verified);
+        };
+        let (key, timestamp) = match &verified {
+            Verified::Standard { webhook_id, timestamp } => (
+                ReplayKey::new(
+                    &replay.namespace,
+                    &[b"standard", webhook_id.as_bytes(), &timestamp.to_be_bytes()],
+                ),
+                *timestamp,
+            ),
+            Verified::Stripe { timestamp } => (
+                ReplayKey::new(
+                    &replay.namespace,
+                    &[b"stripe", &timestamp.to_be_bytes(), &Sha256::digest(body)],
+                ),
+                *timestamp,
+            ),
+            // The builder refuses a replay store for schemes without a timestamp; failing closed
+            // here keeps a future scheme from slipping through unchecked.
+            Verified::GitHub => {
+                return Err(VerifyError::ReplayStore(ReplayStoreError::Unavailable(
+                    "the scheme signs no timestamp".to_owned(),
+                )));
+            }
+        };
+        // The timestamp check accepts the message through `timestamp + tolerance` inclusive, so
+        // it is remembered that long. Saturating is safe: such a timestamp never verifies.
+        let expires_at = timestamp
+            .checked_add(tolerance_secs(self.tolerance))
+            .unwrap_or(i64::MAX);
+        if replay.store.check_and_remember(&key, now, expires_at.max(now)).await? {
+            Ok(verified)
+        } else {
+            Err(VerifyError::Replayed)
+        }
+    }
+}
+
+impl VerifierBuilder {
     /// Also accepts signatures made with `secret` (rotation).
     pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
         self.secrets.push(secret.into());
@@ -166,38 +385,59 @@ impl Verifier {
         self
     }
 
-    /// Timestamp tolerance, both directions (5 minutes by default).
+    /// Timestamp tolerance, both directions (5 minutes by default). The replay window follows
+    /// it, whatever the order of the builder calls.
     pub fn tolerance(mut self, tolerance: Duration) -> Self {
         self.tolerance = tolerance;
         self
     }
 
-    /// Rejects a message that was already accepted, with a guard remembering messages for the
-    /// tolerance window (after which the timestamp check rejects them anyway).
-    pub fn reject_replays(mut self) -> Self {
-        self.replay = Some(ReplayGuard::new(self.tolerance));
+    /// Rejects replays with a [`MemoryReplayStore`] of its own ([`DEFAULT_REPLAY_CAPACITY`]
+    /// entries). It protects this process only; replicas need
+    /// [`replay_store`](Self::replay_store) with a shared store.
+    pub fn reject_replays(self) -> Self {
+        self.replay_store(MemoryReplayStore::default(), "")
+    }
+
+    /// Rejects replays with `store`, under `namespace`. Verifiers sharing a store never see
+    /// each other's messages unless they share the namespace: give each tenant or endpoint its
+    /// own, and every replica of one receiver the same.
+    pub fn replay_store(mut self, store: impl ReplayStore, namespace: impl Into<String>) -> Self {
+        self.replay = Some(Replay {
+            store: Arc::new(store),
+            namespace: Arc::from(namespace.into()),
+        });
         self
     }
 
-    /// Uses `guard` (shared between verifiers, for example) to reject replays.
-    pub fn replay_guard(mut self, guard: ReplayGuard) -> Self {
-        self.replay = Some(guard);
+    /// As [`replay_store`](Self::replay_store), for a store already behind an `Arc`.
+    pub fn shared_replay_store(mut self, store: Arc<dyn ReplayStore>, namespace: impl Into<String>) -> Self {
+        self.replay = Some(Replay {
+            store,
+            namespace: Arc::from(namespace.into()),
+        });
         self
     }
 
-    /// Verifies a request's headers and raw body.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<Verified, VerifyError> {
-        self.verify_at(headers, body, unix_now())
-    }
-
-    /// As [`verify`](Self::verify), with `now` in Unix seconds (for tests and replays of logs).
-    pub fn verify_at(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<Verified, VerifyError> {
-        let verified = verify_with(&self.scheme, headers, body, &self.secrets, self.tolerance, now)?;
-        // Only a genuine message is remembered, so forged requests cannot fill the guard or
-        // block real ones.
-        if let (Some(guard), Some(id), Some(timestamp)) = (&self.replay, &verified.webhook_id, verified.timestamp) {
-            guard.check_and_remember(id, timestamp, now)?;
+    /// Checks every secret against the scheme and the replay store against the scheme.
+    pub fn build(self) -> Result<Verifier, VerifierError> {
+        for (index, secret) in self.secrets.iter().enumerate() {
+            self.scheme
+                .check_secrets(std::slice::from_ref(secret))
+                .map_err(|source| VerifierError::InvalidSecret { index, source })?;
         }
-        Ok(verified)
+        if self.replay.is_some() && !matches!(self.scheme, SignatureScheme::Standard | SignatureScheme::Stripe { .. }) {
+            return Err(VerifierError::ReplayProtectionUnsupported);
+        }
+        Ok(Verifier {
+            scheme: self.scheme,
+            secrets: self.secrets,
+            tolerance: self.tolerance,
+            replay: self.replay,
+        })
     }
+}
+
+fn tolerance_secs(tolerance: Duration) -> i64 {
+    i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX)
 }
