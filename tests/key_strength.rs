@@ -2,6 +2,8 @@
 //! mode, at send time, unless explicitly allowed; published vectors and generated keys pass.
 
 mod common;
+#[path = "common/signed.rs"]
+mod signed;
 
 use apalis_webhooks::{
     DispatchError, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, MemorySecretStore, Secret, SignatureScheme,
@@ -170,24 +172,9 @@ async fn a_registry_endpoint_carries_the_allowance() {
     assert!(stored.subscription().job("a", &1).is_ok());
 }
 
-#[derive(serde::Deserialize)]
-struct Vectors {
-    vectors: Vec<Vector>,
-}
-
-#[derive(serde::Deserialize)]
-struct Vector {
-    secret: String,
-    id: String,
-    timestamp: i64,
-    body: String,
-    signature: String,
-}
-
 #[test]
 fn published_vectors_and_generated_keys_pass_and_still_sign_correctly() {
-    let raw = include_str!("vectors/standard-webhooks.json");
-    let vectors = serde_json::from_str::<Vectors>(raw).unwrap().vectors;
+    let vectors = signed::vectors();
     assert!(!vectors.is_empty());
     for v in vectors {
         // Every published key is 24 bytes: no allowance needed.

@@ -1,48 +1,21 @@
 //! Signing and verification: published vectors, round trips, rotation and every rejection.
 
+#[path = "common/signed.rs"]
+mod signed;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apalis_webhooks::{
     Secret, SignatureScheme,
     verify::{Verifier, VerifyError, verify},
 };
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderValue;
+use signed::{headers, vectors};
 
 const TOLERANCE: Duration = Duration::from_secs(300);
 
-fn headers(pairs: &[(String, String)]) -> HeaderMap {
-    pairs
-        .iter()
-        .map(|(n, v)| {
-            (
-                HeaderName::try_from(n.as_str()).unwrap(),
-                HeaderValue::try_from(v.as_str()).unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-}
-
-#[derive(serde::Deserialize)]
-struct Vectors {
-    vectors: Vec<Vector>,
-}
-
-#[derive(serde::Deserialize)]
-struct Vector {
-    secret: String,
-    id: String,
-    timestamp: i64,
-    body: String,
-    signature: String,
-}
-
-fn vectors() -> Vec<Vector> {
-    let raw = include_str!("vectors/standard-webhooks.json");
-    serde_json::from_str::<Vectors>(raw).unwrap().vectors
 }
 
 #[tokio::test]

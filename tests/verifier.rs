@@ -2,6 +2,9 @@
 //! timestamp (order-independent window, inclusive edge), replay stores (in-process, shared
 //! Redis, full, failing) and the extractor's status for each failure over real HTTP.
 
+#[path = "common/signed.rs"]
+mod signed;
+
 use std::{
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -16,21 +19,10 @@ use apalis_webhooks::{
 };
 use axum::{Router, routing::post};
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
+use signed::headers;
 
 const T: i64 = 1_700_000_000;
-
-fn headers(pairs: &[(String, String)]) -> HeaderMap {
-    pairs
-        .iter()
-        .map(|(n, v)| {
-            (
-                HeaderName::try_from(n.as_str()).unwrap(),
-                HeaderValue::try_from(v.as_str()).unwrap(),
-            )
-        })
-        .collect()
-}
 
 fn signed(scheme: &SignatureScheme, id: &str, timestamp: i64, body: &[u8], secret: &Secret) -> HeaderMap {
     headers(&scheme.sign(id, timestamp, body, std::slice::from_ref(secret)).unwrap())
