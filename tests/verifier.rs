@@ -441,3 +441,40 @@ async fn the_extractor_answers_each_failure_with_its_own_status() {
     .await;
     assert_eq!(send(&down, genuine).await.0, 503);
 }
+
+/// A weak key still verifies (the receiver may have to accept its sender's key), and building
+/// the verifier says so once, without the key.
+#[test]
+fn a_weak_key_is_accepted_with_one_warning_that_does_not_show_it() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // Three bytes, base64 "a1F4".
+    let weak = "whsec_a1F4";
+    tracing::subscriber::with_default(subscriber, || {
+        Verifier::new(weak).unwrap();
+        Verifier::new(Secret::generate()).unwrap();
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.lines().filter(|line| line.contains("weak secret")).count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("has 3"), "{text}");
+    assert!(!text.contains("a1F4"), "{text}");
+}

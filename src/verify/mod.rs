@@ -429,6 +429,12 @@ impl VerifierBuilder {
         if self.replay.is_some() && !matches!(self.scheme, SignatureScheme::Standard | SignatureScheme::Stripe { .. }) {
             return Err(VerifierError::ReplayProtectionUnsupported);
         }
+        // A receiver may have to accept a short key its sender already uses, so a weak key is
+        // not refused here (the sender refuses it unless allowed); it is said once, when the
+        // verifier is built, without the key.
+        if let Err(weak) = self.scheme.check_strength(&self.secrets) {
+            tracing::warn!(%weak, "the verifier accepts a weak secret: one captured request is enough to recover it");
+        }
         Ok(Verifier {
             scheme: self.scheme,
             secrets: self.secrets,
