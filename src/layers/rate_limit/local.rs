@@ -217,10 +217,7 @@ mod tests {
     #[test]
     fn decisions_match_governor() {
         // Same limit, same instants: the same admissions and waits as governor's keyed limiter.
-        let limit = Limit::per(3, Duration::from_millis(300)).burst(3);
-        let mut tat = None;
-        let mut ours = Vec::new();
-        for (at_ms, cells) in [
+        const STEPS: [(u64, u32); 9] = [
             (0, 1),
             (0, 1),
             (0, 1),
@@ -230,7 +227,11 @@ mod tests {
             (100, 2),
             (400, 2),
             (400, 1),
-        ] {
+        ];
+        let limit = Limit::per(3, Duration::from_millis(300)).burst(3);
+        let mut tat = None;
+        let mut ours = Vec::new();
+        for (at_ms, cells) in STEPS {
             let at = at_ms * 1_000_000;
             match gcra(tat, at, limit, cells) {
                 Ok(next) => {
@@ -244,17 +245,7 @@ mod tests {
         let keyed = RateLimiter::hashmap_with_clock(limit.quota(), clock.clone());
         let mut theirs = Vec::new();
         let mut now_ms = 0;
-        for (at_ms, cells) in [
-            (0, 1),
-            (0, 1),
-            (0, 1),
-            (0, 1),
-            (50, 1),
-            (100, 1),
-            (100, 2),
-            (400, 2),
-            (400, 1),
-        ] {
+        for (at_ms, cells) in STEPS {
             clock.advance(Duration::from_millis(at_ms - now_ms));
             now_ms = at_ms;
             let cells = NonZeroU32::new(cells).unwrap();
