@@ -18,8 +18,7 @@ use crate::{
     ssrf::{EgressPolicy, EgressRefused, GuardedResolver},
 };
 
-/// Header carrying the event type, e.g. `order.created`.
-pub const EVENT_HEADER: &str = "x-webhook-event";
+pub use apalis_webhooks_verify::headers::EVENT_HEADER;
 /// Header carrying the 1-based attempt number.
 pub const ATTEMPT_HEADER: &str = "x-webhook-attempt";
 /// `User-Agent` of every attempt.

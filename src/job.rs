@@ -4,7 +4,9 @@ use std::{fmt, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{layers::Limit, policy::DeliveryPolicy, registry::EndpointId, secret::Secret, signing::SignatureScheme};
+use apalis_webhooks_verify::{Secret, SignatureScheme};
+
+use crate::{layers::Limit, policy::DeliveryPolicy, registry::EndpointId};
 
 /// The stable id of a delivery: `msg_` and a ULID.
 ///

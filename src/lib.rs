@@ -64,7 +64,6 @@ mod policy;
 mod record;
 pub mod registry;
 mod retry;
-mod secret;
 mod secret_store;
 pub mod signing;
 mod sink;
@@ -75,6 +74,10 @@ mod subscription;
 pub mod verify;
 mod worker;
 
+pub use apalis_webhooks_verify::{
+    MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
+    WHSEC_PREFIX, WeakSecret, generate_secret,
+};
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;
 pub use bounded::{MapUsage, MemoryCap};
@@ -87,10 +90,6 @@ pub use outcome::{AttemptResult, DeferReason, Outcome, StatusRange, StatusSet, T
 pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
 pub use record::AttemptRecord;
 pub use retry::RetrySchedule;
-pub use secret::{
-    MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHSEC_PREFIX, WeakSecret, generate_secret,
-};
 pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
 pub use sink::{Deferral, WebhookSink};

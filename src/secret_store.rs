@@ -16,7 +16,7 @@ use std::{
 use apalis_core::error::BoxDynError;
 use futures::future::BoxFuture;
 
-use crate::secret::Secret;
+use apalis_webhooks_verify::Secret;
 
 /// Where the worker finds the signing secrets of a key id.
 ///

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use apalis_core::error::BoxDynError;
+use apalis_webhooks_verify::{Secret, SecretError, SignatureScheme, WeakSecret};
 use serde::Serialize;
 
 use crate::{
@@ -13,8 +14,6 @@ use crate::{
     policy::DeliveryPolicy,
     registry::EndpointId,
     retry::RetrySchedule,
-    secret::{Secret, SecretError, WeakSecret},
-    signing::SignatureScheme,
     sink::WebhookSink,
 };
 
@@ -41,9 +40,9 @@ const RESERVED_HEADERS: &[&str] = &[
     EVENT_HEADER,
     ATTEMPT_HEADER,
     // All Standard Webhooks headers, whatever the scheme, so a receiver never sees a forged one.
-    crate::signing::WEBHOOK_ID,
-    crate::signing::WEBHOOK_TIMESTAMP,
-    crate::signing::WEBHOOK_SIGNATURE,
+    apalis_webhooks_verify::headers::WEBHOOK_ID,
+    apalis_webhooks_verify::headers::WEBHOOK_TIMESTAMP,
+    apalis_webhooks_verify::headers::WEBHOOK_SIGNATURE,
 ];
 
 /// A target endpoint with its secret(s), signature scheme and delivery policy.

@@ -24,6 +24,7 @@ use crate::{
     clock::{unix_millis, unix_seconds, unix_seconds_after},
     delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
     job::WebhookJob,
+    layers::signing::{SigningLayer, SigningService},
     observe::{self, Settled},
     ordering::OrderedLines,
     outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
@@ -33,7 +34,6 @@ use crate::{
         health::{DEFAULT_HEALTH_CAP, EndpointHealth, Verdict},
     },
     secret_store::SecretStore,
-    signing::{SigningLayer, SigningService},
     sink::WebhookSink,
     ssrf::EgressPolicy,
 };

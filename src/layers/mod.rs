@@ -30,6 +30,7 @@
 pub mod circuit_breaker;
 mod limit;
 pub mod rate_limit;
+pub(crate) mod signing;
 mod spread;
 
 pub use circuit_breaker::{

@@ -508,7 +508,7 @@ fn json_error(error: serde_json::Error) -> LineError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{WebhookSubscription, secret::Secret};
+    use crate::{Secret, WebhookSubscription};
 
     /// Memory lines where another dispatcher enters `late` right after `next` looked.
     struct RacingLines {

@@ -2,13 +2,12 @@
 
 use std::fmt;
 
+use apalis_webhooks_verify::{Secret, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
 use super::filter::{EventFilter, InvalidFilter};
 use crate::{
     layers::Limit,
-    secret::Secret,
-    signing::SignatureScheme,
     subscription::{WebhookSubscription, header_names, url_host},
 };
 

@@ -6,7 +6,6 @@ use base64::{
     Engine,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose::STANDARD},
 };
-use rand::RngCore;
 use secrecy::{ExposeSecret, SecretBox};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -36,22 +35,22 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
 /// # Key strength
 ///
 /// A short key can be recovered from one captured signature by brute force, so
-/// [`dispatch`](crate::WebhookSubscription::dispatch) refuses keys under
+/// the sender (apalis-webhooks' `dispatch`) refuses keys under
 /// [`MIN_STANDARD_KEY_BYTES`] (24, the Standard Webhooks minimum) decoded bytes for Standard
 /// Webhooks and under [`MIN_LITERAL_KEY_BYTES`] (16) bytes for the Stripe and GitHub styles
-/// ([`DispatchError::WeakSecret`](crate::DispatchError::WeakSecret)). A receiver that already
+/// (`DispatchError::WeakSecret`). A receiver that already
 /// holds a shorter key can still be served: mark that secret with
 /// [`allow_weak`](Self::allow_weak). Keys longer than the 64 bytes the specification mentions
 /// are not refused: they are not weaker, and the official libraries accept them.
 ///
 /// ```
-/// use apalis_webhooks::{DispatchError, Secret, WebhookSubscription};
+/// use apalis_webhooks_verify::{Secret, SignatureScheme};
 ///
-/// let weak = WebhookSubscription::new("https://example.com/hooks", "whsec_AA==");
-/// assert!(matches!(weak.job("order.created", &1), Err(DispatchError::WeakSecret(_))));
+/// let weak = [Secret::new("whsec_AA==")];
+/// assert!(SignatureScheme::Standard.check_strength(&weak).is_err());
 ///
-/// let allowed = WebhookSubscription::new("https://example.com/hooks", Secret::new("whsec_AA==").allow_weak());
-/// assert!(allowed.job("order.created", &1).is_ok());
+/// let allowed = [Secret::new("whsec_AA==").allow_weak()];
+/// assert!(SignatureScheme::Standard.check_strength(&allowed).is_ok());
 /// ```
 #[derive(Clone)]
 pub struct Secret {
@@ -114,7 +113,7 @@ pub const MAX_GENERATED_BYTES: usize = 64;
 /// to the receiver once, store it (or its key id) with the subscription.
 ///
 /// ```
-/// let secret = apalis_webhooks::generate_secret();
+/// let secret = apalis_webhooks_verify::generate_secret();
 /// # drop(secret);
 /// ```
 pub fn generate_secret() -> Secret {
@@ -139,7 +138,7 @@ impl Secret {
     /// The same secret, exempt from the key-length check at dispatch (and, in secret-store
     /// mode, at send time): for a receiver that already holds a key shorter than
     /// [`MIN_STANDARD_KEY_BYTES`] / [`MIN_LITERAL_KEY_BYTES`] and cannot change it yet. The
-    /// allowance is kept when the secret is stored (a registry [`Endpoint`](crate::registry::Endpoint),
+    /// allowance is kept when the secret is stored (a registry endpoint,
     /// a job). Prefer rotating to a [generated](Self::generate) key.
     pub fn allow_weak(mut self) -> Self {
         self.allow_weak = true;
@@ -180,13 +179,15 @@ impl Secret {
 
     fn fresh(bytes: usize) -> Self {
         let mut key = zeroize::Zeroizing::new([0u8; MAX_GENERATED_BYTES]);
-        // ThreadRng is a CSPRNG (ChaCha12) seeded and reseeded from the operating system.
-        rand::rng().fill_bytes(&mut key[..bytes]);
+        // The operating system's CSPRNG. Without it no key can be made safely, and there is
+        // nothing better to fall back to.
+        getrandom::fill(&mut key[..bytes]).expect("the operating system's random number generator failed");
         Self::new(format!("{WHSEC_PREFIX}{}", STANDARD.encode(&key[..bytes])))
     }
 
-    /// The HMAC key for Standard Webhooks: the decoded base64 after `whsec_`.
-    pub(crate) fn standard_key(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
+    /// The HMAC key for Standard Webhooks: the decoded base64 after `whsec_` (raw bytes as
+    /// they are). It exposes the key: keep it out of logs.
+    pub fn standard_key(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
         let key = match &*self.material {
             Material::Bytes(bytes) => bytes.expose_secret().to_vec(),
             Material::Text(text) => {
@@ -202,8 +203,9 @@ impl Secret {
         Ok(key)
     }
 
-    /// The HMAC key for the Stripe and GitHub styles: the secret's own bytes.
-    pub(crate) fn literal_key(&self) -> Result<&[u8], SecretError> {
+    /// The HMAC key for the Stripe and GitHub styles: the secret's own bytes. It exposes the
+    /// key: keep it out of logs.
+    pub fn literal_key(&self) -> Result<&[u8], SecretError> {
         let key = match &*self.material {
             Material::Bytes(bytes) => bytes.expose_secret(),
             Material::Text(text) => text.expose_secret().as_bytes(),

@@ -9,7 +9,7 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use apalis_webhooks::{Secret, SignatureScheme, verify::Verifier};
+use apalis_webhooks_verify::{Secret, SignatureScheme, Verifier};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     secret::{Secret, SecretError},
-    verify::VerifyError,
+    verifier::VerifyError,
 };
 
 fn mac(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {

@@ -5,14 +5,14 @@
 use super::{HeaderLookup, SignedParts, any_matches, hmac_sha256};
 use crate::{
     secret::{Secret, SecretError},
-    verify::VerifyError,
+    verifier::VerifyError,
 };
 
 /// `sha256=<hex>`. GitHub's format carries one signature, so only one secret signs.
 pub(super) fn sign(body: &[u8], secret: &Secret) -> Result<String, SecretError> {
     Ok(format!(
         "sha256={}",
-        hex::encode(hmac_sha256(secret.literal_key()?, &[body]))
+        crate::hex::encode(hmac_sha256(secret.literal_key()?, &[body]))
     ))
 }
 
@@ -26,7 +26,7 @@ pub(super) fn verify(
     let candidate = value
         .trim()
         .strip_prefix("sha256=")
-        .and_then(|hex_sig| hex::decode(hex_sig).ok())
+        .and_then(crate::hex::decode)
         .ok_or(VerifyError::InvalidHeader("signature"))?;
     let keys = secrets
         .iter()

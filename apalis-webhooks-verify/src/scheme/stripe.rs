@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{HeaderLookup, SignedParts, any_matches, check_timestamp, hmac_sha256};
 use crate::{
     secret::{Secret, SecretError},
-    verify::VerifyError,
+    verifier::VerifyError,
 };
 
 fn mac(key: &[u8], timestamp: i64, body: &[u8]) -> [u8; 32] {
@@ -19,7 +19,7 @@ pub(super) fn sign(timestamp: i64, body: &[u8], secrets: &[Secret]) -> Result<St
     let mut value = format!("t={timestamp}");
     for secret in secrets {
         value.push_str(",v1=");
-        value.push_str(&hex::encode(mac(secret.literal_key()?, timestamp, body)));
+        value.push_str(&crate::hex::encode(mac(secret.literal_key()?, timestamp, body)));
     }
     Ok(value)
 }
@@ -38,7 +38,7 @@ pub(super) fn verify(
     for item in value.split(',') {
         match item.trim().split_once('=') {
             Some(("t", ts)) => timestamp = ts.parse::<i64>().ok(),
-            Some(("v1", sig)) => candidates.extend(hex::decode(sig).ok()),
+            Some(("v1", sig)) => candidates.extend(crate::hex::decode(sig)),
             // Other schemes (v0, …) are ignored, as Stripe's libraries do.
             _ => {}
         }

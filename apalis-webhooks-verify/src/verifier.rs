@@ -1,10 +1,10 @@
-//! Receiver side: verify a delivery's signature (and optionally reject replays).
+//! The [`Verifier`]: a delivery's signature checked (and optionally replays rejected).
 //!
 //! A [`Verifier`] is checked when built: every secret must yield a key for the scheme, and
 //! replay protection is refused for a scheme without a signed timestamp (GitHub style).
 //!
 //! ```
-//! use apalis_webhooks::{SignatureScheme, verify::{Verifier, VerifierError}};
+//! use apalis_webhooks_verify::{SignatureScheme, Verifier, VerifierError};
 //! use http::HeaderMap;
 //!
 //! # futures::executor::block_on(async {
@@ -21,10 +21,6 @@
 //! # }).unwrap();
 //! ```
 
-#[cfg(feature = "axum")]
-mod extractor;
-mod replay;
-
 use std::{
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -32,17 +28,13 @@ use std::{
 
 use http::HeaderMap;
 
-#[cfg(feature = "axum")]
-pub use extractor::{VerifiedWebhook, WebhookRejection};
-#[cfg(feature = "redis")]
-pub use replay::RedisReplayStore;
-pub use replay::{DEFAULT_REPLAY_CAPACITY, MemoryReplayStore, ReplayKey, ReplayStore, ReplayStoreError};
-
 use sha2::{Digest, Sha256};
 
 use crate::{
+    headers::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP},
+    replay::{MemoryReplayStore, ReplayKey, ReplayStore, ReplayStoreError},
+    scheme::SignatureScheme,
     secret::{Secret, SecretError},
-    signing::SignatureScheme,
 };
 
 /// How far a signature timestamp may be from the receiver's clock, either way: 5 minutes.
@@ -216,19 +208,14 @@ fn verify_with(
         },
         SignatureScheme::GitHub { .. } => Verified::GitHub,
         SignatureScheme::Standard => Verified::Standard {
-            webhook_id: parts
-                .webhook_id
-                .ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_ID))?,
-            timestamp: parts
-                .timestamp
-                .ok_or(VerifyError::MissingHeader(crate::signing::WEBHOOK_TIMESTAMP))?,
+            webhook_id: parts.webhook_id.ok_or(VerifyError::MissingHeader(WEBHOOK_ID))?,
+            timestamp: parts.timestamp.ok_or(VerifyError::MissingHeader(WEBHOOK_TIMESTAMP))?,
         },
     })
 }
 
 /// Error variants carry `&'static str` names; custom header names are reported generically.
 fn static_name(name: &str) -> &'static str {
-    use crate::signing::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
     [WEBHOOK_ID, WEBHOOK_TIMESTAMP, WEBHOOK_SIGNATURE]
         .into_iter()
         .find(|n| *n == name)

@@ -1,6 +1,6 @@
 //! Replay stores: a memory of accepted messages, to reject a captured request sent again.
 //!
-//! A [`Verifier`](super::Verifier) asks its store about a message only after the signature and
+//! A [`Verifier`](crate::Verifier) asks its store about a message only after the signature and
 //! timestamp verified, so forged requests can neither fill the store nor block genuine ones.
 
 use std::{
@@ -10,8 +10,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
+use std::{future::Future, pin::Pin};
+
+/// A boxed, sendable future: what [`ReplayStore`] returns, so verifiers can hold any store as
+/// `Arc<dyn ReplayStore>`. The same type as `futures::future::BoxFuture`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Entries [`MemoryReplayStore::default`] holds at most: 100 000, about 25 MB with a short
 /// namespace (each key, namespace and 64 hex digits, is held in a map and an expiry heap).
@@ -22,7 +26,7 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_REPLAY_CAPACITY: usize = 100_000;
 
 /// Why a replay store could not answer. Verification then fails closed
-/// ([`VerifyError::ReplayStore`](super::VerifyError::ReplayStore)): a message is never accepted
+/// ([`VerifyError::ReplayStore`](crate::VerifyError::ReplayStore)): a message is never accepted
 /// unchecked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -40,7 +44,7 @@ pub enum ReplayStoreError {
 }
 
 /// What identifies one message in a replay store: the verifier's namespace and a SHA-256 digest
-/// of what the scheme signs about the message (see [`Verifier`](super::Verifier)).
+/// of what the scheme signs about the message (see [`Verifier`](crate::Verifier)).
 ///
 /// Hashing keeps every key short whatever the sender put in its headers.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,13 +52,13 @@ pub struct ReplayKey(String);
 
 impl ReplayKey {
     /// The key for `parts` (length-prefixed, so no two part lists share a key) in `namespace`.
-    pub(super) fn new(namespace: &str, parts: &[&[u8]]) -> Self {
+    pub(crate) fn new(namespace: &str, parts: &[&[u8]]) -> Self {
         let mut digest = Sha256::new();
         for part in parts {
             digest.update((part.len() as u64).to_be_bytes());
             digest.update(part);
         }
-        Self(format!("{namespace}:{}", hex::encode(digest.finalize())))
+        Self(format!("{namespace}:{}", crate::hex::encode(digest.finalize())))
     }
 
     /// The key as text: `{namespace}:{64 hex digits}`.
@@ -69,7 +73,7 @@ impl fmt::Debug for ReplayKey {
     }
 }
 
-/// Where a [`Verifier`](super::Verifier) remembers accepted messages.
+/// Where a [`Verifier`](crate::Verifier) remembers accepted messages.
 ///
 /// Implementations must be atomic: of two concurrent calls with the same key, exactly one may
 /// return `Ok(true)`. The method returns a boxed future so verifiers can hold any store as
@@ -204,7 +208,7 @@ pub use redis_store::RedisReplayStore;
 mod redis_store {
     use std::fmt;
 
-    use futures::future::BoxFuture;
+    use crate::BoxFuture;
     use redis::aio::ConnectionManager;
 
     use super::{ReplayKey, ReplayStore, ReplayStoreError};

@@ -1,10 +1,6 @@
-//! Signature schemes and the tower layer that signs each delivery attempt.
-//!
-//! [`SignatureScheme`] is stored in the job, so every attempt of a delivery is signed the same
-//! way; [`SigningLayer`] signs at send time with a fresh timestamp.
+//! Signature schemes: how a delivery is signed and how a receiver verifies it.
 
 mod github;
-mod layer;
 mod standard;
 mod stripe;
 
@@ -14,23 +10,11 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-pub use layer::{DEFAULT_SECRET_LOOKUP_TIMEOUT, SigningLayer, SigningService};
-
+pub use crate::headers::{GITHUB_SIGNATURE, STRIPE_SIGNATURE, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
 use crate::{
     secret::{MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError, WeakSecret},
-    verify::VerifyError,
+    verifier::VerifyError,
 };
-
-/// The name of the Standard Webhooks id header.
-pub const WEBHOOK_ID: &str = "webhook-id";
-/// The name of the Standard Webhooks timestamp header.
-pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
-/// The name of the Standard Webhooks signature header.
-pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
-/// Default header of the Stripe style.
-pub const STRIPE_SIGNATURE: &str = "stripe-signature";
-/// Default header of the GitHub style.
-pub const GITHUB_SIGNATURE: &str = "x-hub-signature-256";
 
 /// How a delivery is signed, and how a receiver verifies it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -3,10 +3,7 @@
 //! generated case. The coverage-guided fuzz target in `fuzz/` runs the same entry points for
 //! much longer; these run in CI.
 
-use apalis_webhooks::{
-    Secret, SignatureScheme,
-    verify::{MAX_HEADER_LEN, Verifier, VerifyError},
-};
+use apalis_webhooks_verify::{MAX_HEADER_LEN, Secret, SignatureScheme, Verifier, VerifyError};
 use futures::executor::block_on;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use apalis_webhooks_verify::Secret;
 use futures::future::{BoxFuture, Either};
 use http::{HeaderName, HeaderValue};
 use tower::{Layer, Service};
@@ -16,7 +17,6 @@ use crate::{
     delivery::DeliveryRequest,
     layers::take_ready,
     outcome::{AttemptResult, DeferReason},
-    secret::Secret,
     secret_store::{SecretStore, SecretStoreError},
 };
 
@@ -37,7 +37,7 @@ fn store_retry_delay(deferrals: u32) -> Duration {
         .min(STORE_RETRY_MAX)
 }
 
-/// Adds the signature headers of the job's [`SignatureScheme`](super::SignatureScheme) to
+/// Adds the signature headers of the job's [`SignatureScheme`](crate::SignatureScheme) to
 /// every attempt.
 ///
 /// The timestamp is taken when the attempt is sent, not at dispatch, so a retry hours later is
@@ -47,7 +47,7 @@ fn store_retry_delay(deferrals: u32) -> Duration {
 /// never sent.
 ///
 /// A store secret shorter than its scheme's minimum (see
-/// [`SignatureScheme::check_strength`](super::SignatureScheme::check_strength)) is refused the
+/// [`SignatureScheme::check_strength`](crate::SignatureScheme::check_strength)) is refused the
 /// same way, with a reason starting `refused: weak secret`, unless the store returned it marked
 /// with [`Secret::allow_weak`].
 ///

@@ -3,10 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use apalis_webhooks::{
-    Secret, SignatureScheme,
-    verify::{VerifiedWebhook, Verifier},
-};
+use apalis_webhooks_verify::{Secret, SignatureScheme, VerifiedWebhook, Verifier};
 use axum::{Json, Router, routing::post};
 
 #[derive(serde::Deserialize, serde::Serialize)]

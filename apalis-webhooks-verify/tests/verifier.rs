@@ -10,12 +10,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use apalis_webhooks::{
-    Secret, SecretError, SignatureScheme,
-    verify::{
-        MemoryReplayStore, RedisReplayStore, ReplayKey, ReplayStore, ReplayStoreError, VerifiedWebhook, Verifier,
-        VerifierError, VerifyError,
-    },
+use apalis_webhooks_verify::{
+    MemoryReplayStore, RedisReplayStore, ReplayKey, ReplayStore, ReplayStoreError, Secret, SecretError,
+    SignatureScheme, VerifiedWebhook, Verifier, VerifierError, VerifyError,
 };
 use axum::{Router, routing::post};
 use futures::future::BoxFuture;

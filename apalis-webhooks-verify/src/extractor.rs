@@ -8,8 +8,10 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{Verified, Verifier, VerifyError};
-use crate::delivery::EVENT_HEADER;
+use crate::{
+    headers::EVENT_HEADER,
+    verifier::{Verified, Verifier, VerifyError},
+};
 
 /// A delivery whose signature checked out, with its JSON payload deserialized.
 ///
@@ -29,7 +31,7 @@ use crate::delivery::EVENT_HEADER;
 /// retry once the store is back, where a 4xx could make it give the delivery up.
 ///
 /// ```no_run
-/// use apalis_webhooks::verify::{VerifiedWebhook, Verifier};
+/// use apalis_webhooks_verify::{VerifiedWebhook, Verifier};
 /// use axum::{Router, routing::post};
 ///
 /// async fn handle(webhook: VerifiedWebhook<serde_json::Value>) -> &'static str {

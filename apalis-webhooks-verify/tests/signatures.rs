@@ -5,10 +5,7 @@ mod signed;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apalis_webhooks::{
-    Secret, SignatureScheme,
-    verify::{Verifier, VerifyError, verify},
-};
+use apalis_webhooks_verify::{Secret, SignatureScheme, Verifier, VerifyError, verify};
 use http::HeaderValue;
 use signed::{headers, vectors};
 
@@ -284,15 +281,7 @@ async fn replay_guard_rejects_an_exact_replay_but_not_a_fresh_retry() {
 fn secrets_never_print() {
     let secret = Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     let verifier = Verifier::new(secret.clone()).unwrap();
-    let sub = apalis_webhooks::WebhookSubscription::new("https://e.com", secret.clone());
-    let job = sub.job("a.b", &1).unwrap();
-    for text in [
-        format!("{secret:?}"),
-        format!("{secret}"),
-        format!("{verifier:?}"),
-        format!("{sub:?}"),
-        format!("{job:?}"),
-    ] {
+    for text in [format!("{secret:?}"), format!("{secret}"), format!("{verifier:?}")] {
         assert!(!text.contains("MfKQ9r8G"), "{text}");
     }
 }

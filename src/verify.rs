@@ -1,0 +1,13 @@
+//! Receiver side: verify a delivery's signature (and optionally reject replays).
+//!
+//! Everything here is [`apalis_webhooks_verify`], re-exported: a service that only receives
+//! webhooks should depend on that crate alone, which builds none of the sender's machinery.
+
+#[cfg(feature = "redis")]
+pub use apalis_webhooks_verify::RedisReplayStore;
+pub use apalis_webhooks_verify::{
+    BoxFuture, DEFAULT_REPLAY_CAPACITY, DEFAULT_TOLERANCE, MAX_HEADER_LEN, MemoryReplayStore, ReplayKey, ReplayStore,
+    ReplayStoreError, Verified, Verifier, VerifierBuilder, VerifierError, VerifyError, verify,
+};
+#[cfg(feature = "axum")]
+pub use apalis_webhooks_verify::{VerifiedWebhook, WebhookRejection};
