@@ -76,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Webhooks: their own queue on the same database.
     let webhooks = sqlite::storage(&pool);
-    let subscription = WebhookSubscription::new(url, secret);
+    let subscription = WebhookSubscription::new(url, secret).envelope();
     let (delivered_tx, delivered) = tokio::sync::oneshot::channel();
     let delivered_tx = std::sync::Mutex::new(Some(delivered_tx));
     let webhook_service = WebhookWorker::new(webhooks.clone())

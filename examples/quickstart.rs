@@ -47,7 +47,7 @@ async fn receive(
         println!("  receiver: {event} {id} -> 503 (pretending to be down)");
         return StatusCode::SERVICE_UNAVAILABLE;
     }
-    println!("  receiver: {event} {id} -> 204, payload {}", webhook.payload);
+    println!("  receiver: {event} {id} -> 204, payload {}", webhook.payload["data"]);
     StatusCode::NO_CONTENT
 }
 
@@ -125,9 +125,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }),
     );
 
-    // 4. Dispatch: one call per event. Retries after 1 s here, so the demo is quick.
-    let subscription =
-        WebhookSubscription::new(&url, secret).retry_schedule(RetrySchedule::schedule([Duration::from_secs(1)]));
+    // 4. Dispatch: one call per event. The envelope puts the event type inside the signed body;
+    //    retries after 1 s here, so the demo is quick.
+    let subscription = WebhookSubscription::new(&url, secret)
+        .envelope()
+        .retry_schedule(RetrySchedule::schedule([Duration::from_secs(1)]));
     let events = [
         ("order.created", json!({ "order": 1001, "total": "42.00" })),
         ("invoice.paid", json!({ "invoice": "in_77", "amount": 4200 })),

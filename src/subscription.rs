@@ -77,6 +77,7 @@ pub struct WebhookSubscription {
     headers: Vec<(String, String)>,
     policy: DeliveryPolicy,
     max_payload_bytes: usize,
+    envelope: bool,
 }
 
 /// Why a dispatch was rejected. Nothing was enqueued.
@@ -160,6 +161,7 @@ impl WebhookSubscription {
             headers: Vec::new(),
             policy: DeliveryPolicy::default(),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            envelope: false,
         }
     }
 
@@ -235,6 +237,30 @@ impl WebhookSubscription {
     /// The signature scheme (Standard Webhooks by default).
     pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
         self.scheme = scheme;
+        self
+    }
+
+    /// Sends each payload inside the Standard Webhooks envelope,
+    /// `{"type": <event type>, "timestamp": <dispatch time, RFC 3339>, "data": <payload>}`, so the
+    /// event type is covered by the signature. Without it the type travels only in the
+    /// `x-webhook-event` header, which no scheme signs: whoever can resend a captured request
+    /// can change it. The receiver reads it with
+    /// [`Envelope`](apalis_webhooks_verify::Envelope) or `VerifiedWebhook::event_type`. The
+    /// payload limit applies to the whole envelope.
+    ///
+    /// ```
+    /// use apalis_webhooks::WebhookSubscription;
+    ///
+    /// let job = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::generate_secret())
+    ///     .envelope()
+    ///     .job("order.created", &serde_json::json!({ "order": 42 }))
+    ///     .unwrap();
+    /// let sent: serde_json::Value = serde_json::from_slice(job.body()).unwrap();
+    /// assert_eq!(sent["type"], "order.created");
+    /// assert_eq!(sent["data"]["order"], 42);
+    /// ```
+    pub fn envelope(mut self) -> Self {
+        self.envelope = true;
         self
     }
 
@@ -320,10 +346,10 @@ impl WebhookSubscription {
                 validate_key_id(key_id)?;
                 // Inline secrets next to a key id are optional, but must be usable.
                 if !self.secrets.is_empty() {
-                    self.scheme.check_secrets(&self.secrets)?;
+                    self.scheme.check_signing_secrets(&self.secrets)?;
                 }
             }
-            None => self.scheme.check_secrets(&self.secrets)?,
+            None => self.scheme.check_signing_secrets(&self.secrets)?,
         }
         // Every secret of a rotation: one weak key is enough to forge signatures the receiver
         // accepts. Secrets from a secret store are checked by the signing layer at send time.
@@ -333,6 +359,11 @@ impl WebhookSubscription {
 
     /// The job for an already serialized payload; [`validate`](Self::validate) first.
     pub(crate) fn job_with_body(&self, event_type: &str, body: String) -> Result<WebhookJob, DispatchError> {
+        let body = if self.envelope {
+            enveloped(event_type, &body)?
+        } else {
+            body
+        };
         if body.len() > self.max_payload_bytes {
             return Err(DispatchError::PayloadTooLarge {
                 size: body.len(),
@@ -428,8 +459,19 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
             .field("tenant", &self.tenant)
+            .field("envelope", &self.envelope)
             .finish()
     }
+}
+
+/// `body` (serialized JSON) inside the Standard Webhooks envelope. The parts are already JSON,
+/// so they are joined rather than parsed and written again.
+fn enveloped(event_type: &str, body: &str) -> Result<String, DispatchError> {
+    let event_type = serde_json::to_string(event_type).map_err(DispatchError::Serialize)?;
+    let timestamp = crate::clock::rfc3339_millis(crate::clock::unix_millis());
+    Ok(format!(
+        r#"{{"type":{event_type},"timestamp":"{timestamp}","data":{body}}}"#
+    ))
 }
 
 /// The host of `url` for `Debug` output: paths and queries often carry tokens.

@@ -35,6 +35,8 @@ use crate::{
 /// use axum::{Router, routing::post};
 ///
 /// async fn handle(webhook: VerifiedWebhook<serde_json::Value>) -> &'static str {
+///     // `event_type` is read from the signed body (the Standard Webhooks envelope), never
+///     // from a header.
 ///     println!("{:?} {:?}", webhook.event_type, webhook.payload);
 ///     "ok"
 /// }
@@ -51,9 +53,15 @@ pub struct VerifiedWebhook<T = serde_json::Value> {
     /// What the signature vouches for: the webhook id (Standard Webhooks, the same on every
     /// retry) and timestamp, per scheme.
     pub verified: Verified,
-    /// The `x-webhook-event` header (not covered by the signature).
+    /// The event type from the signed body: the `type` of a Standard Webhooks envelope
+    /// (`{"type", "timestamp", "data"}`, what a sender's `.envelope()` sends); `None` for a
+    /// body that is not one. Route on this.
     pub event_type: Option<String>,
-    /// The deserialized payload.
+    /// The `x-webhook-event` header as received. **No scheme signs it**: anyone replaying a
+    /// captured request can change it, so do not let it decide anything.
+    pub unsigned_event_header: Option<String>,
+    /// The deserialized payload (the whole body; use `VerifiedWebhook<Envelope<T>>` to
+    /// deserialize an envelope's `data`).
     pub payload: T,
 }
 
@@ -125,14 +133,29 @@ where
         let body = Bytes::from_request(request, state).await?;
         let verified = verifier.verify(&headers, &body).await?;
         let payload = serde_json::from_slice(&body).map_err(WebhookRejection::Payload)?;
-        let event_type = headers
+        let event_type = serde_json::from_slice::<EnvelopeHead>(&body)
+            .ok()
+            .map(|head| head.event_type);
+        let unsigned_event_header = headers
             .get(EVENT_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         Ok(Self {
             verified,
             event_type,
+            unsigned_event_header,
             payload,
         })
     }
+}
+
+/// The parts of an envelope that make it one; `data` is skipped, not parsed.
+#[derive(serde::Deserialize)]
+struct EnvelopeHead {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(rename = "timestamp")]
+    _timestamp: String,
+    #[serde(rename = "data")]
+    _data: serde::de::IgnoredAny,
 }

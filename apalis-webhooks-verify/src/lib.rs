@@ -29,6 +29,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
+#[cfg(feature = "v1a")]
+mod ed25519;
+mod envelope;
 #[cfg(feature = "axum")]
 mod extractor;
 pub mod headers;
@@ -38,15 +41,18 @@ mod scheme;
 mod secret;
 mod verifier;
 
+pub use envelope::Envelope;
 #[cfg(feature = "axum")]
 pub use extractor::{VerifiedWebhook, WebhookRejection};
 #[cfg(feature = "redis")]
 pub use replay::RedisReplayStore;
 pub use replay::{BoxFuture, DEFAULT_REPLAY_CAPACITY, MemoryReplayStore, ReplayKey, ReplayStore, ReplayStoreError};
+#[cfg(feature = "v1a")]
+pub use scheme::MAX_V1A_SIGNATURES;
 pub use scheme::SignatureScheme;
 pub use secret::{
     MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHSEC_PREFIX, WeakSecret, generate_secret,
+    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret, generate_secret,
 };
 pub use verifier::{
     DEFAULT_TOLERANCE, MAX_HEADER_LEN, Verified, Verifier, VerifierBuilder, VerifierError, VerifyError, verify,

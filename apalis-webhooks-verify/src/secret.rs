@@ -12,9 +12,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The prefix of Standard Webhooks secrets: `whsec_` followed by base64 key bytes.
 pub const WHSEC_PREFIX: &str = "whsec_";
 
+/// The prefix of Standard Webhooks `v1a` signing keys: `whsk_` and the base64 of an ed25519
+/// key pair (seed, then public key) or of a bare 32-byte seed.
+pub const WHSK_PREFIX: &str = "whsk_";
+/// The prefix of Standard Webhooks `v1a` public keys: `whpk_` and the base64 of a 32-byte
+/// ed25519 public key. Not secret: a receiver holding it can verify, never sign.
+pub const WHPK_PREFIX: &str = "whpk_";
+
 /// Standard base64 that accepts padded and unpadded input, as the official Standard Webhooks
 /// libraries do.
-const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+pub(crate) const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
@@ -26,7 +33,9 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
 /// [`SignatureScheme`](crate::SignatureScheme) derives its HMAC key from it the way that scheme's
 /// own libraries do:
 ///
-/// * Standard Webhooks: the base64 after the `whsec_` prefix, decoded (raw bytes: used as is);
+/// * Standard Webhooks: the base64 after the `whsec_` prefix, decoded (raw bytes: used as is),
+///   signing `v1`; or, with the `v1a` feature, an ed25519 key: `whsk_…` signs `v1a` (and
+///   verifies it), `whpk_…` only verifies it;
 /// * Stripe and GitHub styles: the bytes of the secret string itself.
 ///
 /// `Debug` and `Display` print `Secret([REDACTED])`; the material is zeroed when dropped. Cloning is
@@ -78,6 +87,35 @@ pub enum SecretError {
     /// [`MAX_GENERATED_BYTES`] bytes, as Standard Webhooks asks.
     #[error("a generated secret has 24 to 64 bytes, not {0}")]
     InvalidLength(usize),
+    /// A `whsk_` key must be the base64 of a 64-byte ed25519 key pair whose second half is the
+    /// public key of its first, or of a 32-byte seed.
+    #[error("the `whsk_` key is not the base64 of an ed25519 key pair (64 bytes) or seed (32 bytes)")]
+    InvalidSigningKey,
+    /// A `whpk_` key must be the base64 of a valid 32-byte ed25519 public key.
+    #[error("the `whpk_` key is not the base64 of a valid 32-byte ed25519 public key")]
+    InvalidPublicKey,
+    /// A `whpk_` public key verifies `v1a` signatures; it cannot make them.
+    #[error("a `whpk_` public key can verify but not sign; sign with the `whsk_` key")]
+    PublicKeyCannotSign,
+    /// `whsk_` / `whpk_` keys need the `v1a` feature of apalis-webhooks-verify.
+    #[error("ed25519 (`whsk_`/`whpk_`) keys need the `v1a` feature of apalis-webhooks-verify")]
+    V1aDisabled,
+    /// An ed25519 key was given to a scheme other than Standard Webhooks, or an HMAC secret
+    /// where an ed25519 key is needed.
+    #[error("ed25519 (`whsk_`/`whpk_`) keys sign and verify Standard Webhooks `v1a` only")]
+    WrongKeyKind,
+}
+
+/// The key a secret yields for Standard Webhooks.
+pub(crate) enum StandardKey {
+    /// `v1`: HMAC-SHA256 with these bytes.
+    Hmac(zeroize::Zeroizing<Vec<u8>>),
+    /// `v1a`: signs (and verifies with its public key).
+    #[cfg(feature = "v1a")]
+    Signing(Box<ed25519_dalek::SigningKey>),
+    /// `v1a`: verifies only.
+    #[cfg(feature = "v1a")]
+    Public(ed25519_dalek::VerifyingKey),
 }
 
 /// Fewest decoded key bytes of a Standard Webhooks secret that a sender accepts without
@@ -185,9 +223,76 @@ impl Secret {
         Self::new(format!("{WHSEC_PREFIX}{}", STANDARD.encode(&key[..bytes])))
     }
 
-    /// The HMAC key for Standard Webhooks: the decoded base64 after `whsec_` (raw bytes as
-    /// they are). It exposes the key: keep it out of logs.
-    pub fn standard_key(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
+    /// A fresh Standard Webhooks `v1a` signing key, `whsk_` and the base64 of an ed25519 key
+    /// pair (seed from the operating system's CSPRNG, then its public key), as Svix writes it.
+    /// Keep it with the sender; give the receiver [`v1a_public_key`](Self::v1a_public_key).
+    ///
+    /// ```
+    /// use apalis_webhooks_verify::Secret;
+    ///
+    /// let signing = Secret::generate_v1a();
+    /// let public = signing.v1a_public_key()?; // "whpk_…": safe to publish
+    /// assert!(public.starts_with("whpk_"));
+    /// # Ok::<_, apalis_webhooks_verify::SecretError>(())
+    /// ```
+    #[cfg(feature = "v1a")]
+    pub fn generate_v1a() -> Self {
+        Self::new(crate::ed25519::generate().as_str())
+    }
+
+    /// The `whpk_…` public key of a `whsk_…` signing key (a `whpk_…` key gives itself): what
+    /// a receiver needs to verify `v1a` signatures, and cannot sign with.
+    pub fn v1a_public_key(&self) -> Result<String, SecretError> {
+        match self.standard()? {
+            StandardKey::Hmac(_) => Err(SecretError::WrongKeyKind),
+            #[cfg(feature = "v1a")]
+            StandardKey::Signing(key) => Ok(crate::ed25519::public_text(&key.verifying_key())),
+            #[cfg(feature = "v1a")]
+            StandardKey::Public(key) => Ok(crate::ed25519::public_text(&key)),
+        }
+    }
+
+    /// The key this secret yields for Standard Webhooks: HMAC bytes, or an ed25519 key for a
+    /// `whsk_` / `whpk_` text.
+    pub(crate) fn standard(&self) -> Result<StandardKey, SecretError> {
+        if let Material::Text(text) = &*self.material {
+            let text = text.expose_secret();
+            if let Some(encoded) = text.strip_prefix(WHSK_PREFIX) {
+                #[cfg(feature = "v1a")]
+                return crate::ed25519::signing_key(encoded).map(|key| StandardKey::Signing(Box::new(key)));
+                #[cfg(not(feature = "v1a"))]
+                return {
+                    let _ = encoded;
+                    Err(SecretError::V1aDisabled)
+                };
+            }
+            if let Some(encoded) = text.strip_prefix(WHPK_PREFIX) {
+                #[cfg(feature = "v1a")]
+                return crate::ed25519::verifying_key(encoded).map(StandardKey::Public);
+                #[cfg(not(feature = "v1a"))]
+                return {
+                    let _ = encoded;
+                    Err(SecretError::V1aDisabled)
+                };
+            }
+        }
+        self.standard_key().map(StandardKey::Hmac)
+    }
+
+    /// Whether this is an ed25519 (`whsk_` / `whpk_`) key, whatever the features.
+    fn is_ed25519_text(&self) -> bool {
+        match &*self.material {
+            Material::Text(text) => {
+                let text = text.expose_secret();
+                text.starts_with(WHSK_PREFIX) || text.starts_with(WHPK_PREFIX)
+            }
+            Material::Bytes(_) => false,
+        }
+    }
+
+    /// The HMAC key for Standard Webhooks `v1`: the decoded base64 after `whsec_` (raw bytes as
+    /// they are).
+    fn standard_key(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
         let key = match &*self.material {
             Material::Bytes(bytes) => bytes.expose_secret().to_vec(),
             Material::Text(text) => {
@@ -206,6 +311,10 @@ impl Secret {
     /// The HMAC key for the Stripe and GitHub styles: the secret's own bytes. It exposes the
     /// key: keep it out of logs.
     pub fn literal_key(&self) -> Result<&[u8], SecretError> {
+        // An ed25519 key's text is not an HMAC key someone meant to share.
+        if self.is_ed25519_text() {
+            return Err(SecretError::WrongKeyKind);
+        }
         let key = match &*self.material {
             Material::Bytes(bytes) => bytes.expose_secret(),
             Material::Text(text) => text.expose_secret().as_bytes(),

@@ -84,6 +84,8 @@ pub struct Endpoint {
     tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     disabled_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    envelope: bool,
 }
 
 impl Endpoint {
@@ -116,7 +118,15 @@ impl Endpoint {
             rate_limit: None,
             tenant: None,
             disabled_reason: None,
+            envelope: false,
         }
+    }
+
+    /// Sends this endpoint's payloads inside the signed Standard Webhooks envelope (see
+    /// [`WebhookSubscription::envelope`]).
+    pub fn envelope(mut self) -> Self {
+        self.envelope = true;
+        self
     }
 
     /// Adds an event filter (`user.created`, `user.*`, `*`). The first call replaces the
@@ -265,6 +275,9 @@ impl Endpoint {
         for (name, value) in &self.headers {
             subscription = subscription.header(name.clone(), value.clone());
         }
+        if self.envelope {
+            subscription = subscription.envelope();
+        }
         if let Some(limit) = self.rate_limit {
             subscription = subscription
                 .rate_limit_key(format!("endpoint:{}", self.id))
@@ -287,6 +300,7 @@ impl fmt::Debug for Endpoint {
             .field("rate_limit", &self.rate_limit)
             .field("tenant", &self.tenant)
             .field("disabled_reason", &self.disabled_reason)
+            .field("envelope", &self.envelope)
             .finish_non_exhaustive()
     }
 }

@@ -2,6 +2,9 @@
 
 mod github;
 mod standard;
+
+#[cfg(feature = "v1a")]
+pub use standard::MAX_V1A_SIGNATURES;
 mod stripe;
 
 use std::time::Duration;
@@ -12,7 +15,7 @@ use sha2::Sha256;
 
 pub use crate::headers::{GITHUB_SIGNATURE, STRIPE_SIGNATURE, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
 use crate::{
-    secret::{MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError, WeakSecret},
+    secret::{MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError, StandardKey, WeakSecret},
     verifier::VerifyError,
 };
 
@@ -22,8 +25,9 @@ use crate::{
 #[non_exhaustive]
 pub enum SignatureScheme {
     /// [Standard Webhooks](https://www.standardwebhooks.com/): `webhook-id`, `webhook-timestamp`
-    /// and `webhook-signature: v1,<base64>` (one per secret, space separated) over
-    /// `{id}.{timestamp}.{body}`.
+    /// and `webhook-signature` over `{id}.{timestamp}.{body}`: `v1,<base64 HMAC-SHA256>` per
+    /// `whsec_` secret and (feature `v1a`) `v1a,<base64 ed25519>` per `whsk_` key, space
+    /// separated, so one header can carry both during a migration.
     #[default]
     Standard,
     /// Stripe style: `<header>: t=<timestamp>,v1=<hex>` (one `v1` per secret) over
@@ -74,15 +78,31 @@ impl SignatureScheme {
         }
     }
 
-    /// Checks that every secret yields a key for this scheme.
+    /// Checks that every secret yields a key for this scheme, to verify with: a `whpk_` public
+    /// key passes (Standard Webhooks, feature `v1a`).
     pub fn check_secrets(&self, secrets: &[Secret]) -> Result<(), SecretError> {
         if secrets.is_empty() {
             return Err(SecretError::Empty);
         }
         for secret in secrets {
             match self {
-                Self::Standard => drop(secret.standard_key()?),
+                Self::Standard => drop(secret.standard()?),
                 Self::Stripe { .. } | Self::GitHub { .. } => drop(secret.literal_key()?),
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`check_secrets`](Self::check_secrets), for a sender: every secret must also be able
+    /// to sign, so a `whpk_` public key is refused ([`SecretError::PublicKeyCannotSign`]).
+    pub fn check_signing_secrets(&self, secrets: &[Secret]) -> Result<(), SecretError> {
+        self.check_secrets(secrets)?;
+        #[cfg(feature = "v1a")]
+        if matches!(self, Self::Standard) {
+            for secret in secrets {
+                if let crate::secret::StandardKey::Public(_) = secret.standard()? {
+                    return Err(SecretError::PublicKeyCannotSign);
+                }
             }
         }
         Ok(())
@@ -90,14 +110,16 @@ impl SignatureScheme {
 
     /// Checks that every secret (each one, during rotation) has a key long enough for this
     /// scheme: [`MIN_STANDARD_KEY_BYTES`] decoded bytes for Standard Webhooks,
-    /// [`MIN_LITERAL_KEY_BYTES`] for the Stripe and GitHub styles, unless the secret was marked
+    /// [`MIN_LITERAL_KEY_BYTES`] for the Stripe and GitHub styles (an ed25519 key is always
+    /// strong enough), unless the secret was marked
     /// with [`Secret::allow_weak`]. A secret that yields no key at all is left to
     /// [`check_secrets`](Self::check_secrets).
     pub fn check_strength(&self, secrets: &[Secret]) -> Result<(), WeakSecret> {
         for secret in secrets.iter().filter(|s| !s.is_weak_allowed()) {
             match self {
                 Self::Standard => {
-                    if let Ok(key) = secret.standard_key() {
+                    // ed25519 keys have one size, and every one of them is strong.
+                    if let Ok(StandardKey::Hmac(key)) = secret.standard() {
                         secret.check_len("standard", MIN_STANDARD_KEY_BYTES, key.len())?;
                     }
                 }
