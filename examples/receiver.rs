@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! cargo run --release --example receiver -- --listen 127.0.0.1:PORT --secret SECRET [--scheme standard|stripe|github]
+//! cargo run --release --example receiver -- --generate-key v1|v1a
 //! ```
+//!
+//! `SECRET` is a `whsec_…` secret (Standard Webhooks `v1`), a `whpk_…` public key (`v1a`,
+//! ed25519: give the sender the matching `whsk_…`), or the shared string of the Stripe and GitHub
+//! styles. `--generate-key` prints a fresh secret (`v1`) or key pair (`v1a`) and exits.
 //!
 //! `POST /webhook` answers 204 for a valid signature (timestamp within ±5 minutes where the
 //! scheme has one) and 401 for a missing, invalid, tampered or stale signature, or (standard
@@ -10,7 +15,7 @@
 
 use std::{net::SocketAddr, process::ExitCode};
 
-use apalis_webhooks::{SignatureScheme, verify::Verifier};
+use apalis_webhooks::{Secret, SignatureScheme, verify::Verifier};
 use axum::{
     Router,
     body::Bytes,
@@ -19,7 +24,7 @@ use axum::{
     routing::post,
 };
 
-const USAGE: &str = "usage: receiver --listen ADDR --secret SECRET [--scheme standard|stripe|github]";
+const USAGE: &str = "usage: receiver --listen ADDR --secret SECRET [--scheme standard|stripe|github]\n       receiver --generate-key v1|v1a";
 
 struct Args {
     listen: SocketAddr,
@@ -55,6 +60,32 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
+/// Prints a fresh key for the operator: the one place a key is meant to be shown.
+fn generate_key(kind: Option<&str>) -> ExitCode {
+    match kind {
+        Some("v1") => println!(
+            "secret (both sides): {}",
+            Secret::generate().expose_text().unwrap_or_default()
+        ),
+        Some("v1a") => {
+            let signing = Secret::generate_v1a();
+            println!(
+                "sender (whsk_, keep secret): {}",
+                signing.expose_text().unwrap_or_default()
+            );
+            println!(
+                "receiver (whpk_, public):    {}",
+                signing.v1a_public_key().unwrap_or_default()
+            );
+        }
+        _ => {
+            eprintln!("--generate-key needs v1 or v1a\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 async fn webhook(State(verifier): State<Verifier>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
     let event = headers
         .get(apalis_webhooks::EVENT_HEADER)
@@ -86,6 +117,9 @@ async fn webhook(State(verifier): State<Verifier>, headers: HeaderMap, body: Byt
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--generate-key") {
+        return generate_key(std::env::args().nth(2).as_deref());
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(error) => {
@@ -115,7 +149,9 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("listening on http://{}/webhook ({:?})", args.listen, args.scheme);
+    // The bound address, so `--listen 127.0.0.1:0` tells which port it got.
+    let bound = listener.local_addr().map_or(args.listen, |addr| addr);
+    println!("listening on http://{bound}/webhook ({:?})", args.scheme);
     match axum::serve(listener, app).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

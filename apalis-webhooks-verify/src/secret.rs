@@ -196,6 +196,16 @@ impl Secret {
         Err(WeakSecret { scheme, min_bytes, len })
     }
 
+    /// The text this secret was made from (`whsec_…`, `whsk_…`, a shared string), to hand to a
+    /// receiver or write to your own secret storage; `None` for a secret made from raw bytes.
+    /// It exposes the secret: keep it out of logs.
+    pub fn expose_text(&self) -> Option<&str> {
+        match &*self.material {
+            Material::Text(text) => Some(text.expose_secret()),
+            Material::Bytes(_) => None,
+        }
+    }
+
     /// A secret from raw key bytes.
     pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
         let bytes: Vec<u8> = bytes.into();

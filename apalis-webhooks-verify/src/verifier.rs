@@ -168,9 +168,9 @@ pub fn verify(
     secrets: &[Secret],
     tolerance: Duration,
 ) -> Result<Verified, VerifyError> {
-    verify_with(
+    check(
         &SignatureScheme::Standard,
-        headers,
+        &|name| headers.get(name).map(http::HeaderValue::as_bytes),
         body,
         secrets,
         tolerance,
@@ -178,23 +178,25 @@ pub fn verify(
     )
 }
 
-fn verify_with(
+/// Verifies with headers looked up by lowercase name, whatever the HTTP library.
+fn check<'h>(
     scheme: &SignatureScheme,
-    headers: &HeaderMap,
+    header: &dyn Fn(&str) -> Option<&'h [u8]>,
     body: &[u8],
     secrets: &[Secret],
     tolerance: Duration,
     now: i64,
 ) -> Result<Verified, VerifyError> {
+    // What `HeaderValue::to_str` accepts: visible ASCII and tabs, checked here for every
+    // library's header type.
     let lookup = |name: &str| {
-        let value = headers.get(name)?;
+        let value = header(name)?;
         let name = static_name(name);
-        if value.len() > MAX_HEADER_LEN {
+        if value.len() > MAX_HEADER_LEN || !value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
             return Some(Err(VerifyError::InvalidHeader(name)));
         }
         Some(
-            value
-                .to_str()
+            std::str::from_utf8(value)
                 .map(str::to_owned)
                 .map_err(|_| VerifyError::InvalidHeader(name)),
         )
@@ -315,9 +317,48 @@ impl Verifier {
         self.verify_at(headers, body, unix_now()).await
     }
 
+    /// As [`verify`](Self::verify), for any HTTP library: `header` returns the value of a
+    /// header by its lowercase name (`webhook-id`, …), as bytes.
+    ///
+    /// ```
+    /// # futures::executor::block_on(async {
+    /// use std::collections::HashMap;
+    /// use apalis_webhooks_verify::{VerifyError, Verifier};
+    ///
+    /// let verifier = Verifier::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    /// // Whatever your framework's request type is: a map from lowercase names here.
+    /// let headers: HashMap<&str, &str> = HashMap::from([("webhook-id", "msg_1")]);
+    /// let result = verifier
+    ///     .verify_with(|name| headers.get(name).map(|v| v.as_bytes()), b"{}")
+    ///     .await;
+    /// assert_eq!(result, Err(VerifyError::MissingHeader("webhook-timestamp")));
+    /// # });
+    /// ```
+    pub async fn verify_with<'h>(
+        &self,
+        header: impl Fn(&str) -> Option<&'h [u8]>,
+        body: &[u8],
+    ) -> Result<Verified, VerifyError> {
+        let now = unix_now();
+        let verified = check(&self.scheme, &header, body, &self.secrets, self.tolerance, now)?;
+        self.remember(verified, body, now).await
+    }
+
     /// As [`verify`](Self::verify), with `now` in Unix seconds (for tests and replays of logs).
     pub async fn verify_at(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<Verified, VerifyError> {
-        let verified = verify_with(&self.scheme, headers, body, &self.secrets, self.tolerance, now)?;
+        let verified = check(
+            &self.scheme,
+            &|name| headers.get(name).map(http::HeaderValue::as_bytes),
+            body,
+            &self.secrets,
+            self.tolerance,
+            now,
+        )?;
+        self.remember(verified, body, now).await
+    }
+
+    /// With a replay store, checks and remembers a verified message.
+    async fn remember(&self, verified: Verified, body: &[u8], now: i64) -> Result<Verified, VerifyError> {
         // Only a genuine message is remembered, so forged requests cannot fill the store or
         // block real ones.
         let Some(replay) = &self.replay else {

@@ -285,3 +285,30 @@ fn secrets_never_print() {
         assert!(!text.contains("MfKQ9r8G"), "{text}");
     }
 }
+
+#[tokio::test]
+async fn any_http_library_verifies_through_a_header_lookup() {
+    let secret = Secret::generate();
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let signed = SignatureScheme::Standard
+        .sign("msg_lookup", t, b"{}", std::slice::from_ref(&secret))
+        .unwrap();
+    let verifier = Verifier::new(secret).unwrap();
+    // A plain list of pairs stands in for another framework's header type.
+    fn lookup<'h>(pairs: &'h [(String, String)]) -> impl Fn(&str) -> Option<&'h [u8]> {
+        |name| pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_bytes())
+    }
+    let verified = verifier.verify_with(lookup(&signed), b"{}").await.unwrap();
+    assert_eq!(verified.webhook_id(), Some("msg_lookup"));
+    assert_eq!(
+        verifier.verify_with(lookup(&signed), b"{ }").await,
+        Err(VerifyError::NoMatchingSignature)
+    );
+    // Bytes `HeaderValue::to_str` would refuse are refused here too, whatever the library let in.
+    let mut control = signed.clone();
+    control[0].1.push('\u{1}');
+    assert_eq!(
+        verifier.verify_with(lookup(&control), b"{}").await,
+        Err(VerifyError::InvalidHeader("webhook-id"))
+    );
+}

@@ -30,8 +30,14 @@ fuzz_target!(|data: &[u8]| {
         1 => SignatureScheme::stripe(),
         _ => SignatureScheme::github(),
     };
-    let secret = match selector & 0x80 {
-        0 => Secret::new(String::from_utf8_lossy(secret).into_owned()),
+    // Bits 0x40 and 0x20 make the secret field an ed25519 key (`v1a`): a `whsk_` signing key
+    // (the oracle below signs with it) or a `whpk_` public key (verify only, no oracle), from
+    // whatever bytes the fuzzer chose, so key parsing is fuzzed too.
+    let public_key = selector & 0x60 == 0x20;
+    let secret = match selector & 0x60 {
+        0x40 | 0x60 => Secret::new(format!("whsk_{}", STANDARD.encode(secret))),
+        0x20 => Secret::new(format!("whpk_{}", STANDARD.encode(secret))),
+        _ if selector & 0x80 == 0 => Secret::new(String::from_utf8_lossy(secret).into_owned()),
         _ => Secret::from_bytes(secret.to_vec()),
     };
     let mut headers = HeaderMap::new();
@@ -64,7 +70,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(verified) = result else {
         return;
     };
+    if public_key {
+        return;
+    }
     // Accepted: the MAC of this message under this secret must be among the header's candidates.
+    // For `v1a` that is the deterministic ed25519 signature: another valid one would need the
+    // private key, which random mutation does not find.
     let signed = scheme
         .sign(
             verified.webhook_id().unwrap_or_default(),
@@ -85,7 +96,7 @@ fn macs(scheme: &SignatureScheme, value: &str) -> Vec<Vec<u8>> {
     match scheme {
         SignatureScheme::Standard => value
             .split(' ')
-            .filter_map(|entry| entry.strip_prefix("v1,"))
+            .filter_map(|entry| entry.strip_prefix("v1,").or_else(|| entry.strip_prefix("v1a,")))
             .filter_map(|sig| STANDARD.decode(sig).ok())
             .collect(),
         SignatureScheme::Stripe { .. } => value
