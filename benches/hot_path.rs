@@ -69,6 +69,48 @@ async fn main() {
     }
     report("sign 1 KiB (Standard Webhooks, one secret)", started);
 
+    let v1a = [Secret::generate_v1a()];
+    let started = Instant::now();
+    for _ in 0..ITERATIONS {
+        black_box(
+            SignatureScheme::Standard
+                .sign("msg_1", 1_700_000_000, black_box(job.body()), &v1a)
+                .unwrap(),
+        );
+    }
+    report("sign 1 KiB v1a (ed25519)", started);
+
+    // The receiver's side: a fresh timestamp, so the default tolerance accepts it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (what, signing_key, verifying_key) in [
+        (
+            "verify 1 KiB v1 (Verifier, no replay store)",
+            secrets[0].clone(),
+            secrets[0].clone(),
+        ),
+        (
+            "verify 1 KiB v1a by whpk_ (Verifier, no replay store)",
+            v1a[0].clone(),
+            Secret::new(v1a[0].v1a_public_key().unwrap()),
+        ),
+    ] {
+        let headers: http::HeaderMap = SignatureScheme::Standard
+            .sign("msg_1", now, job.body(), &[signing_key])
+            .unwrap()
+            .into_iter()
+            .map(|(name, value)| (name.parse::<http::HeaderName>().unwrap(), value.parse().unwrap()))
+            .collect();
+        let verifier = apalis_webhooks::verify::Verifier::new(verifying_key).unwrap();
+        let started = Instant::now();
+        for _ in 0..ITERATIONS {
+            black_box(verifier.verify(&headers, black_box(job.body())).await.unwrap());
+        }
+        report(what, started);
+    }
+
     let policy = DeliveryPolicy::default();
     let results = [204u16, 429, 503, 410, 400].map(|status| AttemptResult::Response {
         status,

@@ -29,6 +29,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "axum", feature = "redis", feature = "v1a"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(feature = "v1a")]
 mod ed25519;
 mod envelope;
