@@ -420,7 +420,7 @@ impl VerifierBuilder {
         self
     }
 
-    /// Rejects replays with a [`MemoryReplayStore`] of its own ([`DEFAULT_REPLAY_CAPACITY`]
+    /// Rejects replays with a [`MemoryReplayStore`] of its own ([`DEFAULT_REPLAY_CAPACITY`](crate::DEFAULT_REPLAY_CAPACITY)
     /// entries). It protects this process only; replicas need
     /// [`replay_store`](Self::replay_store) with a shared store.
     pub fn reject_replays(self) -> Self {
