@@ -76,7 +76,7 @@ mod worker;
 
 pub use apalis_webhooks_verify::{
     MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHSEC_PREFIX, WeakSecret, generate_secret,
+    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret, generate_secret,
 };
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;

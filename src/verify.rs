@@ -6,8 +6,9 @@
 #[cfg(feature = "redis")]
 pub use apalis_webhooks_verify::RedisReplayStore;
 pub use apalis_webhooks_verify::{
-    BoxFuture, DEFAULT_REPLAY_CAPACITY, DEFAULT_TOLERANCE, MAX_HEADER_LEN, MemoryReplayStore, ReplayKey, ReplayStore,
-    ReplayStoreError, Verified, Verifier, VerifierBuilder, VerifierError, VerifyError, verify,
+    BoxFuture, DEFAULT_REPLAY_CAPACITY, DEFAULT_TOLERANCE, Envelope, MAX_HEADER_LEN, MAX_V1A_SIGNATURES,
+    MemoryReplayStore, ReplayKey, ReplayStore, ReplayStoreError, Verified, Verifier, VerifierBuilder, VerifierError,
+    VerifyError, verify,
 };
 #[cfg(feature = "axum")]
 pub use apalis_webhooks_verify::{VerifiedWebhook, WebhookRejection};

@@ -5,7 +5,8 @@
 //! on its own so that a service that only *receives* webhooks does not build a job queue, an
 //! HTTP client or a TLS stack. It holds the secrets, the pure sign and verify functions of every
 //! scheme, the header names, the [`Verifier`], the replay stores and (feature `axum`) the
-//! [`VerifiedWebhook`] extractor.
+//! `VerifiedWebhook` extractor. The README is the receiver's manual: every failure's status, the
+//! body limit, keys, and replay stores for several replicas.
 //!
 //! ```
 //! use apalis_webhooks_verify::{Verifier, VerifierError};
@@ -24,8 +25,9 @@
 //!
 //! # Features
 //!
-//! * `axum`: the [`VerifiedWebhook`] extractor.
-//! * `redis`: [`RedisReplayStore`], one replay memory for every replica of a receiver.
+//! * `axum`: the `VerifiedWebhook` extractor.
+//! * `v1a`: Standard Webhooks `v1a` (ed25519) signatures and `whsk_` / `whpk_` keys.
+//! * `redis`: `RedisReplayStore`, one replay memory for every replica of a receiver.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
