@@ -96,7 +96,7 @@ pub trait ReplayStore: fmt::Debug + Send + Sync + 'static {
 /// When the store is full of unexpired entries it refuses new messages with
 /// [`ReplayStoreError::Full`] rather than forget one, which would let that message's replay in.
 /// It protects one process only: replicas behind a load balancer need a shared store such as
-/// [`RedisReplayStore`]. `Debug` shows counts only.
+/// `RedisReplayStore` (feature `redis`). `Debug` shows counts only.
 #[derive(Clone)]
 pub struct MemoryReplayStore {
     capacity: usize,
