@@ -92,7 +92,7 @@ pub use record::AttemptRecord;
 pub use retry::RetrySchedule;
 pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
 pub use signing::{SignatureScheme, SigningLayer, SigningService};
-pub use sink::{Deferral, WebhookSink};
+pub use sink::{Deferral, TaskSinkAdapter, WebhookSink};
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{
     Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,

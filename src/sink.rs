@@ -14,8 +14,12 @@ use crate::job::WebhookJob;
 /// the webhook's own [`DeliveryPolicy`](crate::DeliveryPolicy), not by this.
 pub(crate) const INFRA_MAX_ATTEMPTS: u32 = 25;
 
-/// Somewhere webhook jobs can be pushed: every apalis backend that stores [`WebhookJob`]s (through
-/// its [`TaskSink`]), and [`memory::MemorySink`](crate::backend::memory::MemorySink).
+/// Somewhere webhook jobs can be pushed: SQLite's storage, the crate's
+/// [`PostgresSink`](crate::backend::postgres::PostgresSink) (and its
+/// [`InTransaction`](crate::backend::postgres::InTransaction)),
+/// [`RedisSink`](crate::backend::redis::RedisSink) and
+/// [`MemorySink`](crate::backend::memory::MemorySink); any other apalis backend through
+/// [`TaskSinkAdapter`].
 ///
 /// [`WebhookSubscription::dispatch`](crate::WebhookSubscription::dispatch) pushes the first attempt
 /// through it, and the worker the next attempt after a retryable failure. `K` is the backend's
@@ -95,7 +99,29 @@ pub enum Deferral {
     Pushed,
 }
 
-impl<S, K> WebhookSink<K> for S
+/// Any other apalis backend that stores [`WebhookJob`]s, as a [`WebhookSink`]: jobs are pushed
+/// through its [`TaskSink`].
+///
+/// This is a deliberate choice, which is why it needs the wrapper: such a push is not known to be
+/// idempotent (a dispatch retried after an unknown outcome may store the delivery twice), and a
+/// deferral stores a new task rather than move the running one. SQLite's storage, and the
+/// crate's [`PostgresSink`](crate::backend::postgres::PostgresSink),
+/// [`RedisSink`](crate::backend::redis::RedisSink) and
+/// [`MemorySink`](crate::backend::memory::MemorySink), do better: use them for those backends.
+/// A plain `PostgresStorage` or `RedisStorage` is not a sink, so it cannot be used by mistake:
+///
+/// ```compile_fail
+/// # async fn f(mut storage: apalis_webhooks::backend::postgres::PostgresStorage<apalis_webhooks::WebhookJob>) {
+/// use apalis_webhooks::WebhookSubscription;
+/// let subscription = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::generate_secret());
+/// // error: `PostgresStorage` is not a `WebhookSink`; use `postgres::PostgresSink`
+/// subscription.dispatch(&mut storage, "order.created", &1).await;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TaskSinkAdapter<S>(pub S);
+
+impl<S, K> WebhookSink<K> for TaskSinkAdapter<S>
 where
     S: TaskSink<WebhookJob, K> + Send + 'static,
     S::Error: std::error::Error + Send + Sync + 'static,
@@ -107,61 +133,17 @@ where
         job: WebhookJob,
         run_at: Option<u64>,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        self.push_task(task(job, run_at))
-    }
-
-    fn defer_task(
-        &mut self,
-        task_id: &str,
-        job: WebhookJob,
-        run_at: u64,
-        result: &str,
-    ) -> impl Future<Output = Result<Deferral, Self::Error>> + Send {
-        // apalis-sqlite's storage is the embedded default, used as the worker's sink as it is:
-        // its rows can be moved in place. Any other apalis storage gets a new task per deferral.
-        #[cfg(feature = "sqlite")]
-        let sqlite = (self as &mut dyn std::any::Any)
-            .downcast_mut::<apalis_sqlite::SqliteStorage<WebhookJob>>()
-            .map(|storage| storage.pool().clone());
-        #[cfg(not(feature = "sqlite"))]
-        let sqlite: Option<()> = None;
-        let (task_id, result) = (task_id.to_owned(), result.to_owned());
-        async move {
-            #[cfg(feature = "sqlite")]
-            if let Some(pool) = sqlite {
-                return crate::backend::sqlite::defer_task(&pool, &task_id, &job, run_at, &result)
-                    .await
-                    .map_err(as_push_error);
-            }
-            let _ = (sqlite, task_id, result);
-            self.push_task(task(job, Some(run_at))).await?;
-            Ok(Deferral::Pushed)
-        }
+        self.0.push_task(task(job, run_at))
     }
 
     fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl Future<Output = Result<(), Self::Error>> + Send {
-        // Through the backend's buffered sink: apalis-sqlite writes the batch in one flush.
         let tasks = futures::stream::iter(jobs.into_iter().map(|job| task(job, None)));
-        async move { self.push_all(tasks).await }
-    }
-}
-
-/// `error` as the push error of a sink whose error type it is (checked at run time: the
-/// blanket impl cannot name it); as a codec error otherwise, which never happens.
-#[cfg(feature = "sqlite")]
-fn as_push_error<E: std::error::Error + Send + Sync + 'static, P: 'static>(error: E) -> TaskSinkError<P> {
-    let boxed: Box<dyn std::any::Any> = Box::new(error);
-    match boxed.downcast::<P>() {
-        Ok(error) => TaskSinkError::PushError(*error),
-        Err(boxed) => match boxed.downcast::<E>() {
-            Ok(error) => TaskSinkError::CodecError(error),
-            Err(_) => TaskSinkError::CodecError("the backend failed".into()),
-        },
+        async move { self.0.push_all(tasks).await }
     }
 }
 
 /// The apalis task of one job: its idempotency key, apalis's own attempt limit, its due time.
-fn task(job: WebhookJob, run_at: Option<u64>) -> apalis_core::task::Task<WebhookJob> {
+pub(crate) fn task(job: WebhookJob, run_at: Option<u64>) -> apalis_core::task::Task<WebhookJob> {
     let key = job.idempotency_key();
     let mut task = TaskBuilder::new(job)
         .idempotency_key(key)

@@ -5,8 +5,54 @@ use std::{str::FromStr, time::Duration};
 
 pub use apalis_sqlite::{Config, Error, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteStorage};
 
+use apalis_core::backend::{TaskSink, TaskSinkError};
+
 use super::Rearmed;
-use crate::{job::WebhookJob, sink::Deferral, worker::DEFAULT_POLL_INTERVAL};
+use crate::{
+    job::WebhookJob,
+    sink::{Deferral, WebhookSink, task},
+    worker::DEFAULT_POLL_INTERVAL,
+};
+
+/// The kind marker of SQLite's [`WebhookSink`]: apalis-sqlite's own storage.
+#[derive(Debug)]
+pub enum Sqlite {}
+
+/// apalis-sqlite's storage is the SQLite sink as it is: its pushes carry the idempotency key,
+/// and a deferral moves the running row back to the queue in place.
+impl WebhookSink<Sqlite> for SqliteStorage<WebhookJob> {
+    type Error = TaskSinkError<Error>;
+
+    fn push_job(
+        &mut self,
+        job: WebhookJob,
+        run_at: Option<u64>,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        self.push_task(task(job, run_at))
+    }
+
+    fn defer_task(
+        &mut self,
+        task_id: &str,
+        job: WebhookJob,
+        run_at: u64,
+        result: &str,
+    ) -> impl std::future::Future<Output = Result<Deferral, Self::Error>> + Send {
+        let pool = self.pool().clone();
+        let (task_id, result) = (task_id.to_owned(), result.to_owned());
+        async move {
+            defer_task(&pool, &task_id, &job, run_at, &result)
+                .await
+                .map_err(TaskSinkError::PushError)
+        }
+    }
+
+    fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        // Through the backend's buffered sink: apalis-sqlite writes the batch in one flush.
+        let tasks = futures::stream::iter(jobs.into_iter().map(|job| task(job, None)));
+        async move { self.push_all(tasks).await }
+    }
+}
 
 /// Tasks fetched per query. apalis's default of 10 costs a round trip per ten deliveries.
 pub const DEFAULT_BATCH_SIZE: usize = 100;

@@ -139,7 +139,7 @@ impl Sqlite {
 }
 
 impl TestBackend for Sqlite {
-    type Marker = apalis_core::backend::finalize::Durable;
+    type Marker = sqlite::Sqlite;
     type Sink = sqlite::SqliteStorage<WebhookJob>;
 
     async fn open(test: &str) -> Option<Self> {
