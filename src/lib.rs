@@ -50,6 +50,17 @@
 //! The README has the tables of headers sent and of status → outcome, and the Security section.
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+/// The README's Rust snippets, each a complete function, compiled as doctests.
+#[cfg(all(
+    doctest,
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "redis",
+    feature = "axum"
+))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod backend;
 mod bounded;
 mod clock;

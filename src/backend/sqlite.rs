@@ -47,7 +47,10 @@ impl WebhookSink<Sqlite> for SqliteStorage<WebhookJob> {
         }
     }
 
-    fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+    fn push_jobs(
+        &mut self,
+        jobs: Vec<WebhookJob>,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
         // Through the backend's buffered sink: apalis-sqlite writes the batch in one flush.
         let tasks = futures::stream::iter(jobs.into_iter().map(|job| task(job, None)));
         async move { self.push_all(tasks).await }
