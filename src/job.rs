@@ -300,6 +300,7 @@ impl WebhookJob {
     }
 
     /// How often repair pushed this delivery again under fresh keys (0 as dispatched).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn repush(&self) -> u32 {
         self.repush
     }
@@ -375,6 +376,7 @@ pub(crate) fn task_key(webhook_id: &WebhookId, replay: u32, attempt: u32, repush
 
 /// The repush number of a task from its idempotency key ([`task_key`]): 0 without a `:p` part;
 /// `None` if the key is not one of this crate's.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn repush_of_key(key: &str) -> Option<u32> {
     let mut parts = key.split(':').skip(1);
     let mut repush = 0;

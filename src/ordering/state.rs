@@ -1,6 +1,8 @@
 //! What became of a line's head in the backend: [`RepairBackend`] reads the apalis tasks of a
 //! delivery (rows of `apalis.jobs`, or apalis-redis's task hashes) and [`decide`] turns them
 //! into a [`HeadState`].
+// Only the durable backends (Postgres, Redis) use most of this; without them it is kept compiling.
+#![cfg_attr(not(any(feature = "postgres", feature = "redis")), allow(dead_code, unused_variables))]
 
 use std::fmt;
 
@@ -26,9 +28,17 @@ enum Inner {
     Postgres(crate::backend::postgres::PostgresSink),
     #[cfg(feature = "redis")]
     Redis(Box<crate::backend::redis::RedisSink>),
+    /// Without a durable backend there is nothing to repair from, and no value of this type.
+    #[cfg(not(any(feature = "postgres", feature = "redis")))]
+    #[allow(dead_code)]
+    Unbuildable(std::convert::Infallible),
 }
 
 impl fmt::Debug for RepairBackend {
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "redis")),
+        allow(unreachable_code, unused_mut, unused_variables)
+    )]
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("RepairBackend");
         match &self.inner {
@@ -36,6 +46,8 @@ impl fmt::Debug for RepairBackend {
             Inner::Postgres(sink) => debug.field("postgres", sink),
             #[cfg(feature = "redis")]
             Inner::Redis(sink) => debug.field("redis", sink),
+            #[cfg(not(any(feature = "postgres", feature = "redis")))]
+            Inner::Unbuildable(never) => match *never {},
         };
         debug.finish()
     }
@@ -169,6 +181,8 @@ impl RepairBackend {
             Inner::Postgres(sink) => postgres::head_state(sink, head).await,
             #[cfg(feature = "redis")]
             Inner::Redis(sink) => redis::head_state(sink, head).await,
+            #[cfg(not(any(feature = "postgres", feature = "redis")))]
+            Inner::Unbuildable(never) => match *never {},
         }
     }
 
@@ -179,6 +193,8 @@ impl RepairBackend {
             Inner::Postgres(sink) => sink.clone().push_job(job, None).await.map_err(backend_error),
             #[cfg(feature = "redis")]
             Inner::Redis(sink) => sink.clone().push_job(job, None).await.map_err(backend_error),
+            #[cfg(not(any(feature = "postgres", feature = "redis")))]
+            Inner::Unbuildable(never) => match *never {},
         }
     }
 }

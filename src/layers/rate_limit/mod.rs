@@ -148,6 +148,7 @@ fn slowed(
 }
 
 /// A stored rate factor, read back within [`MIN_RATE_FACTOR`]`..=1` (unreadable: full rate).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(super) fn stored_factor(text: &str) -> f64 {
     match text.parse::<f64>() {
         Ok(factor) if factor.is_finite() => factor.clamp(MIN_RATE_FACTOR, 1.0),
