@@ -14,8 +14,8 @@ use apalis_webhooks::{
     backend::{Restarted, worker_name},
     sqlite::{self, SqliteStorage},
     ssrf::EgressPolicy,
-    verify::{VerifiedWebhook, Verifier},
 };
+use apalis_webhooks_verify::{VerifiedWebhook, Verifier};
 use axum::{Router, http::StatusCode, routing::post};
 use serde::{Deserialize, Serialize};
 

@@ -17,8 +17,9 @@ use apalis_webhooks::{
     backend::{Restarted, worker_name},
     sqlite,
     ssrf::EgressPolicy,
-    verify::{VerifiedWebhook, Verifier},
 };
+// The receiver's side: its own small crate, as a receiving service would use it.
+use apalis_webhooks_verify::{VerifiedWebhook, Verifier};
 use axum::{Router, extract::FromRef, http::StatusCode, routing::post};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;

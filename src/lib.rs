@@ -48,6 +48,7 @@
 //! ([`SecretStore`]) jobs carry a key id instead of their secrets.
 //!
 //! The README has the tables of headers sent and of status → outcome, and the Security section.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 /// The README's Rust snippets, each a complete function, compiled as doctests.
