@@ -62,6 +62,29 @@
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+/// The focused docs under `docs/`, their Rust snippets compiled as doctests like the README's.
+#[cfg(all(
+    doctest,
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "redis",
+    feature = "axum"
+))]
+pub mod docs {
+    #[doc = include_str!("../docs/operations.md")]
+    pub struct Operations;
+    #[doc = include_str!("../docs/security.md")]
+    pub struct Security;
+    #[doc = include_str!("../docs/fanout-and-ordering.md")]
+    pub struct FanOutAndOrdering;
+    #[doc = include_str!("../docs/observability.md")]
+    pub struct Observability;
+    #[doc = include_str!("../docs/performance.md")]
+    pub struct Performance;
+    #[doc = include_str!("../docs/apalis.md")]
+    pub struct Apalis;
+}
+
 pub mod backend;
 mod bounded;
 mod clock;

@@ -1,7 +1,10 @@
 //! What keeps a worker's side of a backend going through outages: capped backoff for calls
 //! that must succeed eventually, and a heartbeat that does not depend on the worker's loop.
 // Only the durable backends (Postgres, Redis) use most of this; without them it is kept compiling.
-#![cfg_attr(not(any(feature = "postgres", feature = "redis")), allow(dead_code, unused_variables))]
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "redis")),
+    allow(dead_code, unused_variables)
+)]
 
 use std::{
     collections::HashSet,

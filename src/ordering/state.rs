@@ -2,7 +2,10 @@
 //! delivery (rows of `apalis.jobs`, or apalis-redis's task hashes) and [`decide`] turns them
 //! into a [`HeadState`].
 // Only the durable backends (Postgres, Redis) use most of this; without them it is kept compiling.
-#![cfg_attr(not(any(feature = "postgres", feature = "redis")), allow(dead_code, unused_variables))]
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "redis")),
+    allow(dead_code, unused_variables)
+)]
 
 use std::fmt;
 
