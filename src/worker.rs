@@ -902,3 +902,7 @@ mod tests {
         assert_eq!(deferral_floor(u32::MAX), MAX_DEFERRAL_BACKOFF);
     }
 }
+
+#[cfg(test)]
+#[path = "worker_settle_tests.rs"]
+mod settle_tests;
