@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeliveryEvent, Secret, WebhookJob, WebhookSubscription, WebhookWorker,
-    backend::{Restarted, worker_name},
+    DEFAULT_POLL_INTERVAL, DeliveryEvent, Secret, WebhookJob, WebhookSubscription, WebhookWorker,
+    backend::worker_name,
     sqlite::{self, SqliteStorage},
     ssrf::EgressPolicy,
 };
@@ -96,20 +96,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register({
             let (emails, webhooks) = (emails.clone(), webhooks.clone());
             move |_| {
-                WorkerBuilder::new("emails")
+                WorkerBuilder::new(worker_name("emails"))
                     .backend(emails.clone().poll_with_interval(DEFAULT_POLL_INTERVAL))
                     .data(webhooks.clone())
                     .data(subscription.clone())
                     .build(send_welcome_email)
             }
         })
-        .register(move |restarts| {
-            // A unique name per process, and a capped backoff when the Monitor restarts it.
-            WorkerBuilder::new(worker_name("webhooks"))
-                .backend(Restarted::new(sqlite::polling(webhooks.clone()), restarts))
-                .concurrency(DEFAULT_CONCURRENCY)
-                .build(webhook_service.clone())
-        })
+        // A unique name per process start, and a capped backoff when the Monitor restarts it.
+        .register(move |restarts| sqlite::worker(&webhooks, restarts).build(webhook_service.clone()))
         // A worker a backend error stopped is started again (after the backoff above).
         .should_restart(|_, _| true)
         // A real app runs until Ctrl-C; this example stops once the webhook arrived.

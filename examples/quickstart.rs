@@ -13,10 +13,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DeliveryEvent, RetrySchedule, Secret, WebhookSubscription, WebhookWorker,
-    backend::{Restarted, worker_name},
-    sqlite,
-    ssrf::EgressPolicy,
+    DeliveryEvent, RetrySchedule, Secret, WebhookSubscription, WebhookWorker, sqlite, ssrf::EgressPolicy,
 };
 // The receiver's side: its own small crate, as a receiving service would use it.
 use apalis_webhooks_verify::{VerifiedWebhook, Verifier};
@@ -113,12 +110,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(
         Monitor::new()
-            .register(move |restarts| {
-                WorkerBuilder::new(worker_name("webhooks"))
-                    .backend(Restarted::new(sqlite::polling(worker_storage.clone()), restarts))
-                    .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
-                    .build(service.clone())
-            })
+            // A unique name per process start, polled every 100 ms, 64 deliveries in flight.
+            .register(move |restarts| sqlite::worker(&worker_storage, restarts).build(service.clone()))
             .should_restart(|_, _| true)
             .run_with_signal(async move {
                 let _ = stopped.await;

@@ -22,6 +22,27 @@ pub use worker_backend::{WorkerBackend, WorkerPersistence};
 /// which changes when the type moves.
 pub const QUEUE: &str = "apalis-webhooks";
 
+/// A worker builder configured as a webhook worker should be, from a backend module's `worker`
+/// function (`sqlite::worker`, `postgres::worker`, `redis::worker`): a name unique to this
+/// process start, the backend's worker backend (polling or listening), a concurrency limit, and
+/// a backoff before a restarted worker uses the backend again. Finish it with `.build(service)`.
+pub type WebhookWorkerBuilder<B> = apalis_core::worker::builder::WorkerBuilder<
+    crate::WebhookJob,
+    Restarted<B>,
+    tower::layer::util::Stack<tower::limit::ConcurrencyLimitLayer, tower::layer::util::Identity>,
+>;
+
+/// The worker builder every backend's `worker` function returns: unique name, backend,
+/// concurrency, restart backoff.
+pub(crate) fn webhook_worker<B>(backend: B, restarts: usize, concurrency: usize) -> WebhookWorkerBuilder<B>
+where
+    Restarted<B>: apalis_core::backend::Backend + apalis_core::backend::BackendConfig<Args = crate::WebhookJob>,
+{
+    apalis_core::worker::builder::WorkerBuilder::new(worker_name("webhooks"))
+        .backend(Restarted::new(backend, restarts))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency))
+}
+
 /// A worker name unique to this process: `{prefix}-{pid}-{random}`.
 ///
 /// The durable backends recover a dead worker's in-flight deliveries once its name stops sending

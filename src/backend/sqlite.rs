@@ -161,6 +161,33 @@ pub(crate) async fn defer_task(
     Ok(if moved == 0 { Deferral::Gone } else { Deferral::Moved })
 }
 
+/// The webhook worker's builder for `storage`'s queue: a name unique to this process start
+/// ([`worker_name`](super::worker_name)), [`polling`] every 100 ms,
+/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
+/// `Monitor` restarted (`restarts` > 0) a backoff before it uses the database again. Finish it
+/// with `.build(service)` inside `Monitor::register`:
+///
+/// ```no_run
+/// # async fn run(pool: apalis_webhooks::sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
+/// use apalis_core::monitor::Monitor;
+/// use apalis_webhooks::{WebhookWorker, sqlite};
+///
+/// let storage = sqlite::storage(&pool);
+/// let service = WebhookWorker::new(storage.clone()).service()?;
+/// Monitor::new()
+///     .register(move |restarts| sqlite::worker(&storage, restarts).build(service.clone()))
+///     .should_restart(|_, _| true)
+///     .run()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn worker(storage: &SqliteStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Polling> {
+    super::webhook_worker(polling(storage.clone()), restarts, crate::DEFAULT_CONCURRENCY)
+}
+
+/// The worker backend [`worker`] uses: the storage, polled.
+pub type Polling = PollWith<SqliteStorage<WebhookJob>, Rearmed<IntervalStrategy>>;
+
 /// `storage` polled every [`DEFAULT_POLL_INTERVAL`], for the worker: without it an idle apalis
 /// worker looks for new work only on its heartbeat.
 pub fn polling<T>(storage: SqliteStorage<T>) -> PollWith<SqliteStorage<T>, Rearmed<IntervalStrategy>> {

@@ -97,6 +97,33 @@ pub fn listening<T>(storage: PostgresStorage<T>) -> PollWith<PostgresBackend<T>,
     listening_with(storage, crate::DEFAULT_CONCURRENCY)
 }
 
+/// The webhook worker's builder for `storage`'s queue: a name unique to this process start
+/// ([`worker_name`](super::worker_name)), [`listening`] (woken by `NOTIFY`),
+/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
+/// `Monitor` restarted (`restarts` > 0) a backoff before it uses the database again. Finish it
+/// with `.build(service)` inside `Monitor::register`:
+///
+/// ```no_run
+/// # async fn run(pool: apalis_webhooks::backend::postgres::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// use apalis_core::monitor::Monitor;
+/// use apalis_webhooks::{WebhookWorker, backend::postgres};
+///
+/// let storage = postgres::storage(&pool);
+/// let service = WebhookWorker::new(postgres::PostgresSink::new(&storage)).service()?;
+/// Monitor::new()
+///     .register(move |restarts| postgres::worker(&storage, restarts).build(service.clone()))
+///     .should_restart(|_, _| true)
+///     .run()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn worker(storage: &PostgresStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Listening> {
+    super::webhook_worker(listening(storage.clone()), restarts, crate::DEFAULT_CONCURRENCY)
+}
+
+/// The worker backend [`worker`] uses.
+pub type Listening = PollWith<PostgresBackend<WebhookJob>, Rearmed<Strategy>>;
+
 /// As [`listening`], for a worker running `concurrency` deliveries at once (the number given
 /// to `WorkerBuilder::concurrency`): no more tasks are fetched than it has free slots.
 pub fn listening_with<T>(

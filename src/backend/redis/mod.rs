@@ -117,6 +117,33 @@ pub fn listening<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearm
     listening_with(storage, crate::DEFAULT_CONCURRENCY)
 }
 
+/// The webhook worker's builder for `storage`'s queue: a name unique to this process start
+/// ([`worker_name`](super::worker_name)), [`listening`],
+/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
+/// `Monitor` restarted (`restarts` > 0) a backoff before it uses Redis again. Finish it with
+/// `.build(service)` inside `Monitor::register`:
+///
+/// ```no_run
+/// # async fn run(conn: apalis_webhooks::backend::redis::ConnectionManager) -> Result<(), Box<dyn std::error::Error>> {
+/// use apalis_core::monitor::Monitor;
+/// use apalis_webhooks::{WebhookWorker, backend::redis};
+///
+/// let storage = redis::storage(conn);
+/// let service = WebhookWorker::new(redis::RedisSink::new(&storage)).service()?;
+/// Monitor::new()
+///     .register(move |restarts| redis::worker(&storage, restarts).build(service.clone()))
+///     .should_restart(|_, _| true)
+///     .run()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn worker(storage: &RedisStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Listening> {
+    super::webhook_worker(listening(storage.clone()), restarts, crate::DEFAULT_CONCURRENCY)
+}
+
+/// The worker backend [`worker`] uses.
+pub type Listening = PollWith<RedisBackend<WebhookJob>, Rearmed<StreamStrategy<Ticks>>>;
+
 /// As [`listening`], for a worker running `concurrency` deliveries at once (the number given
 /// to `WorkerBuilder::concurrency`): no more tasks are fetched than it has free slots.
 pub fn listening_with<T>(
