@@ -10,17 +10,13 @@
 //! ```no_run
 //! # async fn example(pool: apalis_webhooks::sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
 //! use apalis::prelude::*;
-//! use apalis_webhooks::{WebhookWorker, backend::{Restarted, worker_name}, sqlite};
+//! use apalis_webhooks::{WebhookWorker, sqlite};
 //!
 //! let storage = sqlite::storage(&pool);
 //! let service = WebhookWorker::new(storage.clone()).service()?;
 //! Monitor::new()
-//!     .register(move |restarts| {
-//!         WorkerBuilder::new(worker_name("webhooks"))
-//!             .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
-//!             .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
-//!             .build(service.clone())
-//!     })
+//!     // A unique name per process start, polling, 64 deliveries in flight: `sqlite::worker`.
+//!     .register(move |restarts| sqlite::worker(&storage, restarts).build(service.clone()))
 //!     // A worker a database error stopped starts again, after a capped backoff.
 //!     .should_restart(|_, _| true)
 //!     .run()
@@ -40,8 +36,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! On Postgres and Redis the same with `postgres::worker` / `redis::worker`, dispatching through
+//! `PostgresSink` / `RedisSink` (see [`backend`]).
+//!
 //! 3. Verify in the receiver with [`verify::verify`], [`verify::Verifier`] or the axum extractor
-//!    `verify::VerifiedWebhook`.
+//!    `verify::VerifiedWebhook`; a receiving service depends on the `apalis-webhooks-verify`
+//!    crate alone.
 //!
 //! Deliveries connect only to public addresses unless the worker's
 //! [`EgressPolicy`](ssrf::EgressPolicy) allows more (see [`ssrf`]); in secret-store mode

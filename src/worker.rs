@@ -298,19 +298,14 @@ impl Hooks {
 /// ```no_run
 /// # async fn example(pool: apalis_sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
 /// use apalis::prelude::*;
-/// use apalis_webhooks::{WebhookWorker, backend::{Restarted, worker_name}, sqlite};
+/// use apalis_webhooks::{WebhookWorker, sqlite};
 ///
 /// let storage = sqlite::storage(&pool);
 /// let service = WebhookWorker::new(storage.clone())
 ///     .on_endpoint_gone(|job| println!("disable the subscription for {}", job.url()))
 ///     .service()?;
 /// Monitor::new()
-///     .register(move |restarts| {
-///         WorkerBuilder::new(worker_name("webhooks"))
-///             .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
-///             .concurrency(apalis_webhooks::DEFAULT_CONCURRENCY)
-///             .build(service.clone())
-///     })
+///     .register(move |restarts| sqlite::worker(&storage, restarts).build(service.clone()))
 ///     .should_restart(|_, _| true)
 ///     .run()
 ///     .await?;

@@ -14,14 +14,12 @@
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use apalis::prelude::*;
-//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::{postgres, worker_name}};
+//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::postgres};
 //!
 //! let pool = postgres::connect("postgres://postgres@127.0.0.1/app").await?;
 //! let storage = postgres::storage(&pool);
 //! let sink = postgres::PostgresSink::new(&storage);
-//! let worker = WorkerBuilder::new(worker_name("webhooks"))
-//!     .backend(postgres::listening(storage))
-//!     .build(WebhookWorker::new(sink.clone()).service()?);
+//! let worker = postgres::worker(&storage, 0).build(WebhookWorker::new(sink.clone()).service()?);
 //!
 //! // The outbox pattern: the webhook exists if and only if the order does.
 //! let mut tx = pool.begin().await?;

@@ -19,14 +19,12 @@
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use apalis::prelude::*;
-//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::{redis, worker_name}};
+//! use apalis_webhooks::{WebhookSubscription, WebhookWorker, backend::redis};
 //!
 //! let conn = redis::connect("redis://127.0.0.1/").await?;
 //! let storage = redis::storage(conn);
 //! let sink = redis::RedisSink::new(&storage);
-//! let worker = WorkerBuilder::new(worker_name("webhooks"))
-//!     .backend(redis::listening(storage))
-//!     .build(WebhookWorker::new(sink.clone()).service()?);
+//! let worker = redis::worker(&storage, 0).build(WebhookWorker::new(sink.clone()).service()?);
 //! WebhookSubscription::new("https://example.com/hook", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
 //!     .dispatch(&mut sink.clone(), "order.created", &1)
 //!     .await?;
