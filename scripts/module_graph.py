@@ -20,7 +20,11 @@ def top_module(src, path):
 
 
 def graph(src):
-    modules = {top_module(src, os.path.join(src, e)) for e in os.listdir(src) if e != "lib.rs"}
+    modules = {
+        top_module(src, os.path.join(src, e))
+        for e in os.listdir(src)
+        if e != "lib.rs" and not e.endswith("_tests.rs")  # test files included with #[path]
+    }
     edges = {m: set() for m in modules}
     for root, _, files in os.walk(src):
         for name in files:
@@ -32,6 +36,8 @@ def graph(src):
             source = re.sub(r"//[^\n]*", "", source)
             source = source.split("#[cfg(test)]")[0]
             here = top_module(src, path)
+            if here not in modules:
+                continue
             names = set(re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", source))
             # `use crate::{a::X, b}` groups
             for group in re.findall(r"\bcrate::\{([^;]*?)\};", source, re.S):

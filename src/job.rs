@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use apalis_webhooks_verify::{Secret, SignatureScheme};
 
-use crate::{layers::Limit, policy::DeliveryPolicy, registry::EndpointId};
+use crate::{endpoint_id::EndpointId, limit::Limit, policy::DeliveryPolicy};
 
 /// The stable id of a delivery: `msg_` and a ULID.
 ///
@@ -339,7 +339,7 @@ impl fmt::Debug for WebhookJob {
             .field("event_type", &self.event_type)
             .field("endpoint_host", &self.endpoint_host())
             .field("body_bytes", &self.body.len())
-            .field("header_names", &crate::subscription::header_names(&self.headers))
+            .field("header_names", &crate::redact::header_names(&self.headers))
             .field("scheme", &self.scheme)
             .field("secrets", &self.secrets)
             .field("key_id", &self.key_id)

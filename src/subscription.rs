@@ -12,6 +12,7 @@ use crate::{
     layers::Limit,
     outcome::StatusSet,
     policy::DeliveryPolicy,
+    redact::{header_names, url_host},
     registry::EndpointId,
     retry::RetrySchedule,
     sink::WebhookSink,
@@ -472,19 +473,6 @@ fn enveloped(event_type: &str, body: &str) -> Result<String, DispatchError> {
     Ok(format!(
         r#"{{"type":{event_type},"timestamp":"{timestamp}","data":{body}}}"#
     ))
-}
-
-/// The host of `url` for `Debug` output: paths and queries often carry tokens.
-pub(crate) fn url_host(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|url| url.host_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-/// Header names without their values (which may be credentials), for `Debug` output.
-pub(crate) fn header_names(headers: &[(String, String)]) -> Vec<&str> {
-    headers.iter().map(|(name, _)| name.as_str()).collect()
 }
 
 fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {

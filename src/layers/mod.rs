@@ -28,15 +28,14 @@
 //! ```
 
 pub mod circuit_breaker;
-mod limit;
 pub mod rate_limit;
 pub(crate) mod signing;
 mod spread;
 
+pub use crate::limit::Limit;
 pub use circuit_breaker::{
     BreakerConfig, BreakerState, CircuitBreakerLayer, CircuitBreakerService, Phase, StateChange, Trip,
 };
-pub use limit::Limit;
 pub use rate_limit::{RateLimitLayer, RateLimitService};
 
 use std::time::Duration;

@@ -5,46 +5,14 @@ use std::fmt;
 use apalis_webhooks_verify::{Secret, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
+pub use crate::endpoint_id::EndpointId;
+
 use super::filter::{EventFilter, InvalidFilter};
 use crate::{
     layers::Limit,
-    subscription::{WebhookSubscription, header_names, url_host},
+    redact::{header_names, url_host},
+    subscription::WebhookSubscription,
 };
-
-/// The app's id of an endpoint (`ep_…`, a database key, whatever the app uses).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EndpointId(String);
-
-impl EndpointId {
-    /// Wraps `id`.
-    pub fn new(id: impl Into<String>) -> Self {
-        Self(id.into())
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for EndpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<&str> for EndpointId {
-    fn from(id: &str) -> Self {
-        Self::new(id)
-    }
-}
-
-impl From<String> for EndpointId {
-    fn from(id: String) -> Self {
-        Self(id)
-    }
-}
 
 /// A registered webhook endpoint: where to deliver, how to sign, which events, and whether it
 /// is enabled.
