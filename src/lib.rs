@@ -106,6 +106,7 @@ mod secret_store;
 pub mod signing;
 mod sink;
 pub mod ssrf;
+mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod store;
 mod subscription;

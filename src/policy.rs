@@ -4,10 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{outcome::StatusSet, retry::RetrySchedule};
-
-/// The most attempts a delivery may have, the first included.
-pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+pub use crate::retry::MAX_ATTEMPTS_LIMIT;
+use crate::{retry::RetrySchedule, status_set::StatusSet};
 
 /// Per-delivery settings, stored with the job so every attempt uses the ones it was dispatched
 /// with. Set them through [`WebhookSubscription`](crate::WebhookSubscription).

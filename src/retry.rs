@@ -5,6 +5,9 @@ use std::time::Duration;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// The most attempts a delivery may have, the first included.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
 /// The wait before the next attempt, persisted in the backend as the next task's `run_at`.
 ///
 /// The default follows the Standard Webhooks recommendation: 5 s, 5 min, 30 min, 2 h, 5 h,
@@ -87,7 +90,7 @@ impl RetrySchedule {
     /// after attempts 1 to `attempts - 1`, without jitter, summed (at most
     /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY)).
     pub fn length(&self, attempts: u32) -> Duration {
-        let attempts = attempts.min(crate::policy::MAX_ATTEMPTS_LIMIT);
+        let attempts = attempts.min(MAX_ATTEMPTS_LIMIT);
         (1..attempts)
             .map(|attempt| Duration::from_millis(self.base_ms(attempt) as u64))
             .fold(Duration::ZERO, Duration::saturating_add)
