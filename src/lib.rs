@@ -110,6 +110,7 @@ mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod store;
 mod subscription;
+mod tuning;
 pub mod verify;
 mod worker;
 

@@ -8,12 +8,12 @@ use serde::Serialize;
 
 use crate::{
     delivery::{ATTEMPT_HEADER, EVENT_HEADER},
+    endpoint_id::EndpointId,
     job::{WebhookId, WebhookJob},
-    layers::Limit,
+    limit::Limit,
     outcome::StatusSet,
     policy::DeliveryPolicy,
     redact::{header_names, url_host},
-    registry::EndpointId,
     retry::RetrySchedule,
     sink::WebhookSink,
 };

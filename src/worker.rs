@@ -38,12 +38,7 @@ use crate::{
     ssrf::EgressPolicy,
 };
 
-/// Poll interval that makes an idle worker start a new delivery quickly. apalis workers
-/// otherwise look for new work only on their heartbeat (30 s by default).
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Deliveries one worker runs at once, a sensible start for HTTP-bound work.
-pub const DEFAULT_CONCURRENCY: usize = 64;
+pub use crate::tuning::{DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL};
 
 /// How long a worker keeps trying to store what an attempt decided (its next attempt, its
 /// deferral, the next delivery of its ordered line) while the backend fails or does not

@@ -11,7 +11,7 @@ use super::Rearmed;
 use crate::{
     job::WebhookJob,
     sink::{Deferral, WebhookSink, task},
-    worker::DEFAULT_POLL_INTERVAL,
+    tuning::DEFAULT_POLL_INTERVAL,
 };
 
 /// The kind marker of SQLite's [`WebhookSink`]: apalis-sqlite's own storage.
@@ -182,7 +182,7 @@ pub(crate) async fn defer_task(
 /// # Ok(()) }
 /// ```
 pub fn worker(storage: &SqliteStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Polling> {
-    super::webhook_worker(polling(storage.clone()), restarts, crate::DEFAULT_CONCURRENCY)
+    super::webhook_worker(polling(storage.clone()), restarts, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The worker backend [`worker`] uses: the storage, polled.

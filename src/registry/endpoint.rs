@@ -9,7 +9,7 @@ pub use crate::endpoint_id::EndpointId;
 
 use super::filter::{EventFilter, InvalidFilter};
 use crate::{
-    layers::Limit,
+    limit::Limit,
     redact::{header_names, url_host},
     subscription::WebhookSubscription,
 };

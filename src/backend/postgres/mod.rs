@@ -92,7 +92,7 @@ pub fn storage(pool: &PgPool) -> PostgresStorage<WebhookJob> {
 /// `NOTIFY` for new deliveries, polled every [`RETRY_POLL_INTERVAL`] for due retries, and kept
 /// running through database outages.
 pub fn listening<T>(storage: PostgresStorage<T>) -> PollWith<PostgresBackend<T>, Rearmed<Strategy>> {
-    listening_with(storage, crate::DEFAULT_CONCURRENCY)
+    listening_with(storage, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The webhook worker's builder for `storage`'s queue: a name unique to this process start
@@ -116,7 +116,7 @@ pub fn listening<T>(storage: PostgresStorage<T>) -> PollWith<PostgresBackend<T>,
 /// # Ok(()) }
 /// ```
 pub fn worker(storage: &PostgresStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Listening> {
-    super::webhook_worker(listening(storage.clone()), restarts, crate::DEFAULT_CONCURRENCY)
+    super::webhook_worker(listening(storage.clone()), restarts, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The worker backend [`worker`] uses.

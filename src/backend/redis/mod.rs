@@ -50,7 +50,7 @@ use crate::{
     clock::until,
     job::WebhookJob,
     sink::{Deferral, WebhookSink},
-    worker::DEFAULT_POLL_INTERVAL,
+    tuning::DEFAULT_POLL_INTERVAL,
 };
 pub use worker::RedisBackend;
 
@@ -112,7 +112,7 @@ pub fn storage(conn: ConnectionManager) -> RedisStorage<WebhookJob> {
 /// Redis outages, woken every [`DEFAULT_POLL_INTERVAL`] after due retries have been moved to
 /// the active list. Spawns the task that moves them; it ends when the worker drops the backend.
 pub fn listening<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearmed<StreamStrategy<Ticks>>> {
-    listening_with(storage, crate::DEFAULT_CONCURRENCY)
+    listening_with(storage, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The webhook worker's builder for `storage`'s queue: a name unique to this process start
@@ -136,7 +136,7 @@ pub fn listening<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearm
 /// # Ok(()) }
 /// ```
 pub fn worker(storage: &RedisStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Listening> {
-    super::webhook_worker(listening(storage.clone()), restarts, crate::DEFAULT_CONCURRENCY)
+    super::webhook_worker(listening(storage.clone()), restarts, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The worker backend [`worker`] uses.

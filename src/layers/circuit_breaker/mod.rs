@@ -174,7 +174,7 @@ impl CircuitBreakerLayer {
     /// Keeps the breakers in Redis under `prefix`, shared by every worker using the same
     /// prefix (give each fleet, or each test, its own).
     #[cfg(feature = "redis")]
-    pub fn shared(self, conn: crate::backend::redis::ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn shared(self, conn: ::redis::aio::ConnectionManager, prefix: impl Into<String>) -> Self {
         let store = Store::Redis(store::redis_store::RedisStore {
             conn,
             prefix: prefix.into(),

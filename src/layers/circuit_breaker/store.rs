@@ -133,7 +133,7 @@ pub(super) mod redis_store {
     use ::redis::Script;
 
     use super::{Breaker, BreakerConfig, Change, StateUnavailable};
-    use crate::backend::redis::ConnectionManager;
+    use ::redis::aio::ConnectionManager;
 
     /// Breakers untouched this long are forgotten (closed).
     const TTL_MS: u64 = 7 * 24 * 3_600_000;

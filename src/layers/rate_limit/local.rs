@@ -20,7 +20,7 @@ use governor::{
 use super::{Adaptation, Decision};
 use crate::{
     bounded::{BoundedMap, HeapSize, MapUsage, MemoryCap},
-    layers::Limit,
+    limit::Limit,
 };
 
 /// A key's budget under one limit: jobs with limits of their own are held to those apart

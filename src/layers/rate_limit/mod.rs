@@ -236,7 +236,7 @@ impl RateLimitLayer {
     /// Keeps the budgets in Redis under `prefix`, shared by every worker using the same
     /// prefix (give each fleet, or each test, its own).
     #[cfg(feature = "redis")]
-    pub fn shared(self, conn: crate::backend::redis::ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn shared(self, conn: ::redis::aio::ConnectionManager, prefix: impl Into<String>) -> Self {
         Self::build(self.shared.settings, Some((conn, prefix.into())))
     }
 
@@ -250,7 +250,7 @@ impl RateLimitLayer {
     }
 
     #[cfg(feature = "redis")]
-    fn redis(&self) -> Option<(crate::backend::redis::ConnectionManager, String)> {
+    fn redis(&self) -> Option<(::redis::aio::ConnectionManager, String)> {
         match &self.shared.budget {
             Budget::Redis(redis) => Some(redis.connection()),
             Budget::Local(_) => None,
@@ -263,7 +263,7 @@ impl RateLimitLayer {
     }
 
     #[cfg(feature = "redis")]
-    fn build(settings: Settings, redis: Option<(crate::backend::redis::ConnectionManager, String)>) -> Self {
+    fn build(settings: Settings, redis: Option<(::redis::aio::ConnectionManager, String)>) -> Self {
         let Settings {
             endpoint,
             global,

@@ -5,7 +5,9 @@ use std::{sync::LazyLock, time::Duration};
 use ::redis::Script;
 
 use super::{Adaptation, Decision, StateUnavailable, stored_factor};
-use crate::{backend::redis::ConnectionManager, layers::Limit};
+use redis::aio::ConnectionManager;
+
+use crate::limit::Limit;
 
 /// Idle adaptation state is forgotten this long after its cooldown ends.
 const ADAPTATION_TTL_MS: u64 = 3_600_000;
