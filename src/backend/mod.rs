@@ -26,6 +26,7 @@ pub const QUEUE: &str = "apalis-webhooks";
 /// function (`sqlite::worker`, `postgres::worker`, `redis::worker`): a name unique to this
 /// process start, the backend's worker backend (polling or listening), a concurrency limit, and
 /// a backoff before a restarted worker uses the backend again. Finish it with `.build(service)`.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub type WebhookWorkerBuilder<B> = apalis_core::worker::builder::WorkerBuilder<
     crate::WebhookJob,
     Restarted<B>,
@@ -34,6 +35,7 @@ pub type WebhookWorkerBuilder<B> = apalis_core::worker::builder::WorkerBuilder<
 
 /// The worker builder every backend's `worker` function returns: unique name, backend,
 /// concurrency, restart backoff.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) fn webhook_worker<B>(backend: B, restarts: usize, concurrency: usize) -> WebhookWorkerBuilder<B>
 where
     Restarted<B>: apalis_core::backend::Backend + apalis_core::backend::BackendConfig<Args = crate::WebhookJob>,
