@@ -1,12 +1,11 @@
 //! The `metrics` facade calls (feature `metrics`); names and labels are listed in the module
 //! docs of [`crate::observe`].
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, histogram};
 
 use super::Settled;
 use crate::{
     job::WebhookJob,
-    layers::Phase,
     outcome::{AttemptResult, DeferReason},
     worker::DeadLetterReason,
 };
@@ -30,15 +29,6 @@ pub(super) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled
         }
         Settled::Delivered => {}
     }
-}
-
-pub(super) fn breaker_changed(endpoint: &str, to: Phase) {
-    let value = match to {
-        Phase::Closed => 0.0,
-        Phase::HalfOpen => 1.0,
-        Phase::Open => 2.0,
-    };
-    gauge!("webhook_circuit_breaker_state", "endpoint" => endpoint.to_owned()).set(value);
 }
 
 pub(super) fn endpoint_disabled(job: &WebhookJob) {

@@ -41,7 +41,7 @@ pub use stats::{DEFAULT_STATS_CAP, EndpointSnapshot, EndpointStats, LATENCY_WIND
 
 pub(crate) use span::{attempt_span, record_result};
 
-use crate::{job::WebhookJob, layers::Phase, outcome::AttemptResult, outcome::DeferReason, worker::DeadLetterReason};
+use crate::{job::WebhookJob, outcome::AttemptResult, outcome::DeferReason, worker::DeadLetterReason};
 
 /// The `outcome` label of an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,14 +70,6 @@ pub(crate) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled
     metrics::settled(job, result, settled);
     #[cfg(not(feature = "metrics"))]
     let _ = (job, result);
-}
-
-/// A circuit breaker changed phase.
-pub(crate) fn breaker_changed(endpoint: &str, to: Phase) {
-    #[cfg(feature = "metrics")]
-    metrics::breaker_changed(endpoint, to);
-    #[cfg(not(feature = "metrics"))]
-    let _ = (endpoint, to);
 }
 
 /// The worker disabled a registry endpoint.

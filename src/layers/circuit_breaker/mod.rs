@@ -255,7 +255,7 @@ impl CircuitBreakerLayer {
 impl Shared {
     fn report(&self, endpoint: &str, change: store::Change) {
         let Some((from, to)) = change else { return };
-        crate::observe::breaker_changed(endpoint, to);
+        phase_gauge(endpoint, to);
         match to {
             Phase::Open => tracing::warn!(endpoint, ?from, ?to, "circuit breaker opened"),
             _ => tracing::info!(endpoint, ?from, ?to, "circuit breaker changed"),
@@ -371,4 +371,16 @@ where
             Ok(result)
         })
     }
+}
+/// The `webhook_circuit_breaker_state` gauge (feature `metrics`): 0 closed, 1 half-open, 2 open.
+/// Emitted here rather than by `observe`, which sits above the layers it observes.
+fn phase_gauge(endpoint: &str, to: Phase) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("webhook_circuit_breaker_state", "endpoint" => endpoint.to_owned()).set(match to {
+        Phase::Closed => 0.0,
+        Phase::HalfOpen => 1.0,
+        Phase::Open => 2.0,
+    });
+    #[cfg(not(feature = "metrics"))]
+    let _ = (endpoint, to);
 }
