@@ -101,6 +101,7 @@ mod policy;
 mod record;
 mod redact;
 pub mod registry;
+mod report;
 mod retry;
 mod secret_store;
 pub mod signing;

@@ -7,7 +7,7 @@ use super::Settled;
 use crate::{
     job::WebhookJob,
     outcome::{AttemptResult, DeferReason},
-    worker::DeadLetterReason,
+    report::DeadLetterReason,
 };
 
 pub(super) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled) {

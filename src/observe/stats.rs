@@ -13,7 +13,7 @@ use crate::{
     bounded::{BoundedMap, HeapSize, MapUsage, MemoryCap},
     clock::unix_millis,
     layers::{CircuitBreakerLayer, Phase},
-    worker::DeliveryEvent,
+    report::DeliveryEvent,
 };
 
 /// Latencies kept per endpoint for the percentiles: the most recent attempts.

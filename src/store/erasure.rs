@@ -19,7 +19,7 @@ use crate::{
     job::{WebhookId, WebhookJob},
     record::AttemptRecord,
     registry::EndpointId,
-    worker::{DeadLetter, DeadLetterReason},
+    report::{DeadLetter, DeadLetterReason},
 };
 
 /// Tasks read per batch by default while looking for the deliveries of an endpoint or a tenant.
@@ -280,7 +280,7 @@ fn redacted_result(mut result: serde_json::Value) -> serde_json::Value {
         dead.record.response_excerpt = None;
         // The text before the dead letter is apalis's own prefix (`AbortError: `).
         let prefix = text
-            .find(crate::worker::DEAD_LETTER_PREFIX)
+            .find(crate::report::DEAD_LETTER_PREFIX)
             .map_or("", |start| &text[..start]);
         *text = format!("{prefix}{dead}");
     }

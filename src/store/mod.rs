@@ -64,7 +64,7 @@ pub use self::rows::{DeliveryHistory, DeliveryStatus};
 use self::rows::{TaskRow, history_from_rows};
 use crate::{
     job::{WebhookId, WebhookJob},
-    worker::{DeadLetter, DeliveryReport},
+    report::{DeadLetter, DeliveryReport},
 };
 
 /// Tasks read per backend query while a dead-letter page is being filled.

@@ -14,8 +14,8 @@ use super::{
 use crate::{
     backend::redis::{Keys, RedisSink},
     job::{WebhookId, WebhookJob},
+    report::DeliveryReport,
     sink::WebhookSink,
-    worker::DeliveryReport,
 };
 
 /// How often apalis-redis runs a failed task at most: its result script hard-codes 25 and

@@ -6,7 +6,7 @@ use super::{Position, StoreError};
 use crate::{
     job::{WebhookId, WebhookJob},
     record::AttemptRecord,
-    worker::{DeadLetter, DeadLetterReason, DeliveryReport},
+    report::{DeadLetter, DeadLetterReason, DeliveryReport},
 };
 
 /// Longest error text of a task apalis gave up on that a synthesised dead letter keeps, in

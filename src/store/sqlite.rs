@@ -6,8 +6,8 @@ use super::{DeadLetterFilter, Position, StoreError, rows::TaskRow};
 use crate::{
     backend::sqlite::{self as backend, SqlitePool},
     job::{WebhookId, WebhookJob},
+    report::DeliveryReport,
     sink::WebhookSink,
-    worker::DeliveryReport,
 };
 
 #[derive(Clone)]
