@@ -115,9 +115,11 @@ mod tuning;
 pub mod verify;
 mod worker;
 
+#[allow(deprecated)]
+pub use apalis_webhooks_verify::generate_secret;
 pub use apalis_webhooks_verify::{
     MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret, generate_secret,
+    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret,
 };
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;

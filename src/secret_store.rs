@@ -54,12 +54,12 @@ pub enum SecretStoreError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use apalis_webhooks::{MemorySecretStore, generate_secret};
+/// use apalis_webhooks::{MemorySecretStore, Secret};
 ///
 /// let store = MemorySecretStore::new();
-/// store.insert("endpoint-42", generate_secret());
+/// store.insert("endpoint-42", Secret::generate());
 /// // Later: sign with a new secret, and with the old one for another day.
-/// store.rotate("endpoint-42", generate_secret(), Duration::from_secs(24 * 3600));
+/// store.rotate("endpoint-42", Secret::generate(), Duration::from_secs(24 * 3600));
 /// assert_eq!(store.active("endpoint-42").len(), 2);
 /// ```
 #[derive(Clone, Default)]

@@ -113,7 +113,7 @@ pub enum Deferral {
 /// ```compile_fail
 /// # async fn f(mut storage: apalis_webhooks::backend::postgres::PostgresStorage<apalis_webhooks::WebhookJob>) {
 /// use apalis_webhooks::WebhookSubscription;
-/// let subscription = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::generate_secret());
+/// let subscription = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::Secret::generate());
 /// // error: `PostgresStorage` is not a `WebhookSink`; use `postgres::PostgresSink`
 /// subscription.dispatch(&mut storage, "order.created", &1).await;
 /// # }

@@ -252,7 +252,7 @@ impl WebhookSubscription {
     /// ```
     /// use apalis_webhooks::WebhookSubscription;
     ///
-    /// let job = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::generate_secret())
+    /// let job = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::Secret::generate())
     ///     .envelope()
     ///     .job("order.created", &serde_json::json!({ "order": 42 }))
     ///     .unwrap();

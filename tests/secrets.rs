@@ -13,7 +13,7 @@ use std::{
 
 use apalis_webhooks::{
     DeadLetterFilter, DeferReason, MemorySecretStore, Secret, SecretStore, SecretStoreError, SigningLayer,
-    WebhookStore, WebhookSubscription, generate_secret,
+    WebhookStore, WebhookSubscription,
     layers::{BreakerConfig, CircuitBreakerLayer, Phase},
     verify::Verifier,
 };
@@ -63,7 +63,7 @@ async fn key_id_jobs_store_no_secret_and_sign_with_the_rotated_secrets() {
 
     // Rotate: during the overlap every delivery carries a signature for each secret, so a
     // receiver holding either one accepts it.
-    let new = generate_secret();
+    let new = Secret::generate();
     store.rotate("endpoint-42", new.clone(), Duration::from_secs(3600));
     let second = subscription.dispatch(&mut db.storage(), "a.b", &2).await.unwrap();
     let request = receiver.next().await;

@@ -57,9 +57,11 @@ pub use replay::{BoxFuture, DEFAULT_REPLAY_CAPACITY, MemoryReplayStore, ReplayKe
 #[cfg(feature = "v1a")]
 pub use scheme::MAX_V1A_SIGNATURES;
 pub use scheme::SignatureScheme;
+#[allow(deprecated)]
+pub use secret::generate_secret;
 pub use secret::{
     MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret, generate_secret,
+    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret,
 };
 pub use verifier::{
     DEFAULT_TOLERANCE, MAX_HEADER_LEN, Verified, Verifier, VerifierBuilder, VerifierError, VerifyError, verify,

@@ -151,9 +151,11 @@ pub const MAX_GENERATED_BYTES: usize = 64;
 /// to the receiver once, store it (or its key id) with the subscription.
 ///
 /// ```
+/// # #![allow(deprecated)]
 /// let secret = apalis_webhooks_verify::generate_secret();
 /// # drop(secret);
 /// ```
+#[deprecated(since = "0.1.0", note = "one way to make a key: use `Secret::generate()`")]
 pub fn generate_secret() -> Secret {
     Secret::generate()
 }
@@ -432,8 +434,8 @@ mod tests {
 
     #[test]
     fn generated_secrets_are_standard_and_distinct() {
-        let a = generate_secret();
-        let b = generate_secret();
+        let a = Secret::generate();
+        let b = Secret::generate();
         assert!(a.literal_key().unwrap().starts_with(WHSEC_PREFIX.as_bytes()));
         assert_eq!(a.standard_key().unwrap().len(), 32);
         assert_ne!(*a.standard_key().unwrap(), *b.standard_key().unwrap());
