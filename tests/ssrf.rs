@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use apalis_webhooks::{
     AttemptResult, DeadLetterReason, DeliveryRequest, HttpDelivery, Secret, WebhookSubscription,
-    ssrf::{EgressPolicy, GuardedResolver},
+    ssrf::{AddressClass, EgressPolicy, GuardedResolver, classify},
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
@@ -248,4 +248,59 @@ async fn an_unguarded_client_is_refused_by_peer_address() {
     assert!(error.starts_with("refused: ") && error.contains("loopback"), "{error}");
     assert_eq!(db.rows().await.len(), 1, "no retry stored");
     receiver.next().await;
+}
+
+/// IPv6 transition ranges: the IPv4 address a 6to4 or IPv4-translated address carries is
+/// judged as IPv4; ranges whose IPv4 address cannot be read reliably are refused. Address
+/// classification only: nothing is connected to.
+#[test]
+fn transition_ranges_carry_no_internal_address_past_the_guard() {
+    let cases = [
+        // 6to4: the IPv4 address is bits 16..48.
+        ("2002:7f00:1::1", AddressClass::Loopback),
+        ("2002:a9fe:a9fe::", AddressClass::LinkLocal),
+        ("2002:c0a8:0101:5::9", AddressClass::Private),
+        ("2002:0a00:0001::", AddressClass::Private),
+        ("2002::", AddressClass::Unspecified),
+        ("2002:0808:0808::1", AddressClass::Public),
+        // IPv4-translated (SIIT).
+        ("::ffff:0:127.0.0.1", AddressClass::Loopback),
+        ("::ffff:0:169.254.169.254", AddressClass::LinkLocal),
+        ("::ffff:0:8.8.8.8", AddressClass::Public),
+        // Refused outright.
+        ("2001::1", AddressClass::Reserved),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", AddressClass::Reserved),
+        ("64:ff9b:1::a9fe:a9fe", AddressClass::Reserved),
+        ("64:ff9b:1:ffff::1", AddressClass::Reserved),
+        ("100::1", AddressClass::Reserved),
+        ("100::ffff:ffff:ffff:ffff", AddressClass::Reserved),
+        ("192.88.99.1", AddressClass::Reserved),
+        ("2001:2::1", AddressClass::Reserved),
+        ("2001:10::1", AddressClass::Reserved),
+        ("2001:2f::1", AddressClass::Reserved),
+        ("3fff::1", AddressClass::Reserved),
+        ("3fff:fff::1", AddressClass::Reserved),
+        ("5f00::1", AddressClass::Reserved),
+        // Neighbours stay public.
+        ("100:0:0:1::1", AddressClass::Public),
+        ("64:ff9b:2::1", AddressClass::Public),
+        ("2001:1::1", AddressClass::Public),
+        ("2001:3::1", AddressClass::Public),
+        ("2001:30::1", AddressClass::Public),
+        ("2001:4860:4860::8888", AddressClass::Public),
+        ("2003::1", AddressClass::Public),
+        ("3fff:1000::1", AddressClass::Public),
+        ("192.88.98.1", AddressClass::Public),
+        ("192.88.100.1", AddressClass::Public),
+    ];
+    let policy = EgressPolicy::default();
+    for (text, expected) in cases {
+        let ip: std::net::IpAddr = text.parse().unwrap();
+        assert_eq!(classify(ip), expected, "{text}");
+        assert_eq!(policy.check("example.com", ip).is_ok(), expected == AddressClass::Public, "{text}");
+    }
+    // An allowance covers the embedded form too, as for IPv4-mapped addresses.
+    let loopback = EgressPolicy::default().allow_loopback();
+    assert!(loopback.check("x", "2002:7f00:1::1".parse().unwrap()).is_ok());
+    assert!(loopback.check("x", "2002:a9fe:a9fe::".parse().unwrap()).is_err());
 }
