@@ -515,7 +515,9 @@ impl<B: Clone> WebhookWorker<B> {
         self
     }
 
-    /// Cap of the response body read per attempt (64 KiB by default).
+    /// Cap of the response body read per attempt (64 KiB by default). Interim `1xx`
+    /// responses before the final head are skipped by the HTTP stack without being counted:
+    /// a receiver streaming `100 Continue` is bounded by the attempt timeout, not by this cap.
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = Some(limit);
         self
