@@ -483,10 +483,9 @@ impl WebhookSubscription {
                 limit: MAX_EXTRA_HEADERS,
             });
         }
-        let size = self
-            .headers
-            .iter()
-            .fold(0usize, |size, (name, value)| size.saturating_add(name.len()).saturating_add(value.len()));
+        let size = self.headers.iter().fold(0usize, |size, (name, value)| {
+            size.saturating_add(name.len()).saturating_add(value.len())
+        });
         if size > MAX_EXTRA_HEADER_BYTES {
             return Err(DispatchError::HeadersTooLarge {
                 size,

@@ -99,7 +99,13 @@ fn extra_headers_are_capped_in_count_and_size() {
     );
     let error = at_size.header("x", "").job("a.b", &1).unwrap_err();
     assert!(
-        matches!(error, DispatchError::HeadersTooLarge { size: 8193, limit: 8192 }),
+        matches!(
+            error,
+            DispatchError::HeadersTooLarge {
+                size: 8193,
+                limit: 8192
+            }
+        ),
         "{error:?}"
     );
 

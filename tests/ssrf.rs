@@ -119,10 +119,7 @@ async fn send_through(policy: EgressPolicy, receiver: &Receiver, url: &str) -> A
     let job = WebhookSubscription::new(url, Secret::generate())
         .job("ssrf.rebind", &1)
         .unwrap();
-    delivery
-        .oneshot(DeliveryRequest::new(Arc::new(job)))
-        .await
-        .unwrap()
+    delivery.oneshot(DeliveryRequest::new(Arc::new(job))).await.unwrap()
 }
 
 #[tokio::test]
@@ -297,7 +294,11 @@ fn transition_ranges_carry_no_internal_address_past_the_guard() {
     for (text, expected) in cases {
         let ip: std::net::IpAddr = text.parse().unwrap();
         assert_eq!(classify(ip), expected, "{text}");
-        assert_eq!(policy.check("example.com", ip).is_ok(), expected == AddressClass::Public, "{text}");
+        assert_eq!(
+            policy.check("example.com", ip).is_ok(),
+            expected == AddressClass::Public,
+            "{text}"
+        );
     }
     // An allowance covers the embedded form too, as for IPv4-mapped addresses.
     let loopback = EgressPolicy::default().allow_loopback();

@@ -86,9 +86,13 @@ fn classify_v4(ip: Ipv4Addr) -> AddressClass {
         (169, 254, _) => AddressClass::LinkLocal,
         (100, 64..=127, _) => AddressClass::SharedAddressSpace,
         (224..=239, _, _) => AddressClass::Multicast,
-        (192, 0, 0) | (192, 0, 2) | (192, 88, 99) | (198, 18..=19, _) | (198, 51, 100) | (203, 0, 113) | (240..=255, _, _) => {
-            AddressClass::Reserved
-        }
+        (192, 0, 0)
+        | (192, 0, 2)
+        | (192, 88, 99)
+        | (198, 18..=19, _)
+        | (198, 51, 100)
+        | (203, 0, 113)
+        | (240..=255, _, _) => AddressClass::Reserved,
         _ => AddressClass::Public,
     }
 }
