@@ -59,7 +59,8 @@ const MAX_RESPONSE_HEADER_BYTES: u32 = 64 * 1024;
 /// Never fails: transport problems are an [`AttemptResult::Transport`]. It connects only to
 /// addresses its [`EgressPolicy`] allows (public ones by default; see [`crate::ssrf`]): a
 /// refused target is an [`AttemptResult::Refused`]. Redirects are not followed and proxies are
-/// not used. The response body is read up to a cap and within the attempt timeout, so a
+/// not used; on a client it did not build itself ([`with_unguarded_client`](Self::with_unguarded_client))
+/// it still refuses the answer of a peer the policy does not allow. The response body is read up to a cap and within the attempt timeout, so a
 /// receiver that trickles or floods cannot hold the worker longer or make it buffer more.
 #[derive(Debug, Clone)]
 pub struct HttpDelivery {
@@ -83,22 +84,53 @@ impl HttpDelivery {
 
     /// As [`new`](Self::new), connecting to the addresses `policy` allows.
     pub fn with_egress(policy: EgressPolicy) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
+        Self::from_builder(reqwest::Client::builder().user_agent(USER_AGENT), policy)
+    }
+
+    /// A delivery service on a client built from your `builder` (timeouts, TLS roots, pool
+    /// settings, a `User-Agent` of your own), with the guard applied on top of whatever it
+    /// says: a [`GuardedResolver`] with `policy`, no proxies (not even from the environment),
+    /// no redirects, and the response header cap. Those settings of `builder` are replaced.
+    ///
+    /// Static overrides (`ClientBuilder::resolve`) skip every resolver, the guarded one too: an
+    /// overridden name that points at a refused address is caught only after the request was
+    /// sent, by the peer-address check (the attempt is then [`AttemptResult::Refused`]).
+    pub fn from_builder(builder: reqwest::ClientBuilder, policy: EgressPolicy) -> Result<Self, reqwest::Error> {
+        Self::from_builder_with_resolver(builder, GuardedResolver::new(policy))
+    }
+
+    /// As [`from_builder`](Self::from_builder), resolving through `resolver` (a
+    /// [`GuardedResolver::with_inner`] around your own DNS client); its policy is the one
+    /// this service checks.
+    pub fn from_builder_with_resolver(
+        builder: reqwest::ClientBuilder,
+        resolver: GuardedResolver,
+    ) -> Result<Self, reqwest::Error> {
+        let policy = resolver.policy().clone();
+        let client = builder
+            .dns_resolver(Arc::new(resolver))
             // A proxy would resolve and connect on our behalf, past the guard.
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .http2_max_header_list_size(MAX_RESPONSE_HEADER_BYTES)
-            .user_agent(USER_AGENT)
             .build()?;
-        Ok(Self::with_client(client).egress(policy))
+        Ok(Self {
+            client,
+            egress: policy,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+        })
     }
 
-    /// A delivery service on your own client. Keep redirects off on it (a followed redirect
-    /// would send the signed payload somewhere the subscription did not name), and install a
-    /// [`GuardedResolver`] and `no_proxy()` on it: this service checks IP-literal URLs itself,
-    /// but host names are resolved by the client.
-    pub fn with_client(client: reqwest::Client) -> Self {
+    /// A delivery service on a finished client, **without the guard's resolver**: whatever
+    /// the client does (its resolver, proxies, redirects) is not checked before the request
+    /// is sent. This service still checks IP-literal URLs before sending, and refuses the
+    /// response of a peer whose address the policy ([`egress`](Self::egress), public targets
+    /// only by default) does not allow, as [`AttemptResult::Refused`]; by then the receiver
+    /// has the request. Through a proxy, the peer is the proxy: allow its address.
+    ///
+    /// Prefer [`from_builder`](Self::from_builder), which installs the guard on your client.
+    pub fn with_unguarded_client(client: reqwest::Client) -> Self {
         Self {
             client,
             egress: EgressPolicy::default(),
@@ -107,14 +139,17 @@ impl HttpDelivery {
         }
     }
 
-    /// The policy IP-literal URLs are checked against (public targets only by default). With
-    /// [`with_client`](Self::with_client), give the client's [`GuardedResolver`] the same one.
+    /// The policy IP-literal URLs and peer addresses are checked against (public targets only
+    /// by default). It does not change the resolver of a client already built: use
+    /// [`from_builder`](Self::from_builder) to set both.
     pub fn egress(mut self, policy: EgressPolicy) -> Self {
         self.egress = policy;
         self
     }
 
-    /// Cap of the response body read per attempt (64 KiB by default).
+    /// Cap of the response body read per attempt (64 KiB by default). Interim `1xx`
+    /// responses before the final head are skipped by the HTTP stack without being counted:
+    /// a receiver streaming `100 Continue` is bounded by the attempt timeout, not by this cap.
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = limit;
         self
@@ -174,6 +209,14 @@ async fn send(
         Ok(response) => response,
         Err(error) => return transport_error(&error, started),
     };
+    // The backstop: whatever resolved and connected, the peer must be an allowed address.
+    if let Some(peer) = response.remote_addr()
+        && let Err(refused) = egress.check(peer_host(&job), peer.ip())
+    {
+        return AttemptResult::Refused {
+            reason: refused.to_string(),
+        };
+    }
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -214,6 +257,13 @@ fn target(egress: &EgressPolicy, job: &WebhookJob) -> Result<url::Url, String> {
             .map_err(|refused| refused.to_string())?;
     }
     Ok(url)
+}
+
+/// The host the job's URL names, as the policy's host allowances compare it.
+fn peer_host(job: &WebhookJob) -> &str {
+    job.parsed_url()
+        .and_then(url::Url::host_str)
+        .map_or("", |host| host.trim_start_matches('[').trim_end_matches(']'))
 }
 
 fn transport_error(error: &reqwest::Error, started: Instant) -> AttemptResult {

@@ -148,7 +148,8 @@ pub use store::{
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub use store::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
 pub use subscription::{
-    DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
+    DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS,
+    MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
 };
 pub use worker::{
     BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,

@@ -46,6 +46,27 @@ const RESERVED_HEADERS: &[&str] = &[
     apalis_webhooks_verify::headers::WEBHOOK_SIGNATURE,
 ];
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the proxy ones): they describe one connection,
+/// not the message, so neither extra headers nor a signature header may be named after them.
+const HOP_BY_HOP_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Most extra headers ([`WebhookSubscription::header`]) a subscription may carry: 32.
+pub const MAX_EXTRA_HEADERS: usize = 32;
+
+/// Largest total size of a subscription's extra headers, names plus values: 8 KiB. Every
+/// attempt sends them, and every stored job carries them.
+pub const MAX_EXTRA_HEADER_BYTES: usize = 8 * 1024;
+
 /// A target endpoint with its secret(s), signature scheme and delivery policy.
 ///
 /// ```no_run
@@ -88,13 +109,41 @@ pub enum DispatchError {
     /// The URL does not parse, is not http(s), has no host, or carries credentials.
     #[error("invalid webhook URL: {0}")]
     InvalidUrl(&'static str),
-    /// An extra header has an invalid name or value, or is one the transport owns.
+    /// An extra header has an invalid name or value, or is one the transport owns, or a
+    /// hop-by-hop header.
     #[error("invalid header {name:?}: {reason}")]
     InvalidHeader {
         /// The header name as given (values are not repeated: they may be credentials).
         name: String,
         /// What is wrong.
         reason: &'static str,
+    },
+    /// The signature header name of a Stripe or GitHub style
+    /// [`scheme`](WebhookSubscription::scheme) (set with [`SignatureScheme::with_header`]) is
+    /// not a valid header name, or is one the transport owns (`host`, `content-type`, …),
+    /// a hop-by-hop header, or a `webhook-*` / `x-webhook-*` name.
+    #[error("invalid signature header name {name:?}: {reason}")]
+    InvalidSignatureHeader {
+        /// The header name as given.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// More extra headers than [`MAX_EXTRA_HEADERS`].
+    #[error("{count} extra headers; the limit is {limit}")]
+    TooManyHeaders {
+        /// How many the subscription has.
+        count: usize,
+        /// The limit, [`MAX_EXTRA_HEADERS`].
+        limit: usize,
+    },
+    /// The extra headers' names and values add up to more than [`MAX_EXTRA_HEADER_BYTES`].
+    #[error("extra headers are {size} bytes (names plus values); the limit is {limit}")]
+    HeadersTooLarge {
+        /// Their total size.
+        size: usize,
+        /// The limit, [`MAX_EXTRA_HEADER_BYTES`].
+        limit: usize,
     },
     /// The event type is empty, too long, or has characters outside `A-Z a-z 0-9 . _ - : /`.
     #[error("invalid event type: {0}")]
@@ -265,7 +314,10 @@ impl WebhookSubscription {
         self
     }
 
-    /// Adds a header to every attempt.
+    /// Adds a header to every attempt. Dispatch refuses an invalid name or value, a name the
+    /// transport or the signature owns, a hop-by-hop name ([`DispatchError::InvalidHeader`]),
+    /// more than [`MAX_EXTRA_HEADERS`] headers or more than [`MAX_EXTRA_HEADER_BYTES`] of names
+    /// and values.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
@@ -425,6 +477,22 @@ impl WebhookSubscription {
     }
 
     fn validate_headers(&self) -> Result<(), DispatchError> {
+        validate_signature_header(&self.scheme)?;
+        if self.headers.len() > MAX_EXTRA_HEADERS {
+            return Err(DispatchError::TooManyHeaders {
+                count: self.headers.len(),
+                limit: MAX_EXTRA_HEADERS,
+            });
+        }
+        let size = self.headers.iter().fold(0usize, |size, (name, value)| {
+            size.saturating_add(name.len()).saturating_add(value.len())
+        });
+        if size > MAX_EXTRA_HEADER_BYTES {
+            return Err(DispatchError::HeadersTooLarge {
+                size,
+                limit: MAX_EXTRA_HEADER_BYTES,
+            });
+        }
         let signature_headers = self.scheme.header_names();
         for (name, value) in &self.headers {
             let invalid = |reason| DispatchError::InvalidHeader {
@@ -437,12 +505,39 @@ impl WebhookSubscription {
             if RESERVED_HEADERS.contains(&lower) || signature_headers.iter().any(|h| h.eq_ignore_ascii_case(lower)) {
                 return Err(invalid("reserved: set by apalis-webhooks"));
             }
+            if HOP_BY_HOP_HEADERS.contains(&lower) {
+                return Err(invalid("hop-by-hop: it describes a connection, not the delivery"));
+            }
             // HeaderValue refuses CR, LF, NUL and other control characters (tab is allowed).
             http::HeaderValue::from_str(value)
                 .map_err(|_| invalid("value has control characters or non-visible bytes"))?;
         }
         Ok(())
     }
+}
+
+/// Checks the signature header name of the Stripe and GitHub styles (Standard Webhooks' names
+/// are fixed): a valid HTTP token, none of the transport's, no hop-by-hop name, and no
+/// `webhook-*` / `x-webhook-*` name (the Standard Webhooks and apalis-webhooks headers).
+fn validate_signature_header(scheme: &SignatureScheme) -> Result<(), DispatchError> {
+    let name = match scheme {
+        SignatureScheme::Stripe { header } | SignatureScheme::GitHub { header } => header,
+        _ => return Ok(()),
+    };
+    let invalid = |reason| DispatchError::InvalidSignatureHeader {
+        name: name.clone(),
+        reason,
+    };
+    // `HeaderName` accepts exactly the RFC 9110 token characters, and lowercases.
+    let parsed = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid("not a valid header name"))?;
+    let lower = parsed.as_str();
+    if RESERVED_HEADERS.contains(&lower) || lower.starts_with("webhook-") || lower.starts_with("x-webhook-") {
+        return Err(invalid("reserved: set by apalis-webhooks"));
+    }
+    if HOP_BY_HOP_HEADERS.contains(&lower) {
+        return Err(invalid("hop-by-hop: it describes a connection, not the delivery"));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for WebhookSubscription {

@@ -120,7 +120,7 @@ impl Hooks {
 /// ```
 pub struct WebhookWorker<B> {
     backend: B,
-    client: Option<reqwest::Client>,
+    client: ClientSource,
     egress: EgressPolicy,
     secret_store: Option<Arc<dyn SecretStore>>,
     max_response_bytes: Option<usize>,
@@ -137,6 +137,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
         f.debug_struct("WebhookWorker")
             .field("backend", &self.backend)
             .field("egress", &self.egress)
+            .field("client", &self.client)
             .field("secret_store", &self.secret_store.is_some())
             .field("hooks", &self.hooks.0.len())
             .field("registry", &self.registry.is_some())
@@ -144,6 +145,27 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
             .field("lines", &self.lines)
             .field("max_attempt_timeout", &self.max_attempt_timeout)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where the worker's HTTP client comes from.
+#[derive(Clone)]
+enum ClientSource {
+    /// [`HttpDelivery::with_egress`].
+    Default,
+    /// The app's builder, with the guard applied.
+    Guarded(Arc<dyn Fn() -> reqwest::ClientBuilder + Send + Sync>),
+    /// The app's finished client, used as it is.
+    Unguarded(reqwest::Client),
+}
+
+impl fmt::Debug for ClientSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Default => "Default",
+            Self::Guarded(_) => "Guarded",
+            Self::Unguarded(_) => "Unguarded",
+        })
     }
 }
 
@@ -177,7 +199,7 @@ impl<B: Clone> WebhookWorker<B> {
     pub fn new(backend: B) -> Self {
         Self {
             backend,
-            client: None,
+            client: ClientSource::Default,
             egress: EgressPolicy::default(),
             secret_store: None,
             max_response_bytes: None,
@@ -263,15 +285,41 @@ impl<B: Clone> WebhookWorker<B> {
         self
     }
 
-    /// Deliver with this client instead of the default one. Keep redirects off on it, and give
-    /// it a [`GuardedResolver`](crate::ssrf::GuardedResolver) with the worker's policy and
-    /// `no_proxy()`: the worker checks IP-literal URLs, but the client resolves host names.
-    pub fn http_client(mut self, client: reqwest::Client) -> Self {
-        self.client = Some(client);
+    /// Deliver with a client built from `make`'s builder (timeouts, TLS roots, pool
+    /// settings, a `User-Agent`), called once per [`service`](Self::service) built. The guard is
+    /// applied on top of whatever the builder says: a
+    /// [`GuardedResolver`](crate::ssrf::GuardedResolver) with the worker's
+    /// [`egress`](Self::egress) policy, no proxies (not even from the environment) and no
+    /// redirects (see [`HttpDelivery::from_builder`]).
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) {
+    /// use std::time::Duration;
+    /// use apalis_webhooks::WebhookWorker;
+    ///
+    /// let worker = WebhookWorker::new(storage)
+    ///     .http_client(|| reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)));
+    /// # drop(worker); }
+    /// ```
+    pub fn http_client(mut self, make: impl Fn() -> reqwest::ClientBuilder + Send + Sync + 'static) -> Self {
+        self.client = ClientSource::Guarded(Arc::new(make));
         self
     }
 
-    /// Cap of the response body read per attempt (64 KiB by default).
+    /// Deliver with this finished client, **without the guard's resolver**: names are
+    /// resolved, proxies and redirects followed as the client does, unchecked, before the
+    /// request is sent. The worker still refuses IP-literal URLs its policy does not allow, and
+    /// refuses (dead-letters, without retrying) the response of a peer whose address the
+    /// policy does not allow, but by then the receiver has the request. Only for clients whose
+    /// every target you trust; prefer [`http_client`](Self::http_client).
+    pub fn unguarded_http_client(mut self, client: reqwest::Client) -> Self {
+        self.client = ClientSource::Unguarded(client);
+        self
+    }
+
+    /// Cap of the response body read per attempt (64 KiB by default). Interim `1xx`
+    /// responses before the final head are skipped by the HTTP stack without being counted:
+    /// a receiver streaming `100 Continue` is bounded by the attempt timeout, not by this cap.
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = Some(limit);
         self
@@ -330,8 +378,11 @@ impl<B: Clone> WebhookWorker<B> {
             });
         }
         let mut delivery = match &self.client {
-            Some(client) => HttpDelivery::with_client(client.clone()).egress(self.egress.clone()),
-            None => HttpDelivery::with_egress(self.egress.clone())?,
+            ClientSource::Default => HttpDelivery::with_egress(self.egress.clone())?,
+            ClientSource::Guarded(make) => HttpDelivery::from_builder(make(), self.egress.clone())?,
+            ClientSource::Unguarded(client) => {
+                HttpDelivery::with_unguarded_client(client.clone()).egress(self.egress.clone())
+            }
         };
         if let Some(limit) = self.max_response_bytes {
             delivery = delivery.max_response_bytes(limit);

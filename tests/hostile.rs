@@ -216,3 +216,29 @@ async fn endless_headers_are_refused_not_buffered() {
     let written = hostile.written();
     assert!(written < MAX_BYTES_TAKEN, "the receiver got {written} bytes taken in");
 }
+
+/// A receiver that answers `100 Continue` forever and never sends a final status. hyper skips
+/// interim (1xx) responses while it waits for the final head, and reqwest 0.12 offers no hook
+/// that sees those bytes (its connector layers must return its own sealed connection type,
+/// and request extensions, where hyper's `on_informational` callback would go, are not passed
+/// to hyper), so the response cap cannot count them: the attempt is bounded by its timeout
+/// instead, and memory stays flat (each interim head is parsed and dropped).
+///
+/// The test pins that bound: the attempt ends at its timeout with a typed transport timeout,
+/// and the sender closes the connection. It prints how many bytes the receiver pushed, the
+/// measure of what a 1xx flood costs per attempt-second.
+#[tokio::test]
+async fn an_endless_stream_of_100_continue_ends_at_the_timeout() {
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(1024);
+    let mut hostile = Hostile::sending(b"HTTP/1.1 100 Continue\r\n\r\n", interim, None).await;
+    let timeout = Duration::from_secs(2);
+    let result = attempt(&hostile.url, timeout).await;
+    assert_timed_out(&result);
+    hostile.wait_closed().await;
+    let written = hostile.written();
+    eprintln!(
+        "100 Continue flood: {written} bytes ({:.1} MiB) written in a {timeout:?} attempt",
+        written as f64 / (1024.0 * 1024.0)
+    );
+    assert!(written > 0, "the receiver wrote nothing: the test measures nothing");
+}

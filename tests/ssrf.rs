@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use apalis_webhooks::{
     AttemptResult, DeadLetterReason, DeliveryRequest, HttpDelivery, Secret, WebhookSubscription,
-    ssrf::{EgressPolicy, GuardedResolver},
+    ssrf::{AddressClass, EgressPolicy, GuardedResolver, classify},
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
@@ -114,21 +114,12 @@ impl Resolve for Rebinding {
 }
 
 async fn send_through(policy: EgressPolicy, receiver: &Receiver, url: &str) -> AttemptResult {
-    let resolver = GuardedResolver::with_inner(policy.clone(), Arc::new(Rebinding(receiver.addr)));
-    let client = reqwest::Client::builder()
-        .dns_resolver(Arc::new(resolver))
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let resolver = GuardedResolver::with_inner(policy, Arc::new(Rebinding(receiver.addr)));
+    let delivery = HttpDelivery::from_builder_with_resolver(reqwest::Client::builder(), resolver).unwrap();
     let job = WebhookSubscription::new(url, Secret::generate())
         .job("ssrf.rebind", &1)
         .unwrap();
-    HttpDelivery::with_client(client)
-        .egress(policy)
-        .oneshot(DeliveryRequest::new(Arc::new(job)))
-        .await
-        .unwrap()
+    delivery.oneshot(DeliveryRequest::new(Arc::new(job))).await.unwrap()
 }
 
 #[tokio::test]
@@ -172,4 +163,145 @@ async fn redirects_are_not_followed() {
     worker.stop().await;
     assert_eq!(dead_letter.record.status, Some(307));
     assert!(matches!(elsewhere.requests.try_recv(), Err(TryRecvError::Empty)));
+}
+
+/// A client builder of the app's own gets the guard applied on top: a redirect policy of its
+/// own is replaced (no redirects), so a receiver on an allowed host cannot bounce the signed
+/// payload to an internal address.
+#[tokio::test]
+async fn a_custom_client_builder_keeps_the_guard() {
+    let mut internal = Receiver::answering(204).await;
+    let target = format!("http://{}/internal-admin", internal.addr);
+    let mut receiver = Receiver::start(move |_, _| (307, vec![("location", target.clone())])).await;
+    let db = Db::new().await;
+    let mut worker = RunningWorker::start_with(&db.pool, "w-builder", |builder| {
+        builder
+            .egress(EgressPolicy::default().allow_host("localhost"))
+            .http_client(|| reqwest::Client::builder().redirect(reqwest::redirect::Policy::limited(10)))
+    });
+    let url = format!("http://localhost:{}/hook", receiver.addr.port());
+    let id = WebhookSubscription::new(url, Secret::generate())
+        .dispatch(&mut db.storage(), "builder.redirect", &1)
+        .await
+        .unwrap();
+    receiver.next().await;
+    let seen = worker.next_for(id.as_str()).await;
+    worker.stop().await;
+    let Seen::Dead { dead_letter, .. } = seen else {
+        panic!("a redirect is not a delivery: {seen:?}");
+    };
+    assert_eq!(dead_letter.record.status, Some(307));
+    assert!(
+        matches!(internal.requests.try_recv(), Err(TryRecvError::Empty)),
+        "the redirect to 127.0.0.1 was followed"
+    );
+
+    // And its resolver is the guarded one: `localhost` is refused under the default policy.
+    let mut worker = RunningWorker::start_with(&db.pool, "w-builder-default", |builder| {
+        builder
+            .egress(EgressPolicy::default())
+            .http_client(reqwest::Client::builder)
+    });
+    let url = format!("http://localhost:{}/hook", internal.addr.port());
+    let id = WebhookSubscription::new(url, Secret::generate())
+        .dispatch(&mut db.storage(), "builder.localhost", &1)
+        .await
+        .unwrap();
+    let seen = worker.next_for(id.as_str()).await;
+    worker.stop().await;
+    let Seen::Dead { dead_letter, .. } = seen else {
+        panic!("localhost was not refused: {seen:?}");
+    };
+    assert_eq!(dead_letter.reason, DeadLetterReason::Fatal);
+    assert!(dead_letter.record.error.unwrap().contains("loopback"));
+    assert!(matches!(internal.requests.try_recv(), Err(TryRecvError::Empty)));
+}
+
+/// The backstop: a finished client without the guard's resolver still cannot make a delivery
+/// of a peer the policy refuses. The receiver does get the request (nothing checked the name
+/// before connecting), but the attempt is refused and dead-lettered, not delivered or retried.
+#[tokio::test]
+async fn an_unguarded_client_is_refused_by_peer_address() {
+    let mut receiver = Receiver::answering(204).await;
+    let db = Db::new().await;
+    let mut worker = RunningWorker::start_with(&db.pool, "w-unguarded", |builder| {
+        builder
+            .egress(EgressPolicy::default())
+            .unguarded_http_client(reqwest::Client::new())
+    });
+    let url = format!("http://localhost:{}/hook", receiver.addr.port());
+    let id = WebhookSubscription::new(url, Secret::generate())
+        .dispatch(&mut db.storage(), "unguarded", &1)
+        .await
+        .unwrap();
+    let seen = worker.next_for(id.as_str()).await;
+    worker.stop().await;
+    let Seen::Dead { dead_letter, .. } = seen else {
+        panic!("a loopback peer was delivered to: {seen:?}");
+    };
+    assert_eq!(dead_letter.reason, DeadLetterReason::Fatal);
+    assert_eq!(dead_letter.record.status, None);
+    let error = dead_letter.record.error.unwrap();
+    assert!(error.starts_with("refused: ") && error.contains("loopback"), "{error}");
+    assert_eq!(db.rows().await.len(), 1, "no retry stored");
+    receiver.next().await;
+}
+
+/// IPv6 transition ranges: the IPv4 address a 6to4 or IPv4-translated address carries is
+/// judged as IPv4; ranges whose IPv4 address cannot be read reliably are refused. Address
+/// classification only: nothing is connected to.
+#[test]
+fn transition_ranges_carry_no_internal_address_past_the_guard() {
+    let cases = [
+        // 6to4: the IPv4 address is bits 16..48.
+        ("2002:7f00:1::1", AddressClass::Loopback),
+        ("2002:a9fe:a9fe::", AddressClass::LinkLocal),
+        ("2002:c0a8:0101:5::9", AddressClass::Private),
+        ("2002:0a00:0001::", AddressClass::Private),
+        ("2002::", AddressClass::Unspecified),
+        ("2002:0808:0808::1", AddressClass::Public),
+        // IPv4-translated (SIIT).
+        ("::ffff:0:127.0.0.1", AddressClass::Loopback),
+        ("::ffff:0:169.254.169.254", AddressClass::LinkLocal),
+        ("::ffff:0:8.8.8.8", AddressClass::Public),
+        // Refused outright.
+        ("2001::1", AddressClass::Reserved),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", AddressClass::Reserved),
+        ("64:ff9b:1::a9fe:a9fe", AddressClass::Reserved),
+        ("64:ff9b:1:ffff::1", AddressClass::Reserved),
+        ("100::1", AddressClass::Reserved),
+        ("100::ffff:ffff:ffff:ffff", AddressClass::Reserved),
+        ("192.88.99.1", AddressClass::Reserved),
+        ("2001:2::1", AddressClass::Reserved),
+        ("2001:10::1", AddressClass::Reserved),
+        ("2001:2f::1", AddressClass::Reserved),
+        ("3fff::1", AddressClass::Reserved),
+        ("3fff:fff::1", AddressClass::Reserved),
+        ("5f00::1", AddressClass::Reserved),
+        // Neighbours stay public.
+        ("100:0:0:1::1", AddressClass::Public),
+        ("64:ff9b:2::1", AddressClass::Public),
+        ("2001:1::1", AddressClass::Public),
+        ("2001:3::1", AddressClass::Public),
+        ("2001:30::1", AddressClass::Public),
+        ("2001:4860:4860::8888", AddressClass::Public),
+        ("2003::1", AddressClass::Public),
+        ("3fff:1000::1", AddressClass::Public),
+        ("192.88.98.1", AddressClass::Public),
+        ("192.88.100.1", AddressClass::Public),
+    ];
+    let policy = EgressPolicy::default();
+    for (text, expected) in cases {
+        let ip: std::net::IpAddr = text.parse().unwrap();
+        assert_eq!(classify(ip), expected, "{text}");
+        assert_eq!(
+            policy.check("example.com", ip).is_ok(),
+            expected == AddressClass::Public,
+            "{text}"
+        );
+    }
+    // An allowance covers the embedded form too, as for IPv4-mapped addresses.
+    let loopback = EgressPolicy::default().allow_loopback();
+    assert!(loopback.check("x", "2002:7f00:1::1".parse().unwrap()).is_ok());
+    assert!(loopback.check("x", "2002:a9fe:a9fe::".parse().unwrap()).is_err());
 }

@@ -1,8 +1,12 @@
 //! [`classify`]: which kind of address an IP is, as far as delivering webhooks to it goes.
 //!
-//! IPv4 addresses embedded in IPv6 (IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`,
-//! NAT64 `64:ff9b::a.b.c.d`) are classified as the IPv4 address they carry, so
-//! `::ffff:169.254.169.254` is as refused as `169.254.169.254`.
+//! IPv4 addresses embedded in IPv6 (IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated
+//! `::ffff:0:a.b.c.d`, IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4
+//! `2002:AABB:CCDD::/48`) are classified as the IPv4 address they carry, so
+//! `::ffff:169.254.169.254` and `2002:a9fe:a9fe::1` are as refused as `169.254.169.254`.
+//! Transition ranges whose IPv4 address cannot be read reliably (Teredo `2001::/32`, whose
+//! client address is obfuscated and whose server decides the route; NAT64 local-use
+//! `64:ff9b:1::/48`, whose prefix length is the operator's choice) are refused as reserved.
 
 use std::{
     fmt,
@@ -29,9 +33,12 @@ pub enum AddressClass {
     Multicast,
     /// `255.255.255.255`.
     Broadcast,
-    /// Documentation, benchmarking, IETF protocol assignments and reserved ranges
-    /// (`192.0.0/24`, `192.0.2/24`, `198.18/15`, `198.51.100/24`, `203.0.113/24`, `240/4`,
-    /// `2001:db8::/32`, the deprecated site-local `fec0::/10`).
+    /// Documentation, benchmarking, IETF protocol assignments, transition mechanisms and
+    /// reserved ranges (`192.0.0/24`, `192.0.2/24`, the 6to4 relay anycast `192.88.99/24`,
+    /// `198.18/15`, `198.51.100/24`, `203.0.113/24`, `240/4`, the discard-only `100::/64`,
+    /// Teredo `2001::/32`, benchmarking `2001:2::/48`, ORCHID `2001:10::/28` and
+    /// `2001:20::/28`, `2001:db8::/32` and `3fff::/20`, NAT64 local-use `64:ff9b:1::/48`, SRv6
+    /// SIDs `5f00::/16`, the deprecated site-local `fec0::/10`).
     Reserved,
 }
 
@@ -79,9 +86,13 @@ fn classify_v4(ip: Ipv4Addr) -> AddressClass {
         (169, 254, _) => AddressClass::LinkLocal,
         (100, 64..=127, _) => AddressClass::SharedAddressSpace,
         (224..=239, _, _) => AddressClass::Multicast,
-        (192, 0, 0) | (192, 0, 2) | (198, 18..=19, _) | (198, 51, 100) | (203, 0, 113) | (240..=255, _, _) => {
-            AddressClass::Reserved
-        }
+        (192, 0, 0)
+        | (192, 0, 2)
+        | (192, 88, 99)
+        | (198, 18..=19, _)
+        | (198, 51, 100)
+        | (203, 0, 113)
+        | (240..=255, _, _) => AddressClass::Reserved,
         _ => AddressClass::Public,
     }
 }
@@ -95,18 +106,37 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
         0xfc00..=0xfdff => AddressClass::Private,
         0xfe80..=0xfebf => AddressClass::LinkLocal,
         0xfec0..=0xfeff => AddressClass::Reserved,
+        // Discard-only (RFC 6666).
+        0x0100 if segments[1..4] == [0, 0, 0] => AddressClass::Reserved,
+        // NAT64 local-use (RFC 8215): where the IPv4 address sits depends on the operator.
+        0x0064 if segments[1] == 0xff9b && segments[2] == 1 => AddressClass::Reserved,
+        // Teredo (its server and obfuscated client are IPv4, routed through a relay).
+        0x2001 if segments[1] == 0 => AddressClass::Reserved,
+        // Benchmarking.
+        0x2001 if segments[1] == 2 && segments[2] == 0 => AddressClass::Reserved,
+        // ORCHID and ORCHIDv2, `2001:10::/28` and `2001:20::/28`.
+        0x2001 if matches!(segments[1] & 0xfff0, 0x0010 | 0x0020) => AddressClass::Reserved,
+        // Documentation, `2001:db8::/32` and `3fff::/20`.
         0x2001 if segments[1] == 0x0db8 => AddressClass::Reserved,
+        0x3fff if segments[1] < 0x1000 => AddressClass::Reserved,
+        // SRv6 segment identifiers.
+        0x5f00 => AddressClass::Reserved,
         _ => AddressClass::Public,
     }
 }
 
-/// The IPv4 address an IPv6 address carries: IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible
-/// (`::/96`, deprecated but still routed by some stacks) and NAT64 (`64:ff9b::/96`).
+/// The IPv4 address an IPv6 address carries: IPv4-mapped (`::ffff:0:0/96`), IPv4-translated
+/// (`::ffff:0:0:0/96`), IPv4-compatible (`::/96`, deprecated but still routed by some stacks),
+/// NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`, the IPv4 address in bits 16..48).
 pub(super) fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = |high: u16, low: u16| Ipv4Addr::new((high >> 8) as u8, high as u8, (low >> 8) as u8, low as u8);
+    let tail = v4(s[6], s[7]);
+    if s[0] == 0x2002 {
+        return Some(v4(s[1], s[2]));
+    }
     match s[..6] {
-        [0, 0, 0, 0, 0, 0xffff] => Some(tail),
+        [0, 0, 0, 0, 0, 0xffff] | [0, 0, 0, 0, 0xffff, 0] => Some(tail),
         // `::` and `::1` are IPv6's own unspecified and loopback addresses.
         [0, 0, 0, 0, 0, 0] if !ip.is_unspecified() && !ip.is_loopback() => Some(tail),
         [0x64, 0xff9b, 0, 0, 0, 0] => Some(tail),

@@ -13,8 +13,11 @@ use super::policy::{EgressPolicy, EgressRefused};
 /// a name is refused, resolution fails with [`EgressRefused`] and the delivery is
 /// dead-lettered with that reason.
 ///
-/// [`HttpDelivery`](crate::HttpDelivery) installs it on its own client. If you bring your own
-/// client, install it there too, and turn off proxies (a proxy would connect for you):
+/// [`HttpDelivery`](crate::HttpDelivery) installs it on its own client, and on clients built
+/// from your builder ([`WebhookWorker::http_client`](crate::WebhookWorker::http_client),
+/// [`HttpDelivery::from_builder`](crate::HttpDelivery::from_builder)). A finished client of your
+/// own is used without it only through the explicit `unguarded` constructors; if you build one,
+/// install it there too, and turn off proxies (a proxy would connect for you):
 ///
 /// ```
 /// use std::sync::Arc;
@@ -38,6 +41,11 @@ impl GuardedResolver {
     /// Resolves with the system resolver (`getaddrinfo`, as reqwest does by default).
     pub fn new(policy: EgressPolicy) -> Self {
         Self { policy, inner: None }
+    }
+
+    /// The policy this resolver filters with.
+    pub fn policy(&self) -> &EgressPolicy {
+        &self.policy
     }
 
     /// Resolves with `inner` (hickory-dns, a caching resolver, a test double) and filters its
