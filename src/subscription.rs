@@ -170,6 +170,12 @@ pub enum DispatchError {
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
+    /// The ordering key is empty, too long, or has characters other than visible ASCII.
+    #[error("invalid ordering key: {0}")]
+    InvalidOrderingKey(&'static str),
+    /// The rate-limit key is empty, too long, or has characters other than visible ASCII.
+    #[error("invalid rate-limit key: {0}")]
+    InvalidRateLimitKey(&'static str),
     /// The tenant is empty, longer than 256 bytes, or has control characters.
     #[error("invalid tenant: {0}")]
     InvalidTenant(&'static str),
@@ -386,17 +392,17 @@ impl WebhookSubscription {
         validate_event_type(event_type)?;
         self.validate_headers()?;
         if let Some(key) = &self.rate_limit_key {
-            validate_key_id(key)?;
+            check_key(key).map_err(DispatchError::InvalidRateLimitKey)?;
         }
         if let Some(key) = &self.ordering_key {
-            validate_key_id(key)?;
+            check_key(key).map_err(DispatchError::InvalidOrderingKey)?;
         }
         if let Some(tenant) = &self.tenant {
             validate_tenant(tenant)?;
         }
         match &self.key_id {
             Some(key_id) => {
-                validate_key_id(key_id)?;
+                check_key(key_id).map_err(DispatchError::InvalidKeyId)?;
                 // Inline secrets next to a key id are optional, but must be usable.
                 if !self.secrets.is_empty() {
                     self.scheme.check_signing_secrets(&self.secrets)?;
@@ -570,15 +576,17 @@ fn enveloped(event_type: &str, body: &str) -> Result<String, DispatchError> {
     ))
 }
 
-fn validate_key_id(key_id: &str) -> Result<(), DispatchError> {
-    if key_id.is_empty() {
-        return Err(DispatchError::InvalidKeyId("empty"));
+/// What is wrong with a key id, ordering key or rate-limit key: the caller's error variant
+/// names which one.
+fn check_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("empty");
     }
-    if key_id.len() > MAX_KEY_ID_LEN {
-        return Err(DispatchError::InvalidKeyId("longer than 256 bytes"));
+    if key.len() > MAX_KEY_ID_LEN {
+        return Err("longer than 256 bytes");
     }
-    if !key_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(DispatchError::InvalidKeyId("only visible ASCII is allowed"));
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("only visible ASCII is allowed");
     }
     Ok(())
 }
@@ -742,6 +750,16 @@ mod tests {
             assert!(matches!(
                 WebhookSubscription::with_key_id("https://e.com", bad).job("a", &1),
                 Err(DispatchError::InvalidKeyId(_))
+            ));
+            // Each key is named by its own error.
+            let inline = WebhookSubscription::new("https://e.com", crate::Secret::generate());
+            assert!(matches!(
+                inline.clone().ordering_key(bad).job("a", &1),
+                Err(DispatchError::InvalidOrderingKey(_))
+            ));
+            assert!(matches!(
+                inline.rate_limit_key(bad).job("a", &1),
+                Err(DispatchError::InvalidRateLimitKey(_))
             ));
         }
         assert!(matches!(
