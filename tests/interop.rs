@@ -23,7 +23,11 @@ fn python_libraries_available() -> bool {
     if !available {
         let why = "python3 cannot import standardwebhooks and stripe";
         if std::env::var_os("SKIP_INTEROP").is_some() {
-            eprintln!("NOTICE: interop with the official Python libraries SKIPPED (SKIP_INTEROP is set): {why}");
+            // Past the harness's capture: a skip must be seen even though the test passes.
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTICE: interop with the official Python libraries SKIPPED (SKIP_INTEROP is set): {why}"
+            );
             return false;
         }
         panic!("{why}\n`pip install standardwebhooks stripe`, or set SKIP_INTEROP=1 to skip this test with a notice");

@@ -84,7 +84,9 @@ fn skipping() -> bool {
 fn not_reachable(test: &str, service: &str, var: &str, url: &str, error: &str, start: &str) -> Option<String> {
     let url = redacted(url);
     if skipping() {
-        eprintln!("NOTICE: {test} SKIPPED: {service} is not reachable at {url} ({error}); SKIP_BACKEND_TESTS is set");
+        notice(format_args!(
+            "NOTICE: {test} SKIPPED: {service} is not reachable at {url} ({error}); SKIP_BACKEND_TESTS is set"
+        ));
         return None;
     }
     panic!(
@@ -109,4 +111,11 @@ fn redacted(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Prints `line` to stderr past the test harness's capture, so that a skip is seen even when the
+/// test passes.
+fn notice(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
