@@ -33,7 +33,7 @@ fn filters(list: &[&str]) -> Vec<EventFilter> {
 /// A Postgres registry in a table of its own, or `None` (with a notice) when Postgres is
 /// unreachable and `SKIP_BACKEND_TESTS=1`.
 async fn postgres_registry(test: &str) -> Option<PostgresRegistry> {
-    let url = common::services::postgres_url(test).await?;
+    let url = harness::services::postgres_url(test).await?;
     let pool = apalis_webhooks::backend::postgres::connect(&url).await.unwrap();
     let table = format!("endpoints_{}", ulid::Ulid::new().to_string().to_lowercase());
     let registry = PostgresRegistry::new(pool).with_table(&table).unwrap();

@@ -5,6 +5,8 @@
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
+#[path = "common/services.rs"]
+mod services;
 
 use std::{
     collections::HashMap,
@@ -146,9 +148,7 @@ macro_rules! spawn_postgres_worker {
 /// which ran the attempt again at once, again and again.
 #[tokio::test]
 async fn postgres_a_failed_store_after_the_request_does_not_repeat_it() {
-    let Some(url) =
-        common::services::postgres_url("postgres_a_failed_store_after_the_request_does_not_repeat_it").await
-    else {
+    let Some(url) = services::postgres_url("postgres_a_failed_store_after_the_request_does_not_repeat_it").await else {
         return;
     };
     let direct = postgres::connect(&url).await.unwrap();
@@ -223,7 +223,7 @@ async fn deliver_across_a_cut<S, K>(
 /// dispatched once it is back. On main it ended with `PollNextError` and never came back.
 #[tokio::test]
 async fn postgres_worker_outlives_an_outage() {
-    let Some(url) = common::services::postgres_url("postgres_worker_outlives_an_outage").await else {
+    let Some(url) = services::postgres_url("postgres_worker_outlives_an_outage").await else {
         return;
     };
     let direct = postgres::connect(&url).await.unwrap();
@@ -243,7 +243,7 @@ async fn postgres_worker_outlives_an_outage() {
 /// The same on Redis.
 #[tokio::test]
 async fn redis_worker_outlives_an_outage() {
-    let Some(url) = common::services::redis_url("redis_worker_outlives_an_outage").await else {
+    let Some(url) = services::redis_url("redis_worker_outlives_an_outage").await else {
         return;
     };
     let direct = redis::connect(&url).await.unwrap();
@@ -318,7 +318,7 @@ async fn busy_workers_deliver_once<S, K>(
 /// slots were full stopped beating while fetched tasks waited, and its peer sent them again.
 #[tokio::test]
 async fn postgres_busy_workers_are_not_taken_for_dead() {
-    let Some(url) = common::services::postgres_url("postgres_busy_workers_are_not_taken_for_dead").await else {
+    let Some(url) = services::postgres_url("postgres_busy_workers_are_not_taken_for_dead").await else {
         return;
     };
     let pool = postgres::connect(&url).await.unwrap();
@@ -337,7 +337,7 @@ async fn postgres_busy_workers_are_not_taken_for_dead() {
 /// The same on Redis, whose heartbeats apalis also wrote only between fetches.
 #[tokio::test]
 async fn redis_busy_workers_are_not_taken_for_dead() {
-    let Some(url) = common::services::redis_url("redis_busy_workers_are_not_taken_for_dead").await else {
+    let Some(url) = services::redis_url("redis_busy_workers_are_not_taken_for_dead").await else {
         return;
     };
     let conn = redis::connect(&url).await.unwrap();
@@ -361,7 +361,7 @@ async fn redis_busy_workers_are_not_taken_for_dead() {
 /// than held by a live worker for good.
 #[tokio::test]
 async fn redis_a_task_a_lost_fetch_locked_is_put_back() {
-    let Some(url) = common::services::redis_url("redis_a_task_a_lost_fetch_locked_is_put_back").await else {
+    let Some(url) = services::redis_url("redis_a_task_a_lost_fetch_locked_is_put_back").await else {
         return;
     };
     let direct = redis::connect(&url).await.unwrap();
@@ -421,7 +421,7 @@ async fn redis_a_task_a_lost_fetch_locked_is_put_back() {
 /// was lost.
 #[tokio::test]
 async fn postgres_a_task_a_lost_fetch_locked_is_put_back() {
-    let Some(url) = common::services::postgres_url("postgres_a_task_a_lost_fetch_locked_is_put_back").await else {
+    let Some(url) = services::postgres_url("postgres_a_task_a_lost_fetch_locked_is_put_back").await else {
         return;
     };
     let direct = postgres::connect(&url).await.unwrap();
@@ -543,7 +543,7 @@ async fn sqlite_worker_is_restarted_after_a_database_error() {
 /// would otherwise be taken for dead while it still delivers.
 #[tokio::test]
 async fn the_orphan_window_must_outlast_the_longest_attempt() {
-    let Some(url) = common::services::postgres_url("the_orphan_window_must_outlast_the_longest_attempt").await else {
+    let Some(url) = services::postgres_url("the_orphan_window_must_outlast_the_longest_attempt").await else {
         return;
     };
     let pool = postgres::connect(&url).await.unwrap();

@@ -2,7 +2,7 @@
 //!
 //! Postgres and Redis tests use `TEST_POSTGRES_URL` / `TEST_REDIS_URL`, by default the local
 //! servers, and fail when these are unreachable unless `SKIP_BACKEND_TESTS=1` is set (see
-//! `common::services`). Every test gets its own queue, hence its own rows and keys, so tests run
+//! `services.rs`). Every test gets its own queue, hence its own rows and keys, so tests run
 //! in parallel on one server.
 #![allow(dead_code)]
 
@@ -14,6 +14,10 @@ use apalis_webhooks::{
     backend::{memory, postgres, redis, sqlite, worker_name},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
+
+// Relative to this file, which tests and benches both include.
+#[path = "services.rs"]
+pub mod services;
 
 /// Runs `worker` until `stop` fires.
 macro_rules! spawn_until {
@@ -197,7 +201,7 @@ impl TestBackend for Postgres {
     type Sink = postgres::PostgresSink;
 
     async fn open(test: &str) -> Option<Self> {
-        let url = crate::common::services::postgres_url(test).await?;
+        let url = services::postgres_url(test).await?;
         Some(Self {
             pool: postgres::connect(&url).await.unwrap(),
             queue: unique_queue(test),
@@ -252,7 +256,7 @@ impl TestBackend for Redis {
     type Sink = redis::RedisSink;
 
     async fn open(test: &str) -> Option<Self> {
-        let url = crate::common::services::redis_url(test).await?;
+        let url = services::redis_url(test).await?;
         Some(Self {
             conn: redis::connect(&url).await.unwrap(),
             queue: unique_queue(test),

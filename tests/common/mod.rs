@@ -1,8 +1,6 @@
 //! Shared test parts: a scripted HTTP receiver on 127.0.0.1, a SQLite file, a running worker.
 #![allow(dead_code)]
 
-pub mod services;
-
 use std::{
     net::SocketAddr,
     sync::{
