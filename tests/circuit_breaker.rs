@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/deferrals.rs"]
 mod deferrals;
+#[path = "common/services.rs"]
+mod services;
 
 use std::{
     sync::{
@@ -142,8 +144,7 @@ async fn a_failing_endpoint_opens_probes_and_closes_while_a_healthy_one_is_deliv
 
 #[tokio::test]
 async fn a_shared_breaker_is_seen_by_a_restarted_worker() {
-    let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
-        eprintln!("SKIPPED shared circuit breaker test: set TEST_REDIS_URL to run it (.ci/run does)");
+    let Some(redis_url) = services::redis_url("a_shared_breaker_is_seen_by_a_restarted_worker").await else {
         return;
     };
     let db = Db::new().await;

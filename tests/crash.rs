@@ -19,6 +19,8 @@ use tokio::{
 
 #[path = "common/dispatch.rs"]
 mod dispatch;
+#[path = "common/services.rs"]
+mod services;
 
 use dispatch::{dispatch_binary, report};
 
@@ -112,11 +114,8 @@ fn spawn_dispatch_with_stderr(
 
 /// Kills the first process once it has enqueued every event and half are delivered, then lets `drainer` (already
 /// running, or started then) finish the queue, and checks the ledger.
-async fn killed_worker_loses_nothing(backend: &str, url_var: &str, second_worker_alongside: bool) {
-    let Ok(database_url) = std::env::var(url_var) else {
-        eprintln!("SKIPPED crash test on {backend}: set {url_var} to run it (.ci/run does)");
-        return;
-    };
+async fn killed_worker_loses_nothing(backend: &str, database_url: Option<String>, second_worker_alongside: bool) {
+    let Some(database_url) = database_url else { return };
     let queue = format!("t-crash-{}", ulid::Ulid::new());
     let (target, receiver, mut delivered) = start_receiver().await;
 
@@ -175,15 +174,30 @@ async fn killed_worker_loses_nothing(backend: &str, url_var: &str, second_worker
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_worker_killed_mid_run_loses_nothing() {
-    killed_worker_loses_nothing("postgres", "TEST_POSTGRES_URL", false).await;
+    killed_worker_loses_nothing(
+        "postgres",
+        services::postgres_url("postgres_worker_killed_mid_run_loses_nothing").await,
+        false,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_worker_killed_mid_run_loses_nothing() {
-    killed_worker_loses_nothing("redis", "TEST_REDIS_URL", false).await;
+    killed_worker_loses_nothing(
+        "redis",
+        services::redis_url("redis_worker_killed_mid_run_loses_nothing").await,
+        false,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_postgres_workers_one_killed_lose_nothing() {
-    killed_worker_loses_nothing("postgres", "TEST_POSTGRES_URL", true).await;
+    killed_worker_loses_nothing(
+        "postgres",
+        services::postgres_url("two_postgres_workers_one_killed_lose_nothing").await,
+        true,
+    )
+    .await;
 }

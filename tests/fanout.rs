@@ -30,12 +30,10 @@ fn filters(list: &[&str]) -> Vec<EventFilter> {
     list.iter().map(|f| f.parse().unwrap()).collect()
 }
 
-/// A Postgres registry in a table of its own, or `None` (with a notice) without Postgres.
+/// A Postgres registry in a table of its own, or `None` (with a notice) when Postgres is
+/// unreachable and `SKIP_BACKEND_TESTS=1`.
 async fn postgres_registry(test: &str) -> Option<PostgresRegistry> {
-    let Ok(url) = std::env::var("TEST_POSTGRES_URL") else {
-        eprintln!("SKIPPED {test}: set TEST_POSTGRES_URL to run it (.ci/run does)");
-        return None;
-    };
+    let url = harness::services::postgres_url(test).await?;
     let pool = apalis_webhooks::backend::postgres::connect(&url).await.unwrap();
     let table = format!("endpoints_{}", ulid::Ulid::new().to_string().to_lowercase());
     let registry = PostgresRegistry::new(pool).with_table(&table).unwrap();

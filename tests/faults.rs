@@ -5,6 +5,8 @@
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
+#[path = "common/services.rs"]
+mod services;
 
 use std::{
     collections::HashMap,
@@ -27,14 +29,6 @@ use tokio::{
 };
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-fn postgres_url() -> String {
-    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
 
 fn unique_queue(test: &str) -> String {
     format!("t-{test}-{}", ulid::Ulid::new())
@@ -154,9 +148,12 @@ macro_rules! spawn_postgres_worker {
 /// which ran the attempt again at once, again and again.
 #[tokio::test]
 async fn postgres_a_failed_store_after_the_request_does_not_repeat_it() {
-    let direct = postgres::connect(&postgres_url()).await.unwrap();
-    let proxy = TcpProxy::start(upstream(&postgres_url())).await;
-    let through_proxy = postgres::connect(&proxy.url(&postgres_url())).await.unwrap();
+    let Some(url) = services::postgres_url("postgres_a_failed_store_after_the_request_does_not_repeat_it").await else {
+        return;
+    };
+    let direct = postgres::connect(&url).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&url)).await;
+    let through_proxy = postgres::connect(&proxy.url(&url)).await.unwrap();
     let queue = unique_queue("store-fails");
     let storage = postgres::PostgresStorage::<WebhookJob>::new(&direct).with_config(postgres::config().queue(&queue));
     // The worker fetches directly; its pushes of next attempts go through the proxy.
@@ -226,9 +223,12 @@ async fn deliver_across_a_cut<S, K>(
 /// dispatched once it is back. On main it ended with `PollNextError` and never came back.
 #[tokio::test]
 async fn postgres_worker_outlives_an_outage() {
-    let direct = postgres::connect(&postgres_url()).await.unwrap();
-    let proxy = TcpProxy::start(upstream(&postgres_url())).await;
-    let through_proxy = postgres::connect(&proxy.url(&postgres_url())).await.unwrap();
+    let Some(url) = services::postgres_url("postgres_worker_outlives_an_outage").await else {
+        return;
+    };
+    let direct = postgres::connect(&url).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&url)).await;
+    let through_proxy = postgres::connect(&proxy.url(&url)).await.unwrap();
     let queue = unique_queue("pg-outage");
     let direct_sink = postgres::PostgresSink::new(
         &postgres::PostgresStorage::<WebhookJob>::new(&direct).with_config(postgres::config().queue(&queue)),
@@ -243,9 +243,12 @@ async fn postgres_worker_outlives_an_outage() {
 /// The same on Redis.
 #[tokio::test]
 async fn redis_worker_outlives_an_outage() {
-    let direct = redis::connect(&redis_url()).await.unwrap();
-    let proxy = TcpProxy::start(upstream(&redis_url())).await;
-    let through_proxy = redis::connect(&proxy.url(&redis_url())).await.unwrap();
+    let Some(url) = services::redis_url("redis_worker_outlives_an_outage").await else {
+        return;
+    };
+    let direct = redis::connect(&url).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&url)).await;
+    let through_proxy = redis::connect(&proxy.url(&url)).await.unwrap();
     let queue = unique_queue("redis-outage");
     let direct_sink =
         redis::RedisSink::new(&redis::RedisStorage::new(direct).with_config(redis::config().queue(&queue)));
@@ -315,7 +318,10 @@ async fn busy_workers_deliver_once<S, K>(
 /// slots were full stopped beating while fetched tasks waited, and its peer sent them again.
 #[tokio::test]
 async fn postgres_busy_workers_are_not_taken_for_dead() {
-    let pool = postgres::connect(&postgres_url()).await.unwrap();
+    let Some(url) = services::postgres_url("postgres_busy_workers_are_not_taken_for_dead").await else {
+        return;
+    };
+    let pool = postgres::connect(&url).await.unwrap();
     // A short orphan window keeps the test short: 8 × 1 s, above the 2 s attempt cap + 5 s.
     let config = postgres::config()
         .queue(unique_queue("busy"))
@@ -331,7 +337,10 @@ async fn postgres_busy_workers_are_not_taken_for_dead() {
 /// The same on Redis, whose heartbeats apalis also wrote only between fetches.
 #[tokio::test]
 async fn redis_busy_workers_are_not_taken_for_dead() {
-    let conn = redis::connect(&redis_url()).await.unwrap();
+    let Some(url) = services::redis_url("redis_busy_workers_are_not_taken_for_dead").await else {
+        return;
+    };
+    let conn = redis::connect(&url).await.unwrap();
     let config = redis::config()
         .queue(unique_queue("redis-busy"))
         .heartbeat_interval(Duration::from_secs(1))
@@ -352,9 +361,12 @@ async fn redis_busy_workers_are_not_taken_for_dead() {
 /// than held by a live worker for good.
 #[tokio::test]
 async fn redis_a_task_a_lost_fetch_locked_is_put_back() {
-    let direct = redis::connect(&redis_url()).await.unwrap();
-    let proxy = TcpProxy::start(upstream(&redis_url())).await;
-    let through_proxy = redis::connect(&proxy.url(&redis_url())).await.unwrap();
+    let Some(url) = services::redis_url("redis_a_task_a_lost_fetch_locked_is_put_back").await else {
+        return;
+    };
+    let direct = redis::connect(&url).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&url)).await;
+    let through_proxy = redis::connect(&proxy.url(&url)).await.unwrap();
     // An 8 s orphan window (the reclaim's period), above the 2 s attempt cap + 5 s.
     let config = redis::config()
         .queue(unique_queue("lost-fetch"))
@@ -409,9 +421,12 @@ async fn redis_a_task_a_lost_fetch_locked_is_put_back() {
 /// was lost.
 #[tokio::test]
 async fn postgres_a_task_a_lost_fetch_locked_is_put_back() {
-    let direct = postgres::connect(&postgres_url()).await.unwrap();
-    let proxy = TcpProxy::start(upstream(&postgres_url())).await;
-    let through_proxy = postgres::connect(&proxy.url(&postgres_url())).await.unwrap();
+    let Some(url) = services::postgres_url("postgres_a_task_a_lost_fetch_locked_is_put_back").await else {
+        return;
+    };
+    let direct = postgres::connect(&url).await.unwrap();
+    let proxy = TcpProxy::start(upstream(&url)).await;
+    let through_proxy = postgres::connect(&proxy.url(&url)).await.unwrap();
     let queue = unique_queue("pg-lost-fetch");
     let config = postgres::config()
         .queue(&queue)
@@ -528,7 +543,10 @@ async fn sqlite_worker_is_restarted_after_a_database_error() {
 /// would otherwise be taken for dead while it still delivers.
 #[tokio::test]
 async fn the_orphan_window_must_outlast_the_longest_attempt() {
-    let pool = postgres::connect(&postgres_url()).await.unwrap();
+    let Some(url) = services::postgres_url("the_orphan_window_must_outlast_the_longest_attempt").await else {
+        return;
+    };
+    let pool = postgres::connect(&url).await.unwrap();
     let storage = postgres::PostgresStorage::<WebhookJob>::new(&pool).with_config(
         postgres::config()
             .queue(unique_queue("window"))

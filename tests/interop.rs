@@ -1,6 +1,6 @@
 //! Real deliveries, verified by the official Python libraries of the schemes: `standardwebhooks`
-//! (Standard Webhooks) and `stripe`. `.ci/run` installs them and sets `INTEROP_REQUIRED=1`;
-//! elsewhere the test skips with a notice when they are missing.
+//! (Standard Webhooks) and `stripe`. Without them the test fails, unless `SKIP_INTEROP=1` is
+//! set, which skips it with a notice (`.ci/run` installs them).
 
 mod common;
 
@@ -12,6 +12,8 @@ use std::{
 use apalis_webhooks::{Secret, SignatureScheme, WebhookSubscription};
 use common::{Db, Receiver, RunningWorker, Seen};
 
+/// Whether python3 can import the libraries; fails the test when it cannot, unless
+/// `SKIP_INTEROP` is set (then prints a notice and answers `false`).
 fn python_libraries_available() -> bool {
     let available = Command::new("python3")
         .args(["-c", "import standardwebhooks, stripe"])
@@ -19,11 +21,16 @@ fn python_libraries_available() -> bool {
         .status()
         .is_ok_and(|status| status.success());
     if !available {
-        assert!(
-            std::env::var_os("INTEROP_REQUIRED").is_none(),
-            "INTEROP_REQUIRED is set but python3 cannot import standardwebhooks and stripe"
-        );
-        eprintln!("SKIPPED interop: `pip install standardwebhooks stripe` to verify with the official libraries");
+        let why = "python3 cannot import standardwebhooks and stripe";
+        if std::env::var_os("SKIP_INTEROP").is_some() {
+            // Past the harness's capture: a skip must be seen even though the test passes.
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTICE: interop with the official Python libraries SKIPPED (SKIP_INTEROP is set): {why}"
+            );
+            return false;
+        }
+        panic!("{why}\n`pip install standardwebhooks stripe`, or set SKIP_INTEROP=1 to skip this test with a notice");
     }
     available
 }

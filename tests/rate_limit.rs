@@ -7,6 +7,8 @@ mod common;
 mod deferrals;
 #[path = "common/dispatch.rs"]
 mod dispatch;
+#[path = "common/services.rs"]
+mod services;
 
 use std::{
     process::Stdio,
@@ -149,8 +151,7 @@ async fn a_429_slows_the_endpoint_and_successes_bring_it_back() {
 
 #[tokio::test]
 async fn two_worker_processes_sharing_redis_stay_within_one_limit() {
-    let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
-        eprintln!("SKIPPED fleet rate-limit test: set TEST_REDIS_URL to run it (.ci/run does)");
+    let Some(redis_url) = services::redis_url("two_worker_processes_sharing_redis_stay_within_one_limit").await else {
         return;
     };
     const PER_PROCESS: usize = 60;
@@ -222,8 +223,7 @@ async fn a_huge_retry_after_is_capped_by_the_local_limiter() {
 
 #[tokio::test]
 async fn a_huge_retry_after_is_capped_by_the_shared_limiter() {
-    let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
-        eprintln!("SKIPPED shared huge Retry-After test: set TEST_REDIS_URL to run it (.ci/run does)");
+    let Some(redis_url) = services::redis_url("a_huge_retry_after_is_capped_by_the_shared_limiter").await else {
         return;
     };
     for retry_after in deferrals::HUGE_RETRY_AFTERS {

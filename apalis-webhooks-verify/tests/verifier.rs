@@ -2,6 +2,8 @@
 //! timestamp (order-independent window, inclusive edge), replay stores (in-process, shared
 //! Redis, full, failing) and the extractor's status for each failure over real HTTP.
 
+#[path = "common/services.rs"]
+mod services;
 #[path = "common/signed.rs"]
 mod signed;
 
@@ -331,8 +333,7 @@ async fn redis_store(url: &str, prefix: &str) -> RedisReplayStore {
 
 #[tokio::test]
 async fn replicas_sharing_a_redis_store_reject_what_another_accepted() {
-    let Ok(url) = std::env::var("TEST_REDIS_URL") else {
-        eprintln!("SKIPPED replicas_sharing_a_redis_store: set TEST_REDIS_URL to run it (.ci/run does)");
+    let Some(url) = services::redis_url("replicas_sharing_a_redis_store_reject_what_another_accepted").await else {
         return;
     };
     let prefix = format!("test:replay:{}:", ulid::Ulid::new());

@@ -1,8 +1,9 @@
 //! One trait over the backends, so that one test body runs on each (see tests/backends.rs).
 //!
-//! Postgres and Redis tests need `TEST_POSTGRES_URL` / `TEST_REDIS_URL` (`.ci/run` sets them);
-//! without them they print a notice and skip. Every test gets its own queue, hence its own rows
-//! and keys, so tests run in parallel on one server.
+//! Postgres and Redis tests use `TEST_POSTGRES_URL` / `TEST_REDIS_URL`, by default the local
+//! servers, and fail when these are unreachable unless `SKIP_BACKEND_TESTS=1` is set (see
+//! `services.rs`). Every test gets its own queue, hence its own rows and keys, so tests run
+//! in parallel on one server.
 #![allow(dead_code)]
 
 use std::sync::Mutex;
@@ -13,6 +14,10 @@ use apalis_webhooks::{
     backend::{memory, postgres, redis, sqlite, worker_name},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
+
+// Relative to this file, which tests and benches both include.
+#[path = "services.rs"]
+pub mod services;
 
 /// Runs `worker` until `stop` fires.
 macro_rules! spawn_until {
@@ -41,8 +46,8 @@ pub trait TestBackend: Sized + Send + Sync + 'static {
     /// Where deliveries are pushed.
     type Sink: WebhookSink<Self::Marker> + Clone + Send + Sync + 'static;
 
-    /// A fresh queue for test `test`, or `None` (with a printed notice) if the server is not
-    /// configured.
+    /// A fresh queue for test `test`, or `None` (with a printed notice) if the server is
+    /// unreachable and `SKIP_BACKEND_TESTS=1`; fails the test if it is unreachable otherwise.
     async fn open(test: &str) -> Option<Self>;
 
     fn sink(&self) -> Self::Sink;
@@ -110,16 +115,6 @@ fn parse_jobs(jobs: Vec<Vec<u8>>) -> Vec<serde_json::Value> {
 
 fn unique_queue(test: &str) -> String {
     format!("t-{test}-{}", ulid::Ulid::new())
-}
-
-fn env_or_skip(var: &str, test: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            eprintln!("SKIPPED {test}: set {var} to run it (.ci/run does)");
-            None
-        }
-    }
 }
 
 pub struct Sqlite {
@@ -206,7 +201,7 @@ impl TestBackend for Postgres {
     type Sink = postgres::PostgresSink;
 
     async fn open(test: &str) -> Option<Self> {
-        let url = env_or_skip("TEST_POSTGRES_URL", test)?;
+        let url = services::postgres_url(test).await?;
         Some(Self {
             pool: postgres::connect(&url).await.unwrap(),
             queue: unique_queue(test),
@@ -261,7 +256,7 @@ impl TestBackend for Redis {
     type Sink = redis::RedisSink;
 
     async fn open(test: &str) -> Option<Self> {
-        let url = env_or_skip("TEST_REDIS_URL", test)?;
+        let url = services::redis_url(test).await?;
         Some(Self {
             conn: redis::connect(&url).await.unwrap(),
             queue: unique_queue(test),
