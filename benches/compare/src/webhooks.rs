@@ -9,7 +9,7 @@ use apalis_webhooks::{
 use tower::ServiceBuilder;
 
 /// The service with the default layers, for a worker whose retries go to `sink`.
-pub fn service<B: Clone, K>(
+pub fn service<B: Clone + apalis_webhooks::WebhookSink<K>, K>(
     sink: B,
 ) -> WebhookService<
     apalis_webhooks::layers::CircuitBreakerService<
