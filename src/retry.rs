@@ -14,6 +14,19 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 /// 10 h, 10 h (so eight attempts in all with the default
 /// [`max_attempts`](crate::WebhookSubscription::max_attempts)), each with ±10 % jitter so that
 /// deliveries that failed together do not retry together.
+///
+/// ```
+/// use std::time::Duration;
+/// use apalis_webhooks::{RetrySchedule, WebhookSubscription};
+///
+/// // 1 s, 2 s, 4 s, … at most 10 minutes, ±20 %.
+/// let schedule = RetrySchedule::exponential(Duration::from_secs(1), 2.0, Duration::from_secs(600))
+///     .with_jitter(0.2);
+/// let subscription = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::Secret::generate())
+///     .max_attempts(12)
+///     .retry_schedule(schedule);
+/// # drop(subscription);
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]

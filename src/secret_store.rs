@@ -26,6 +26,25 @@ use apalis_webhooks_verify::Secret;
 /// with the first secret.)
 ///
 /// Implement it over your database, Vault or KMS; [`MemorySecretStore`] keeps them in memory.
+///
+/// ```
+/// use apalis_webhooks::{Secret, SecretStore, SecretStoreError};
+/// use futures::future::BoxFuture;
+///
+/// /// Secrets kept in environment variables named after the key id.
+/// struct FromEnv;
+///
+/// impl SecretStore for FromEnv {
+///     fn secrets<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<Vec<Secret>, SecretStoreError>> {
+///         Box::pin(async move {
+///             match std::env::var(format!("WEBHOOK_SECRET_{key_id}")) {
+///                 Ok(text) => Ok(vec![Secret::new(text)]),
+///                 Err(_) => Err(SecretStoreError::UnknownKey(key_id.to_owned())),
+///             }
+///         })
+///     }
+/// }
+/// ```
 pub trait SecretStore: Send + Sync + 'static {
     /// The active secrets of `key_id`, newest first.
     ///

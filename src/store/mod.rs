@@ -209,6 +209,21 @@ pub struct Page<T> {
 }
 
 /// Delivery history and dead letters of one webhook queue. Cheap to clone.
+///
+/// ```no_run
+/// # async fn run(pool: apalis_webhooks::sqlite::SqlitePool, id: apalis_webhooks::WebhookId) -> Result<(), apalis_webhooks::StoreError> {
+/// use apalis_webhooks::{DeadLetterFilter, WebhookStore};
+///
+/// let store = WebhookStore::sqlite(&pool); // ::postgres(&sink), ::redis(&sink) likewise
+/// if let Some(history) = store.history(&id).await? {
+///     println!("{:?}: {} attempts", history.status, history.attempts.len());
+/// }
+/// let dead = store.dead_letters(&DeadLetterFilter::new(), None, 50).await?;
+/// for entry in &dead.items {
+///     store.replay(&entry.webhook_id).await?; // same webhook id, attempts from 1
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct WebhookStore {
     backend: Backend,

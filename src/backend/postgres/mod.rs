@@ -134,6 +134,20 @@ pub fn listening_with<T>(
 }
 
 /// Pushes webhook jobs into the queue of a [`PostgresStorage`], idempotently. Cheap to clone.
+///
+/// The sink to dispatch through and to give the worker (its retries go there too); a plain
+/// `PostgresStorage` is not a sink.
+///
+/// ```no_run
+/// # async fn run(pool: apalis_webhooks::backend::postgres::PgPool) -> Result<(), apalis_webhooks::DispatchError> {
+/// use apalis_webhooks::{Secret, WebhookSubscription, backend::postgres};
+///
+/// let mut sink = postgres::PostgresSink::new(&postgres::storage(&pool));
+/// WebhookSubscription::new("https://example.com/hooks", Secret::generate())
+///     .dispatch(&mut sink, "order.created", &serde_json::json!({ "order": 42 }))
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct PostgresSink {
     pool: PgPool,

@@ -242,6 +242,20 @@ impl Keys {
 }
 
 /// Pushes webhook jobs into the queue of a [`RedisStorage`], idempotently. Cheap to clone.
+///
+/// The sink to dispatch through and to give the worker (its retries go there too); a plain
+/// `RedisStorage` is not a sink.
+///
+/// ```no_run
+/// # async fn run(conn: apalis_webhooks::backend::redis::ConnectionManager) -> Result<(), apalis_webhooks::DispatchError> {
+/// use apalis_webhooks::{Secret, WebhookSubscription, backend::redis};
+///
+/// let mut sink = redis::RedisSink::new(&redis::storage(conn));
+/// WebhookSubscription::new("https://example.com/hooks", Secret::generate())
+///     .dispatch(&mut sink, "order.created", &serde_json::json!({ "order": 42 }))
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RedisSink {
     conn: ConnectionManager,
