@@ -1,0 +1,309 @@
+//! [`WebhookWorker`]: builds the webhook delivery service for an apalis worker.
+
+use super::*;
+
+/// Builds the webhook delivery service for an apalis worker.
+///
+/// `backend` is the storage the webhook jobs live in; the service pushes each retry into it as
+/// a new task with a later `run_at`, so backoff is persisted and holds no worker slot.
+///
+/// ```no_run
+/// # async fn example(pool: apalis_sqlite::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
+/// use apalis::prelude::*;
+/// use apalis_webhooks::{WebhookWorker, sqlite};
+///
+/// let storage = sqlite::storage(&pool);
+/// let service = WebhookWorker::new(storage.clone())
+///     .on_endpoint_gone(|job| println!("disable the subscription for {}", job.url()))
+///     .service()?;
+/// Monitor::new()
+///     .register(move |restarts| sqlite::worker(&storage, restarts).build(service.clone()))
+///     .should_restart(|_, _| true)
+///     .run()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct WebhookWorker<B> {
+    backend: B,
+    client: ClientSource,
+    egress: EgressPolicy,
+    secret_store: Option<Arc<dyn SecretStore>>,
+    max_response_bytes: Option<usize>,
+    hooks: Hooks,
+    registry: Option<Arc<dyn EndpointRegistry>>,
+    disable_after: Duration,
+    lines: Option<OrderedLines>,
+    max_attempt_timeout: Duration,
+    health_cap: MemoryCap,
+}
+
+impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookWorker")
+            .field("backend", &self.backend)
+            .field("egress", &self.egress)
+            .field("client", &self.client)
+            .field("secret_store", &self.secret_store.is_some())
+            .field("hooks", &self.hooks.0.len())
+            .field("registry", &self.registry.is_some())
+            .field("disable_after", &self.disable_after)
+            .field("lines", &self.lines)
+            .field("max_attempt_timeout", &self.max_attempt_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the worker's HTTP client comes from.
+#[derive(Clone)]
+enum ClientSource {
+    /// [`HttpDelivery::with_egress`].
+    Default,
+    /// The app's builder, with the guard applied.
+    Guarded(Arc<dyn Fn() -> reqwest::ClientBuilder + Send + Sync>),
+    /// The app's finished client, used as it is.
+    Unguarded(reqwest::Client),
+}
+
+impl fmt::Debug for ClientSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Default => "Default",
+            Self::Guarded(_) => "Guarded",
+            Self::Unguarded(_) => "Unguarded",
+        })
+    }
+}
+
+/// Why [`WebhookWorker`] could not build its service.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Could not build the HTTP client (for example, no TLS roots could be loaded).
+    #[error("could not build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// The backend hands a silent worker's tasks to another after `orphan_window`, which is
+    /// not longer than the longest attempt this worker may run: a worker busy with a slow
+    /// receiver would have its deliveries sent again by a peer.
+    #[error(
+        "the backend's orphan window ({orphan_window:?}: heartbeat interval × missed heartbeats) must be longer \
+         than the worker's max_attempt_timeout ({max_attempt_timeout:?}) plus {allowance:?} for the layers; \
+         raise the backend's missed heartbeats or lower WebhookWorker::max_attempt_timeout"
+    )]
+    OrphanWindowTooShort {
+        /// The backend's orphan window.
+        orphan_window: Duration,
+        /// The worker's cap on one attempt's HTTP timeout.
+        max_attempt_timeout: Duration,
+        /// What the layers may add to it.
+        allowance: Duration,
+    },
+}
+
+impl<B: Clone> WebhookWorker<B> {
+    /// A builder for the service that delivers the jobs stored in `backend`.
+    pub fn new(backend: B) -> Self {
+        Self {
+            backend,
+            client: ClientSource::Default,
+            egress: EgressPolicy::default(),
+            secret_store: None,
+            max_response_bytes: None,
+            hooks: Hooks::default(),
+            registry: None,
+            disable_after: DEFAULT_DISABLE_AFTER,
+            lines: None,
+            max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            health_cap: DEFAULT_HEALTH_CAP,
+        }
+    }
+
+    /// Cap of each attempt's HTTP timeout ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`], 20 s): a
+    /// subscription's own [`timeout`](crate::WebhookSubscription::timeout) applies up to it,
+    /// and the whole attempt, layers included, is abandoned (a transport timeout) 5 s past
+    /// it. Building the service fails if the backend's orphan window is not longer than that.
+    pub fn max_attempt_timeout(mut self, limit: Duration) -> Self {
+        self.max_attempt_timeout = limit;
+        self
+    }
+
+    /// Delivers ordered deliveries (those with an
+    /// [`ordering_key`](crate::WebhookSubscription::ordering_key)) one after the other through
+    /// `lines`, the same lines they were dispatched into (see [`crate::ordering`]). A worker
+    /// without lines kills an ordered delivery's task (its error names this method) rather than
+    /// deliver it out of order, as it could not move its line on.
+    ///
+    /// Give it lines [`with_repair`](OrderedLines::with_repair) so that each service it builds
+    /// repairs them periodically (until the service is dropped): a line whose head's dispatch
+    /// was cut short, or whose head's task apalis gave up on, then moves on by itself.
+    pub fn ordered(mut self, lines: OrderedLines) -> Self {
+        self.lines = Some(lines);
+        self
+    }
+
+    /// Keeps `registry` current for fanned-out deliveries (jobs with an
+    /// [`endpoint_id`](WebhookJob::endpoint_id)): records their failures and successes, and
+    /// disables an endpoint that answers 410 Gone or fails without a success for
+    /// [`disable_endpoints_after`](Self::disable_endpoints_after), firing
+    /// [`DeliveryEvent::EndpointDisabled`]. A registry that cannot be reached is logged, and
+    /// never holds up or fails a delivery.
+    pub fn registry(mut self, registry: impl EndpointRegistry) -> Self {
+        self.registry = Some(Arc::new(registry));
+        self
+    }
+
+    /// How many registry endpoints the worker remembers a recent success of, so that a healthy
+    /// endpoint costs one registry write per 10 s ([`DEFAULT_HEALTH_CAP`]: 100,000 endpoints,
+    /// 16 MiB). An endpoint dropped past the cap has its next success written again; its
+    /// failures are kept in the registry, not here, so disabling is not affected.
+    pub fn max_tracked_endpoints(mut self, cap: MemoryCap) -> Self {
+        self.health_cap = cap;
+        self
+    }
+
+    /// How long an endpoint may fail without a success before it is disabled
+    /// ([`DEFAULT_DISABLE_AFTER`]: five days). Needs a [`registry`](Self::registry).
+    pub fn disable_endpoints_after(mut self, period: Duration) -> Self {
+        self.disable_after = period;
+        self
+    }
+
+    /// Which addresses deliveries may connect to: public ones only by default (see
+    /// [`crate::ssrf`]). Tests and demos with a receiver on this machine allow loopback:
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) {
+    /// use apalis_webhooks::{WebhookWorker, ssrf::EgressPolicy};
+    ///
+    /// let worker = WebhookWorker::new(storage).egress(EgressPolicy::new().allow_loopback());
+    /// # drop(worker); }
+    /// ```
+    pub fn egress(mut self, policy: EgressPolicy) -> Self {
+        self.egress = policy;
+        self
+    }
+
+    /// Resolves the key ids of [secret-store](crate::SecretStore) jobs through `store` (used by
+    /// [`service`](Self::service); with [`service_with`](Self::service_with), put
+    /// [`signing_layer`](Self::signing_layer) in your stack).
+    pub fn secret_store(mut self, store: impl SecretStore) -> Self {
+        self.secret_store = Some(Arc::new(store));
+        self
+    }
+
+    /// Deliver with a client built from `make`'s builder (timeouts, TLS roots, pool
+    /// settings, a `User-Agent`), called once per [`service`](Self::service) built. The guard is
+    /// applied on top of whatever the builder says: a
+    /// [`GuardedResolver`](crate::ssrf::GuardedResolver) with the worker's
+    /// [`egress`](Self::egress) policy, no proxies (not even from the environment) and no
+    /// redirects (see [`HttpDelivery::from_builder`]).
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) {
+    /// use std::time::Duration;
+    /// use apalis_webhooks::WebhookWorker;
+    ///
+    /// let worker = WebhookWorker::new(storage)
+    ///     .http_client(|| reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)));
+    /// # drop(worker); }
+    /// ```
+    pub fn http_client(mut self, make: impl Fn() -> reqwest::ClientBuilder + Send + Sync + 'static) -> Self {
+        self.client = ClientSource::Guarded(Arc::new(make));
+        self
+    }
+
+    /// Deliver with this finished client, **without the guard's resolver**: names are
+    /// resolved, proxies and redirects followed as the client does, unchecked, before the
+    /// request is sent. The worker still refuses IP-literal URLs its policy does not allow, and
+    /// refuses (dead-letters, without retrying) the response of a peer whose address the
+    /// policy does not allow, but by then the receiver has the request. Only for clients whose
+    /// every target you trust; prefer [`http_client`](Self::http_client).
+    pub fn unguarded_http_client(mut self, client: reqwest::Client) -> Self {
+        self.client = ClientSource::Unguarded(client);
+        self
+    }
+
+    /// Cap of the response body read per attempt (64 KiB by default). Interim `1xx`
+    /// responses before the final head are skipped by the HTTP stack without being counted:
+    /// a receiver streaming `100 Continue` is bounded by the attempt timeout, not by this cap.
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = Some(limit);
+        self
+    }
+
+    /// Calls `hook` for every [`DeliveryEvent`], once the outcome is decided (the backend's
+    /// record of it follows moments later). Hooks run on the worker: keep them quick, and
+    /// do not panic in them.
+    pub fn on_event(mut self, hook: impl Fn(&DeliveryEvent<'_>) + Send + Sync + 'static) -> Self {
+        Arc::make_mut(&mut self.hooks.0).push(Arc::new(hook));
+        self
+    }
+
+    /// Calls `hook` with the job when a receiver answers 410 Gone, so the app can disable the
+    /// subscription. The delivery is dead-lettered, not retried.
+    pub fn on_endpoint_gone(self, hook: impl Fn(&WebhookJob) + Send + Sync + 'static) -> Self {
+        self.on_event(move |event| {
+            if let DeliveryEvent::EndpointGone { job } = event {
+                hook(job);
+            }
+        })
+    }
+
+    /// The service with the default stack: signing around HTTP delivery.
+    pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError>
+    where
+        B: WebhookSink<K>,
+    {
+        self.service_with(self.signing_layer())
+    }
+
+    /// The signing layer [`service`](Self::service) uses, with this worker's secret store if it
+    /// has one: the one to put in a stack for [`service_with`](Self::service_with).
+    pub fn signing_layer(&self) -> SigningLayer {
+        match &self.secret_store {
+            Some(store) => SigningLayer::new().with_shared_secret_store(Arc::clone(store)),
+            None => SigningLayer::new(),
+        }
+    }
+
+    /// The service with your own `layer` around HTTP delivery (it should include
+    /// [`SigningLayer`] unless deliveries are meant to go out unsigned).
+    pub fn service_with<L, K>(&self, layer: L) -> Result<WebhookService<L::Service, B, K>, BuildError>
+    where
+        L: Layer<HttpDelivery>,
+        B: WebhookSink<K>,
+    {
+        let attempt_limit = self.max_attempt_timeout.saturating_add(LAYER_ALLOWANCE);
+        if let Some(orphan_window) = self.backend.orphan_window()
+            && orphan_window <= attempt_limit
+        {
+            return Err(BuildError::OrphanWindowTooShort {
+                orphan_window,
+                max_attempt_timeout: self.max_attempt_timeout,
+                allowance: LAYER_ALLOWANCE,
+            });
+        }
+        let mut delivery = match &self.client {
+            ClientSource::Default => HttpDelivery::with_egress(self.egress.clone())?,
+            ClientSource::Guarded(make) => HttpDelivery::from_builder(make(), self.egress.clone())?,
+            ClientSource::Unguarded(client) => {
+                HttpDelivery::with_unguarded_client(client.clone()).egress(self.egress.clone())
+            }
+        };
+        if let Some(limit) = self.max_response_bytes {
+            delivery = delivery.max_response_bytes(limit);
+        }
+        let inner = layer.layer(delivery.max_attempt_timeout(self.max_attempt_timeout));
+        Ok(WebhookService {
+            inner,
+            backend: self.backend.clone(),
+            hooks: self.hooks.clone(),
+            health: self.registry.as_ref().map(|registry| {
+                EndpointHealth::with_capacity(Arc::clone(registry), self.disable_after, self.health_cap)
+            }),
+            // Starts the lines' periodic repair, if they have one; it ends with the service.
+            lines: self.lines.as_ref().map(OrderedLines::for_worker),
+            attempt_limit,
+            _kind: PhantomData,
+        })
+    }
+}

@@ -1,0 +1,112 @@
+//! [`WebhookService`]: the apalis service that runs one attempt through the delivery stack.
+
+use super::settle::{NoLines, Patience, report_health, settle};
+use super::*;
+
+/// The apalis service of webhook jobs: runs the attempt through the delivery stack, then marks
+/// it delivered, stores the next attempt, or dead-letters it. Made by [`WebhookWorker`].
+pub struct WebhookService<S, B, K> {
+    pub(super) inner: S,
+    pub(super) backend: B,
+    pub(super) hooks: Hooks,
+    pub(super) health: Option<EndpointHealth>,
+    pub(super) lines: Option<OrderedLines>,
+    pub(super) attempt_limit: Duration,
+    pub(super) _kind: PhantomData<fn() -> K>,
+}
+
+impl<S: Clone, B: Clone, K> Clone for WebhookService<S, B, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            backend: self.backend.clone(),
+            hooks: self.hooks.clone(),
+            health: self.health.clone(),
+            lines: self.lines.clone(),
+            attempt_limit: self.attempt_limit,
+            _kind: PhantomData,
+        }
+    }
+}
+
+impl<S: fmt::Debug, B, K> fmt::Debug for WebhookService<S, B, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B, K> Service<Task<WebhookJob>> for WebhookService<S, B, K>
+where
+    S: Service<DeliveryRequest, Response = AttemptResult>,
+    S::Error: Into<BoxDynError>,
+    S::Future: Send + 'static,
+    B: WebhookSink<K> + Clone + 'static,
+{
+    type Response = DeliveryReport;
+    type Error = BoxDynError;
+    type Future = Pin<Box<dyn Future<Output = Result<DeliveryReport, BoxDynError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, task: Task<WebhookJob>) -> Self::Future {
+        let task_id = task.task_id().map(ToString::to_string);
+        let job = Arc::new(task.args);
+        // An ordered delivery (replays go outside their line) needs the lines to move on.
+        let ordered = job.line().is_some() && job.replay() == 0;
+        if ordered && self.lines.is_none() {
+            tracing::error!(webhook.id = %job.webhook_id(), "ordered delivery on a worker without lines");
+            return Box::pin(async { Err(Box::new(AbortError::new(NoLines)) as BoxDynError) });
+        }
+        let lines = self.lines.clone().filter(|_| ordered);
+        let span = observe::attempt_span(&job);
+        let started_at_ms = unix_millis();
+        let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
+        let attempt_limit = self.attempt_limit;
+        let mut backend = self.backend.clone();
+        let hooks = self.hooks.clone();
+        let health = self.health.clone();
+        Box::pin(
+            async move {
+                let result = match tokio::time::timeout(attempt_limit, attempt).await {
+                    Ok(Ok(result)) => result,
+                    // A layer failed instead of answering: count it as a transport failure.
+                    Ok(Err(error)) => AttemptResult::Transport {
+                        kind: TransportErrorKind::Other,
+                        message: Into::<BoxDynError>::into(error).to_string(),
+                        duration: Duration::ZERO,
+                    },
+                    // The HTTP timeout is below this limit: something in the layers hung.
+                    Err(_) => AttemptResult::Transport {
+                        kind: TransportErrorKind::Timeout,
+                        message: format!("the attempt took longer than {attempt_limit:?}"),
+                        duration: attempt_limit,
+                    },
+                };
+                observe::record_result(&tracing::Span::current(), &result);
+                let report = settle(&job, task_id.as_deref(), started_at_ms, &result, &mut backend, &hooks).await;
+                // Delivered, or dead (the only errors `settle` returns are dead letters).
+                let ends_delivery = matches!(report, Ok(DeliveryReport::Delivered { .. }) | Err(_));
+                if let Some(lines) = lines
+                    && ends_delivery
+                {
+                    // The line must move on whatever happened to the backend meanwhile; every
+                    // try is idempotent. If it cannot for SETTLE_PATIENCE, the periodic repair
+                    // of the lines frees it later.
+                    let advanced = patiently!("advancing the ordered line", lines.advance(&job, &mut backend));
+                    if let Err(error) = advanced {
+                        tracing::error!(%error, "the ordered line could not move on; its repair will free it");
+                    }
+                }
+                if let (Some(health), Some(endpoint_id)) = (&health, job.endpoint_id()) {
+                    report_health(health, &job, endpoint_id, &result, &hooks).await;
+                }
+                report
+            }
+            .instrument(span),
+        )
+    }
+}
