@@ -90,7 +90,7 @@ pub enum DeadLetterReason {
     /// The outcome cannot be fixed by retrying (3xx, most 4xx, a refused request).
     Fatal,
     /// The attempt failed or was put off, and the backend did not store its next attempt for
-    /// [`SETTLE_PATIENCE`]. Replay it once the backend is back.
+    /// [`SETTLE_PATIENCE`](crate::SETTLE_PATIENCE). Replay it once the backend is back.
     OutcomeNotStored,
     /// The backend holds the task as finished and failed without a dead letter of this crate:
     /// apalis ran out of its own attempts after the worker failed for a reason of the
@@ -109,7 +109,7 @@ pub enum DeadLetterReason {
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an
-/// [`AbortError`], which puts the task in the backend's `Killed` state with this text as its
+/// [`AbortError`](apalis_core::error::AbortError), which puts the task in the backend's `Killed` state with this text as its
 /// last result.
 ///
 /// Displays as [`DEAD_LETTER_PREFIX`] followed by the record as JSON, so that the backend's
@@ -145,7 +145,7 @@ impl DeadLetter {
     }
 }
 
-/// Something that happened to a delivery, passed to [`WebhookWorker::on_event`] hooks.
+/// Something that happened to a delivery, passed to [`WebhookWorker::on_event`](crate::WebhookWorker::on_event) hooks.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum DeliveryEvent<'a> {
@@ -181,7 +181,7 @@ pub enum DeliveryEvent<'a> {
         until: u64,
     },
     /// The worker disabled the job's registry endpoint (it answered 410 Gone, or failed for
-    /// [`disable_endpoints_after`](WebhookWorker::disable_endpoints_after)); it receives
+    /// [`disable_endpoints_after`](crate::WebhookWorker::disable_endpoints_after)); it receives
     /// nothing more until the app enables it again.
     EndpointDisabled {
         /// The job whose attempt decided it.

@@ -1,6 +1,6 @@
 //! [`Endpoint`]: one registered webhook endpoint.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use apalis_webhooks_verify::{Secret, SignatureScheme};
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,10 @@ pub use crate::endpoint_id::EndpointId;
 use super::filter::{EventFilter, InvalidFilter};
 use crate::{
     limit::Limit,
+    policy::DeliveryPolicy,
     redact::{header_names, url_host},
+    retry::RetrySchedule,
+    status_set::StatusSet,
     subscription::WebhookSubscription,
 };
 
@@ -54,6 +57,10 @@ pub struct Endpoint {
     disabled_reason: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     envelope: bool,
+    /// Timeout, attempts, retry schedule and statuses of this endpoint's deliveries; endpoints
+    /// stored before it existed read as the default.
+    #[serde(default, skip_serializing_if = "DeliveryPolicy::is_default")]
+    policy: DeliveryPolicy,
 }
 
 impl Endpoint {
@@ -87,8 +94,11 @@ impl Endpoint {
             tenant: None,
             disabled_reason: None,
             envelope: false,
+            policy: DeliveryPolicy::default(),
         }
     }
+
+    crate::policy::delivery_policy_setters!();
 
     /// Sends this endpoint's payloads inside the signed Standard Webhooks envelope (see
     /// [`WebhookSubscription::envelope`]).
@@ -246,6 +256,7 @@ impl Endpoint {
         if self.envelope {
             subscription = subscription.envelope();
         }
+        subscription = subscription.with_policy(self.policy.clone());
         if let Some(limit) = self.rate_limit {
             subscription = subscription
                 .rate_limit_key(format!("endpoint:{}", self.id))
