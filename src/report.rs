@@ -106,6 +106,11 @@ pub enum DeadLetterReason {
     /// The delivery was erased ([`WebhookStore::erase`](crate::WebhookStore::erase)) before
     /// it was delivered or died: it is never sent, and cannot be replayed.
     Erased,
+    /// An ordered delivery reached a worker without the ordered lines it was dispatched into
+    /// ([`WebhookWorker::ordered`](crate::WebhookWorker::ordered)): it was not sent, since
+    /// sending it could break its key's order. Replay it (a replay goes outside its line) or
+    /// give the worker its lines.
+    WorkerWithoutLines,
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an

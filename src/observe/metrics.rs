@@ -53,5 +53,6 @@ fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
         DeadLetterReason::OutcomeNotStored => "outcome_not_stored",
         DeadLetterReason::DeferredTooLong => "deferred_too_long",
         DeadLetterReason::Erased => "erased",
+        DeadLetterReason::WorkerWithoutLines => "worker_without_lines",
     }
 }

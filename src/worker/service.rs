@@ -1,6 +1,6 @@
 //! [`WebhookService`]: the apalis service that runs one attempt through the delivery stack.
 
-use super::settle::{NoLines, Patience, report_health, settle};
+use super::settle::{NoLines, Patience, dead_letter, report_health, settle};
 use super::*;
 
 /// The apalis service of webhook jobs: runs the attempt through the delivery stack, then marks
@@ -59,7 +59,13 @@ where
         let ordered = job.line().is_some() && job.replay() == 0;
         if ordered && self.lines.is_none() {
             tracing::error!(webhook.id = %job.webhook_id(), "ordered delivery on a worker without lines");
-            return Box::pin(async { Err(Box::new(AbortError::new(NoLines)) as BoxDynError) });
+            // A dead letter like any other, so the store lists it and it can be replayed.
+            let result = AttemptResult::Refused {
+                reason: NoLines.to_string(),
+            };
+            let record = AttemptRecord::new(&job, unix_millis(), &result);
+            let error = dead_letter(&job, DeadLetterReason::WorkerWithoutLines, record, &result, &self.hooks);
+            return Box::pin(async move { Err(error) });
         }
         let lines = self.lines.clone().filter(|_| ordered);
         let span = observe::attempt_span(&job);

@@ -158,7 +158,7 @@ fn deferred_too_long(
 }
 
 /// Kills the task as a dead letter: apalis stores it `Killed`, with the record as its result.
-fn dead_letter(
+pub(super) fn dead_letter(
     job: &WebhookJob,
     reason: DeadLetterReason,
     record: AttemptRecord,
