@@ -18,6 +18,61 @@ use crate::{
     sink::WebhookSink,
 };
 
+/// The setters of where and how a delivery is signed and sent (secrets, scheme, envelope,
+/// headers), written once for [`WebhookSubscription`] and
+/// [`Endpoint`](crate::registry::Endpoint), which hold them in fields of the same names.
+macro_rules! delivery_target_setters {
+    () => {
+        /// Adds another active secret (rotation): every attempt carries a signature per secret
+        /// (GitHub style: the first secret only). In secret-store mode this secret is stored in the
+        /// job and signs next to the store's. Each secret is held to the key-length rule.
+        pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
+            self.secrets.push(secret.into());
+            self
+        }
+
+        /// The signature scheme (Standard Webhooks by default).
+        pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
+            self.scheme = scheme;
+            self
+        }
+
+        /// Sends each payload inside the Standard Webhooks envelope,
+        /// `{"type": <event type>, "timestamp": <dispatch time, RFC 3339>, "data": <payload>}`, so the
+        /// event type is covered by the signature. Without it the type travels only in the
+        /// `x-webhook-event` header, which no scheme signs: whoever can resend a captured request
+        /// can change it. The receiver reads it with
+        /// [`Envelope`](apalis_webhooks_verify::Envelope) or `VerifiedWebhook::event_type`. The
+        /// payload limit applies to the whole envelope.
+        ///
+        /// ```
+        /// use apalis_webhooks::WebhookSubscription;
+        ///
+        /// let job = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::Secret::generate())
+        ///     .envelope()
+        ///     .job("order.created", &serde_json::json!({ "order": 42 }))
+        ///     .unwrap();
+        /// let sent: serde_json::Value = serde_json::from_slice(job.body()).unwrap();
+        /// assert_eq!(sent["type"], "order.created");
+        /// assert_eq!(sent["data"]["order"], 42);
+        /// ```
+        pub fn envelope(mut self) -> Self {
+            self.envelope = true;
+            self
+        }
+
+        /// Adds a header to every attempt. Dispatch refuses an invalid name or value, a name the
+        /// transport or the signature owns, a hop-by-hop name ([`DispatchError::InvalidHeader`](crate::DispatchError::InvalidHeader)),
+        /// more than [`MAX_EXTRA_HEADERS`](crate::MAX_EXTRA_HEADERS) headers or more than [`MAX_EXTRA_HEADER_BYTES`](crate::MAX_EXTRA_HEADER_BYTES) of names
+        /// and values.
+        pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+            self.headers.push((name.into(), value.into()));
+            self
+        }
+    };
+}
+pub(crate) use delivery_target_setters;
+
 /// Default limit of a serialized payload: 256 KiB.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
@@ -237,14 +292,6 @@ impl WebhookSubscription {
         Self::signed_by(url.into(), Vec::new(), Some(key_id.into()))
     }
 
-    /// Adds another active secret (rotation): every attempt carries a signature per secret
-    /// (GitHub style: the first secret only). In secret-store mode this secret is stored in the
-    /// job and signs next to the store's. Each secret is held to the key-length rule.
-    pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
-        self.secrets.push(secret.into());
-        self
-    }
-
     /// Counts this subscription's deliveries under `key` in a
     /// [`RateLimitLayer`](crate::layers::RateLimitLayer) (a tenant id, so that one tenant's
     /// endpoints share a budget) instead of under the endpoint (`host[:port]`). Same rules as a
@@ -290,44 +337,7 @@ impl WebhookSubscription {
         self
     }
 
-    /// The signature scheme (Standard Webhooks by default).
-    pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
-        self.scheme = scheme;
-        self
-    }
-
-    /// Sends each payload inside the Standard Webhooks envelope,
-    /// `{"type": <event type>, "timestamp": <dispatch time, RFC 3339>, "data": <payload>}`, so the
-    /// event type is covered by the signature. Without it the type travels only in the
-    /// `x-webhook-event` header, which no scheme signs: whoever can resend a captured request
-    /// can change it. The receiver reads it with
-    /// [`Envelope`](apalis_webhooks_verify::Envelope) or `VerifiedWebhook::event_type`. The
-    /// payload limit applies to the whole envelope.
-    ///
-    /// ```
-    /// use apalis_webhooks::WebhookSubscription;
-    ///
-    /// let job = WebhookSubscription::new("https://example.com/hooks", apalis_webhooks::Secret::generate())
-    ///     .envelope()
-    ///     .job("order.created", &serde_json::json!({ "order": 42 }))
-    ///     .unwrap();
-    /// let sent: serde_json::Value = serde_json::from_slice(job.body()).unwrap();
-    /// assert_eq!(sent["type"], "order.created");
-    /// assert_eq!(sent["data"]["order"], 42);
-    /// ```
-    pub fn envelope(mut self) -> Self {
-        self.envelope = true;
-        self
-    }
-
-    /// Adds a header to every attempt. Dispatch refuses an invalid name or value, a name the
-    /// transport or the signature owns, a hop-by-hop name ([`DispatchError::InvalidHeader`]),
-    /// more than [`MAX_EXTRA_HEADERS`] headers or more than [`MAX_EXTRA_HEADER_BYTES`] of names
-    /// and values.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
+    delivery_target_setters!();
 
     crate::policy::delivery_policy_setters!();
 

@@ -99,13 +99,7 @@ impl Endpoint {
     }
 
     crate::policy::delivery_policy_setters!();
-
-    /// Sends this endpoint's payloads inside the signed Standard Webhooks envelope (see
-    /// [`WebhookSubscription::envelope`]).
-    pub fn envelope(mut self) -> Self {
-        self.envelope = true;
-        self
-    }
+    crate::subscription::delivery_target_setters!();
 
     /// Adds an event filter (`user.created`, `user.*`, `*`). The first call replaces the
     /// default `*`.
@@ -125,24 +119,6 @@ impl Endpoint {
         self.filters = filters.into_iter().collect();
         self.filters.sort();
         self.filters.dedup();
-        self
-    }
-
-    /// Adds another active secret (rotation).
-    pub fn secret(mut self, secret: impl Into<Secret>) -> Self {
-        self.secrets.push(secret.into());
-        self
-    }
-
-    /// The signature scheme (Standard Webhooks by default).
-    pub fn scheme(mut self, scheme: SignatureScheme) -> Self {
-        self.scheme = scheme;
-        self
-    }
-
-    /// Adds a header to every delivery.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
         self
     }
 

@@ -9,8 +9,8 @@
 #[path = "../../apalis-webhooks-verify/tests/common/services.rs"]
 mod shared;
 
-use shared::{CONNECT_TIMEOUT, not_reachable, url_of};
 pub use shared::redis_url;
+use shared::{CONNECT_TIMEOUT, not_reachable, url_of};
 
 /// The default of `TEST_POSTGRES_URL`.
 pub const POSTGRES_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
