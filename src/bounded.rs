@@ -28,7 +28,7 @@ const ENTRY_OVERHEAD: usize = 4 * size_of::<usize>();
 /// budget, statistics from zero), never an error.
 ///
 /// ```
-/// use apalis_webhooks::MemoryCap;
+/// use apalis_webhooks::bounded::MemoryCap;
 ///
 /// let cap = MemoryCap::new(10_000, 8 << 20); // 10,000 endpoints, 8 MiB
 /// assert_eq!((cap.entries(), cap.bytes()), (10_000, 8 << 20));

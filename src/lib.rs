@@ -86,9 +86,9 @@ pub mod docs {
 }
 
 pub mod backend;
-mod bounded;
+pub mod bounded;
 mod clock;
-mod delivery;
+pub mod delivery;
 mod endpoint_id;
 mod job;
 mod json;
@@ -96,62 +96,30 @@ pub mod layers;
 mod limit;
 pub mod observe;
 pub mod ordering;
-mod outcome;
-mod policy;
-mod record;
+pub mod outcome;
+pub mod policy;
+pub mod record;
 mod redact;
 pub mod registry;
-mod report;
-mod retry;
-mod secret_store;
+pub mod report;
+pub mod retry;
+pub mod secret_store;
 pub mod signing;
-mod sink;
+pub mod sink;
 pub mod ssrf;
 mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-mod store;
-mod subscription;
+pub mod store;
+pub mod subscription;
 mod tuning;
 pub mod verify;
-mod worker;
+pub mod worker;
 
-#[allow(deprecated)]
-pub use apalis_webhooks_verify::generate_secret;
-pub use apalis_webhooks_verify::{
-    MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret,
-};
+// The three flows, at the root; everything else is in the module that defines it.
+pub use apalis_webhooks_verify::Secret;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;
-pub use bounded::{MapUsage, MemoryCap};
-pub use delivery::{
-    ATTEMPT_HEADER, DEFAULT_MAX_ATTEMPT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER,
-    HttpDelivery, RESPONSE_EXCERPT_BYTES, USER_AGENT,
-};
 pub use job::{WebhookId, WebhookJob};
-pub use outcome::{AttemptResult, DeferReason, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
-pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
-pub use record::AttemptRecord;
-pub use retry::RetrySchedule;
-pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
-pub use signing::{SignatureScheme, SigningLayer, SigningService};
-pub use sink::{Deferral, TaskSinkAdapter, WebhookSink};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-pub use store::{
-    Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
-};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-pub use store::{
-    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_DELIVERED_RETENTION, DEFAULT_PURGE_BATCH, MAX_PURGE_BATCH, MAX_RETENTION,
-    MIN_PURGE_INTERVAL, PurgeReport, PurgeRuns, PurgeSchedule, RetentionError, RetentionPolicy,
-};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-pub use store::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
-pub use subscription::{
-    DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS,
-    MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
-};
-pub use worker::{
-    BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,
-    DeliveryEvent, DeliveryReport, SETTLE_PATIENCE, WebhookService, WebhookWorker,
-};
+pub use sink::WebhookSink;
+pub use subscription::{DispatchError, WebhookSubscription};
+pub use worker::WebhookWorker;

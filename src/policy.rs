@@ -110,7 +110,7 @@ macro_rules! delivery_policy_setters {
         }
 
         /// Attempts in all, the first included (8 by default, at least 1, at most
-        /// [`MAX_ATTEMPTS_LIMIT`](crate::MAX_ATTEMPTS_LIMIT)).
+        /// [`MAX_ATTEMPTS_LIMIT`](crate::policy::MAX_ATTEMPTS_LIMIT)).
         pub fn max_attempts(mut self, attempts: u32) -> Self {
             self.policy.max_attempts = attempts.clamp(1, $crate::policy::MAX_ATTEMPTS_LIMIT);
             self
@@ -130,9 +130,9 @@ macro_rules! delivery_policy_setters {
 
         /// How long one attempt may be put off (by rate limits, an open circuit breaker, an
         /// unreachable secret store) before the delivery becomes a dead letter
-        /// ([`DeadLetterReason::DeferredTooLong`](crate::DeadLetterReason::DeferredTooLong)); by
+        /// ([`DeadLetterReason::DeferredTooLong`](crate::report::DeadLetterReason::DeferredTooLong)); by
         /// default the length of its retry schedule, at least an hour (see
-        /// [`DeliveryPolicy::defer_horizon`](crate::DeliveryPolicy::defer_horizon)).
+        /// [`DeliveryPolicy::defer_horizon`](crate::policy::DeliveryPolicy::defer_horizon)).
         pub fn defer_horizon(mut self, horizon: Duration) -> Self {
             self.policy.defer_horizon_ms = Some(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
             self

@@ -63,7 +63,7 @@ macro_rules! delivery_target_setters {
 
         /// Adds a header to every attempt. Dispatch refuses an invalid name or value, a name the
         /// transport or the signature owns, a hop-by-hop name ([`DispatchError::InvalidHeader`](crate::DispatchError::InvalidHeader)),
-        /// more than [`MAX_EXTRA_HEADERS`](crate::MAX_EXTRA_HEADERS) headers or more than [`MAX_EXTRA_HEADER_BYTES`](crate::MAX_EXTRA_HEADER_BYTES) of names
+        /// more than [`MAX_EXTRA_HEADERS`](crate::subscription::MAX_EXTRA_HEADERS) headers or more than [`MAX_EXTRA_HEADER_BYTES`](crate::subscription::MAX_EXTRA_HEADER_BYTES) of names
         /// and values.
         pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
             self.headers.push((name.into(), value.into()));
@@ -277,7 +277,7 @@ impl WebhookSubscription {
     }
 
     /// A subscription for `url` in secret-store mode: the job stores only `key_id`, and the
-    /// worker's [`SecretStore`](crate::SecretStore) resolves it to the active secrets when each
+    /// worker's [`SecretStore`](crate::secret_store::SecretStore) resolves it to the active secrets when each
     /// attempt is signed, so no secret is written to the backend.
     ///
     /// ```
@@ -329,8 +329,8 @@ impl WebhookSubscription {
     }
 
     /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
-    /// that [`WebhookStore::erase`](crate::WebhookStore::erase) can find them
-    /// ([`Erasure::tenant`](crate::Erasure::tenant)). Fan-out sets the registry endpoint's. At
+    /// that [`WebhookStore::erase`](crate::store::WebhookStore::erase) can find them
+    /// ([`Erasure::tenant`](crate::store::Erasure::tenant)). Fan-out sets the registry endpoint's. At
     /// most 256 bytes, without control characters.
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());

@@ -45,7 +45,7 @@ pub fn restart_delay(restarts: usize) -> Duration {
 /// Monitor::new()
 ///     .register(move |restarts| {
 ///         WorkerBuilder::new(worker_name("webhooks"))
-///             .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
+///             .backend(Restarted::new(sqlite::worker_backend(storage.clone()), restarts))
 ///             .build(service.clone())
 ///     })
 ///     .should_restart(|_, _| true)
@@ -54,7 +54,7 @@ pub fn restart_delay(restarts: usize) -> Duration {
 /// # Ok(()) }
 /// ```
 ///
-/// (The Postgres backend of [`postgres::listening`](crate::backend::postgres::listening) does
+/// (The Postgres backend of [`postgres::worker_backend`](crate::backend::postgres::worker_backend) does
 /// not stop on errors; wrapping it does no harm.)
 #[derive(Debug)]
 pub struct Restarted<B> {

@@ -74,7 +74,7 @@ impl Endpoint {
     }
 
     /// An endpoint in secret-store mode: its deliveries carry `key_id`, which the worker's
-    /// [`SecretStore`](crate::SecretStore) resolves (see
+    /// [`SecretStore`](crate::secret_store::SecretStore) resolves (see
     /// [`WebhookSubscription::with_key_id`]).
     pub fn with_key_id(id: impl Into<EndpointId>, url: impl Into<String>, key_id: impl Into<String>) -> Self {
         Self::signed_by(id.into(), url.into(), Vec::new(), Some(key_id.into()))
@@ -210,7 +210,7 @@ impl Endpoint {
     }
 
     /// The subscription its deliveries are made with: URL, secrets or key id, scheme, headers,
-    /// the endpoint id and its tenant (which [`Erasure::tenant`](crate::Erasure::tenant)
+    /// the endpoint id and its tenant (which [`Erasure::tenant`](crate::store::Erasure::tenant)
     /// selects by). An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
     /// under its id (`endpoint:{id}`), so that its limit is not shared with other endpoints on
     /// the same host; the others under their host, as any subscription.

@@ -17,7 +17,7 @@ use apalis_core::{
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-pub use crate::report::{DEAD_LETTER_PREFIX, DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport};
+use crate::report::{DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport};
 use crate::{
     backend::resilient::Backoff,
     bounded::MemoryCap,
