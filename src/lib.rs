@@ -1,8 +1,8 @@
 //! Reliable outbound webhooks for apps that already run [apalis](https://docs.rs/apalis).
 //!
 //! A delivery is an apalis job ([`WebhookJob`]) in the host's backend; the host's `Monitor` runs
-//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call ([`SigningLayer`],
-//! [`HttpDelivery`]) signs it. Retries are new tasks with a later `run_at` in the same backend;
+//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call ([`SigningLayer`](signing::SigningLayer),
+//! [`HttpDelivery`](delivery::HttpDelivery)) signs it. Retries are new tasks with a later `run_at` in the same backend;
 //! dead letters are the backend's `Killed` tasks.
 //!
 //! 1. Register the worker:
@@ -45,7 +45,23 @@
 //!
 //! Deliveries connect only to public addresses unless the worker's
 //! [`EgressPolicy`](ssrf::EgressPolicy) allows more (see [`ssrf`]); in secret-store mode
-//! ([`SecretStore`]) jobs carry a key id instead of their secrets.
+//! ([`SecretStore`](secret_store::SecretStore)) jobs carry a key id instead of their secrets.
+//!
+//! The root holds only what these three flows name. Everything else is in the module that
+//! defines it, with its limits and defaults beside it:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`backend`] | one module per backend (`connect`, `storage`, `worker`, `worker_backend`, sinks) |
+//! | [`subscription`] | [`WebhookSubscription`], [`DispatchError`], the dispatch limits (`MAX_URL_LEN`, …) |
+//! | [`signing`] | signature schemes, secrets and their limits, [`SigningLayer`](signing::SigningLayer) |
+//! | [`policy`], [`retry`], [`outcome`] | per-delivery policy, backoff schedules, status sets and attempt outcomes |
+//! | [`worker`] | [`WebhookWorker`], its service and defaults (concurrency, poll interval) |
+//! | [`delivery`] | the HTTP attempt, the headers it sends, response limits |
+//! | [`report`], [`record`] | what deliveries report: results, dead letters, events, attempt records |
+//! | `store` | delivery history, dead letters and replay, retention, erasure (with a backend feature) |
+//! | [`sink`], [`secret_store`], [`bounded`] | the sink trait and `TaskSinkAdapter` (any apalis backend), secret-store mode, memory caps |
+//! | [`layers`], [`registry`], [`ordering`], [`ssrf`], [`observe`], [`verify`] | as named |
 //!
 //! The README has the tables of headers sent and of status → outcome, and the Security section.
 #![cfg_attr(docsrs, feature(doc_cfg))]

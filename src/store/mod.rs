@@ -2,7 +2,7 @@
 //! live in.
 //!
 //! Nothing is kept beside apalis's own tables and keys: every attempt is an apalis task whose
-//! result holds its [`AttemptRecord`], and a dead letter is a task apalis marked `Killed`, or
+//! result holds its [`AttemptRecord`](crate::record::AttemptRecord), and a dead letter is a task apalis marked `Killed`, or
 //! one apalis left `Failed` with its own attempts used up (reported as
 //! [`InfrastructureFailed`](crate::report::DeadLetterReason::InfrastructureFailed), with the last error
 //! text the backend stored). A
