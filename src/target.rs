@@ -225,7 +225,7 @@ impl DeliveryTarget {
     }
 
     /// Attempts in all, the first included (8 by default, at least 1, at most
-    /// [`MAX_ATTEMPTS_LIMIT`](crate::MAX_ATTEMPTS_LIMIT)).
+    /// [`MAX_ATTEMPTS_LIMIT`]).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.policy.max_attempts = attempts.clamp(1, MAX_ATTEMPTS_LIMIT);
         self

@@ -178,9 +178,9 @@ impl Endpoint {
         self.enabled && self.filters.iter().any(|filter| filter.matches(event_type))
     }
 
-    /// The subscription its deliveries are made with: URL, secrets or key id, scheme, headers,
-    /// the endpoint id and its tenant (which [`Erasure::tenant`](crate::Erasure::tenant)
-    /// selects by). An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
+    /// The subscription its deliveries are made with: its whole [`target`](Self::target) (URL,
+    /// secrets or key id, scheme, headers, envelope, delivery policy, and the tenant, which
+    /// [`Erasure::tenant`](crate::Erasure::tenant) selects by) and the endpoint id. An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
     /// under its id (`endpoint:{id}`), so that its limit is not shared with other endpoints on
     /// the same host; the others under their host, as any subscription.
     pub fn subscription(&self) -> WebhookSubscription {
