@@ -89,6 +89,7 @@ pub mod backend;
 mod bounded;
 mod clock;
 mod delivery;
+mod dispatch_error;
 mod endpoint_id;
 mod job;
 mod json;
@@ -111,6 +112,7 @@ mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod store;
 mod subscription;
+pub mod target;
 mod tuning;
 pub mod verify;
 mod worker;
@@ -151,6 +153,7 @@ pub use subscription::{
     DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS,
     MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
 };
+pub use target::DeliveryTarget;
 pub use worker::{
     BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,
     DeliveryEvent, DeliveryReport, SETTLE_PATIENCE, WebhookService, WebhookWorker,
