@@ -53,7 +53,8 @@
 //! | module | what |
 //! |---|---|
 //! | [`backend`] | one module per backend (`connect`, `storage`, `worker`, `worker_backend`, sinks) |
-//! | [`subscription`] | [`WebhookSubscription`], [`DispatchError`], the dispatch limits (`MAX_URL_LEN`, …) |
+//! | [`subscription`] | [`WebhookSubscription`], [`DispatchError`], the payload and event-type limits |
+//! | [`target`] | `DeliveryTarget`, shared by subscriptions and registry endpoints, and its limits (`MAX_URL_LEN`, …) |
 //! | [`signing`] | signature schemes, secrets and their limits, [`SigningLayer`](signing::SigningLayer) |
 //! | [`policy`], [`retry`], [`outcome`] | per-delivery policy, backoff schedules, status sets and attempt outcomes |
 //! | [`worker`] | [`WebhookWorker`], its service and defaults (concurrency, poll interval) |
@@ -105,6 +106,7 @@ pub mod backend;
 pub mod bounded;
 mod clock;
 pub mod delivery;
+mod dispatch_error;
 mod endpoint_id;
 mod job;
 mod json;
@@ -127,6 +129,7 @@ mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub mod store;
 pub mod subscription;
+pub mod target;
 mod tuning;
 pub mod verify;
 pub mod worker;

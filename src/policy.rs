@@ -8,7 +8,8 @@ pub use crate::retry::MAX_ATTEMPTS_LIMIT;
 use crate::{retry::RetrySchedule, status_set::StatusSet};
 
 /// Per-delivery settings, stored with the job so every attempt uses the ones it was dispatched
-/// with. Set them through [`WebhookSubscription`](crate::WebhookSubscription).
+/// with. Set them through [`DeliveryTarget`](crate::target::DeliveryTarget) (or the same setters of
+/// a [`WebhookSubscription`](crate::WebhookSubscription) or a registry endpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct DeliveryPolicy {
@@ -95,57 +96,6 @@ impl DeliveryPolicy {
         delay.clamp(Duration::from_secs(1), Self::MAX_DELAY)
     }
 }
-
-/// The setters of a [`DeliveryPolicy`] held in a `policy` field, written once for
-/// [`WebhookSubscription`](crate::WebhookSubscription) and
-/// [`Endpoint`](crate::registry::Endpoint): one new delivery option is one new setter here.
-macro_rules! delivery_policy_setters {
-    () => {
-        /// Limit of one attempt, connect to end of response read (15 s by default), up to the
-        /// worker's [`max_attempt_timeout`](crate::WebhookWorker::max_attempt_timeout) (20 s by
-        /// default).
-        pub fn timeout(mut self, timeout: Duration) -> Self {
-            self.policy.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
-            self
-        }
-
-        /// Attempts in all, the first included (8 by default, at least 1, at most
-        /// [`MAX_ATTEMPTS_LIMIT`](crate::policy::MAX_ATTEMPTS_LIMIT)).
-        pub fn max_attempts(mut self, attempts: u32) -> Self {
-            self.policy.max_attempts = attempts.clamp(1, $crate::policy::MAX_ATTEMPTS_LIMIT);
-            self
-        }
-
-        /// Wait between attempts (see [`RetrySchedule`]).
-        pub fn retry_schedule(mut self, schedule: RetrySchedule) -> Self {
-            self.policy.retry = schedule;
-            self
-        }
-
-        /// Status codes that are retried (408, 429, 5xx by default).
-        pub fn retry_statuses(mut self, statuses: StatusSet) -> Self {
-            self.policy.retry_statuses = statuses;
-            self
-        }
-
-        /// How long one attempt may be put off (by rate limits, an open circuit breaker, an
-        /// unreachable secret store) before the delivery becomes a dead letter
-        /// ([`DeadLetterReason::DeferredTooLong`](crate::report::DeadLetterReason::DeferredTooLong)); by
-        /// default the length of its retry schedule, at least an hour (see
-        /// [`DeliveryPolicy::defer_horizon`](crate::policy::DeliveryPolicy::defer_horizon)).
-        pub fn defer_horizon(mut self, horizon: Duration) -> Self {
-            self.policy.defer_horizon_ms = Some(u64::try_from(horizon.as_millis()).unwrap_or(u64::MAX));
-            self
-        }
-
-        /// Upper bound for a receiver's `Retry-After` (24 h by default).
-        pub fn max_retry_after(mut self, limit: Duration) -> Self {
-            self.policy.max_retry_after_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-            self
-        }
-    };
-}
-pub(crate) use delivery_policy_setters;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use apalis_webhooks::{
     DispatchError, WebhookSubscription,
     registry::{Endpoint, RegistryError},
     signing::SignatureScheme,
-    subscription::{MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS},
+    target::{MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS},
 };
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

@@ -1,21 +1,14 @@
 //! [`Endpoint`]: one registered webhook endpoint.
 
-use std::{fmt, time::Duration};
+use std::fmt;
 
-use apalis_webhooks_verify::{Secret, SignatureScheme};
+use apalis_webhooks_verify::Secret;
 use serde::{Deserialize, Serialize};
 
 pub use crate::endpoint_id::EndpointId;
 
 use super::filter::{EventFilter, InvalidFilter};
-use crate::{
-    limit::Limit,
-    policy::DeliveryPolicy,
-    redact::{header_names, url_host},
-    retry::RetrySchedule,
-    status_set::StatusSet,
-    subscription::WebhookSubscription,
-};
+use crate::{limit::Limit, subscription::WebhookSubscription, target::DeliveryTarget};
 
 /// A registered webhook endpoint: where to deliver, how to sign, which events, and whether it
 /// is enabled.
@@ -38,29 +31,14 @@ use crate::{
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Endpoint {
     id: EndpointId,
-    url: String,
-    #[serde(default)]
-    secrets: Vec<Secret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    key_id: Option<String>,
-    #[serde(default)]
-    scheme: SignatureScheme,
+    /// Flattened, so the stored JSON keeps the fields of the endpoints stored before the target
+    /// was split out (`url`, `secrets`, `scheme`, `policy`, … next to `id` and `filters`).
+    #[serde(flatten)]
+    target: DeliveryTarget,
     filters: Vec<EventFilter>,
     enabled: bool,
-    #[serde(default)]
-    headers: Vec<(String, String)>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    rate_limit: Option<Limit>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     disabled_reason: Option<String>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    envelope: bool,
-    /// Timeout, attempts, retry schedule and statuses of this endpoint's deliveries; endpoints
-    /// stored before it existed read as the default.
-    #[serde(default, skip_serializing_if = "DeliveryPolicy::is_default")]
-    policy: DeliveryPolicy,
 }
 
 impl Endpoint {
@@ -70,36 +48,28 @@ impl Endpoint {
     /// already holds a short key is served with a secret marked
     /// [`Secret::allow_weak`], an allowance the endpoint keeps when a registry stores it.
     pub fn new(id: impl Into<EndpointId>, url: impl Into<String>, secret: impl Into<Secret>) -> Self {
-        Self::signed_by(id.into(), url.into(), vec![secret.into()], None)
+        Self::for_target(id, DeliveryTarget::new(url, secret))
     }
 
     /// An endpoint in secret-store mode: its deliveries carry `key_id`, which the worker's
     /// [`SecretStore`](crate::secret_store::SecretStore) resolves (see
     /// [`WebhookSubscription::with_key_id`]).
     pub fn with_key_id(id: impl Into<EndpointId>, url: impl Into<String>, key_id: impl Into<String>) -> Self {
-        Self::signed_by(id.into(), url.into(), Vec::new(), Some(key_id.into()))
+        Self::for_target(id, DeliveryTarget::with_key_id(url, key_id))
     }
 
-    fn signed_by(id: EndpointId, url: String, secrets: Vec<Secret>, key_id: Option<String>) -> Self {
+    /// An enabled endpoint `id` delivering to `target`, receiving every event.
+    pub fn for_target(id: impl Into<EndpointId>, target: DeliveryTarget) -> Self {
         Self {
-            id,
-            url,
-            secrets,
-            key_id,
-            scheme: SignatureScheme::default(),
+            id: id.into(),
+            target,
             filters: vec![EventFilter::all()],
             enabled: true,
-            headers: Vec::new(),
-            rate_limit: None,
-            tenant: None,
             disabled_reason: None,
-            envelope: false,
-            policy: DeliveryPolicy::default(),
         }
     }
 
-    crate::policy::delivery_policy_setters!();
-    crate::subscription::delivery_target_setters!();
+    crate::target::forward_target_setters!(target);
 
     /// Adds an event filter (`user.created`, `user.*`, `*`). The first call replaces the
     /// default `*`.
@@ -123,15 +93,9 @@ impl Endpoint {
     }
 
     /// This endpoint's own rate limit, which a [`RateLimitLayer`](crate::layers::RateLimitLayer)
-    /// applies instead of its per-endpoint default.
+    /// applies instead of its per-endpoint default: see [`DeliveryTarget::rate_limit`].
     pub fn rate_limit(mut self, limit: Limit) -> Self {
-        self.rate_limit = Some(limit);
-        self
-    }
-
-    /// The tenant (customer, account) the endpoint belongs to.
-    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
-        self.tenant = Some(tenant.into());
+        self.target = self.target.rate_limit(limit);
         self
     }
 
@@ -157,9 +121,14 @@ impl Endpoint {
         &self.id
     }
 
+    /// Where and how its deliveries are sent.
+    pub fn target(&self) -> &DeliveryTarget {
+        &self.target
+    }
+
     /// The URL deliveries go to.
     pub fn url(&self) -> &str {
-        &self.url
+        self.target.url()
     }
 
     /// The event filters.
@@ -179,17 +148,17 @@ impl Endpoint {
 
     /// The tenant, if any.
     pub fn tenant_id(&self) -> Option<&str> {
-        self.tenant.as_deref()
+        self.target.tenant_id()
     }
 
     /// The endpoint's own rate limit, if any.
     pub fn limit(&self) -> Option<Limit> {
-        self.rate_limit
+        self.target.limit()
     }
 
     /// The key id, in secret-store mode.
     pub fn key_id(&self) -> Option<&str> {
-        self.key_id.as_deref()
+        self.target.key_id()
     }
 
     /// Checks that deliveries to it can be made: URL, headers, secrets or key id, as
@@ -209,36 +178,18 @@ impl Endpoint {
         self.enabled && self.filters.iter().any(|filter| filter.matches(event_type))
     }
 
-    /// The subscription its deliveries are made with: URL, secrets or key id, scheme, headers,
-    /// the endpoint id and its tenant (which [`Erasure::tenant`](crate::store::Erasure::tenant)
-    /// selects by). An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
-    /// under its id (`endpoint:{id}`), so that its limit is not shared with other endpoints on
-    /// the same host; the others under their host, as any subscription.
+    /// The subscription its deliveries are made with: its whole [`target`](Self::target) (URL,
+    /// secrets or key id, scheme, headers, envelope, delivery policy, and the tenant, which
+    /// [`Erasure::tenant`](crate::store::Erasure::tenant) selects by) and the endpoint id. An
+    /// endpoint with its own [`rate_limit`](Self::rate_limit) is counted under its id
+    /// (`endpoint:{id}`), so that its limit is not shared with other endpoints on the same host;
+    /// the others under their host, as any subscription.
     pub fn subscription(&self) -> WebhookSubscription {
-        let mut subscription = match &self.key_id {
-            Some(key_id) => WebhookSubscription::with_key_id(self.url.clone(), key_id.clone()),
-            None => WebhookSubscription::signed_with(self.url.clone(), Vec::new()),
-        };
-        for secret in &self.secrets {
-            subscription = subscription.secret(secret.clone());
+        let subscription = WebhookSubscription::to(self.target.clone()).endpoint_id(self.id.clone());
+        match self.target.limit() {
+            Some(_) => subscription.rate_limit_key(format!("endpoint:{}", self.id)),
+            None => subscription,
         }
-        subscription = subscription.scheme(self.scheme.clone()).endpoint_id(self.id.clone());
-        if let Some(tenant) = &self.tenant {
-            subscription = subscription.tenant(tenant.clone());
-        }
-        for (name, value) in &self.headers {
-            subscription = subscription.header(name.clone(), value.clone());
-        }
-        if self.envelope {
-            subscription = subscription.envelope();
-        }
-        subscription = subscription.with_policy(self.policy.clone());
-        if let Some(limit) = self.rate_limit {
-            subscription = subscription
-                .rate_limit_key(format!("endpoint:{}", self.id))
-                .own_rate_limit(limit);
-        }
-        subscription
     }
 }
 
@@ -246,16 +197,10 @@ impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
             .field("id", &self.id)
-            .field("host", &url_host(&self.url))
-            .field("secrets", &self.secrets)
-            .field("key_id", &self.key_id)
+            .field("target", &self.target)
             .field("filters", &self.filters)
             .field("enabled", &self.enabled)
-            .field("header_names", &header_names(&self.headers))
-            .field("rate_limit", &self.rate_limit)
-            .field("tenant", &self.tenant)
             .field("disabled_reason", &self.disabled_reason)
-            .field("envelope", &self.envelope)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
