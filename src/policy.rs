@@ -30,6 +30,7 @@ pub struct DeliveryPolicy {
 
 impl DeliveryPolicy {
     /// Whether this is the default policy (stored endpoints leave it out).
+    #[cfg(feature = "registry")]
     pub(crate) fn is_default(&self) -> bool {
         *self == Self::default()
     }
