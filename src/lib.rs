@@ -57,7 +57,9 @@
     feature = "sqlite",
     feature = "postgres",
     feature = "redis",
-    feature = "axum"
+    feature = "axum",
+    feature = "registry",
+    feature = "ordering"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
@@ -68,7 +70,9 @@ pub struct ReadmeDoctests;
     feature = "sqlite",
     feature = "postgres",
     feature = "redis",
-    feature = "axum"
+    feature = "axum",
+    feature = "registry",
+    feature = "ordering"
 ))]
 pub mod docs {
     #[doc = include_str!("../docs/operations.md")]
@@ -92,15 +96,21 @@ mod delivery;
 mod dispatch_error;
 mod endpoint_id;
 mod job;
+// What reads JSON documents back: the stores, ordered lines (and the Postgres registry).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis", feature = "ordering"))]
 mod json;
 pub mod layers;
 mod limit;
 pub mod observe;
+#[cfg(feature = "ordering")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ordering")))]
 pub mod ordering;
 mod outcome;
 mod policy;
 mod record;
 mod redact;
+#[cfg(feature = "registry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
 pub mod registry;
 mod report;
 mod retry;
@@ -112,6 +122,9 @@ mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod store;
 mod subscription;
+// Postgres tables named by the app: the endpoint registry's and the ordered lines'.
+#[cfg(all(feature = "postgres", any(feature = "registry", feature = "ordering")))]
+mod table_name;
 pub mod target;
 mod tuning;
 pub mod verify;

@@ -54,8 +54,17 @@ pub fn restart_delay(restarts: usize) -> Duration {
 /// # Ok(()) }
 /// ```
 ///
-/// (The Postgres backend of [`postgres::listening`](crate::backend::postgres::listening) does
+/// (The Postgres backend of [`postgres::listening`] does
 /// not stop on errors; wrapping it does no harm.)
+///
+#[cfg_attr(
+    feature = "postgres",
+    doc = "[`postgres::listening`]: crate::backend::postgres::listening"
+)]
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "[`postgres::listening`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/fn.listening.html"
+)]
 #[derive(Debug)]
 pub struct Restarted<B> {
     backend: B,

@@ -73,6 +73,7 @@ pub(crate) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled
 }
 
 /// The worker disabled a registry endpoint.
+#[cfg(feature = "registry")]
 pub(crate) fn endpoint_disabled(job: &WebhookJob) {
     #[cfg(feature = "metrics")]
     metrics::endpoint_disabled(job);
