@@ -34,6 +34,8 @@ def graph(src):
             source = open(path, encoding="utf-8").read()
             # Drop comments and unit tests: only what the module needs to compile counts.
             source = re.sub(r"//[^\n]*", "", source)
+            # Doc attributes (`#[doc = "…"]`, feature-dependent link targets) are comments too.
+            source = re.sub(r'\bdoc\s*=\s*"(?:[^"\\]|\\.)*"', "", source)
             source = source.split("#[cfg(test)]")[0]
             here = top_module(src, path)
             if here not in modules:

@@ -243,6 +243,12 @@ impl WebhookJob {
     }
 
     /// The ordering key, for ordered delivery (see [`crate::ordering`]).
+    ///
+    #[cfg_attr(feature = "ordering", doc = "[`crate::ordering`]: crate::ordering")]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`crate::ordering`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
+    )]
     pub fn ordering_key(&self) -> Option<&str> {
         self.ordering_key.as_deref()
     }
@@ -258,6 +264,7 @@ impl WebhookJob {
 
     /// The first attempt of a delivery that was never stored before (not a retry, deferral or
     /// replay).
+    #[cfg(feature = "ordering")]
     pub(crate) fn is_new_delivery(&self) -> bool {
         self.attempt == 1 && self.deferrals == 0 && self.replay == 0
     }
@@ -300,13 +307,14 @@ impl WebhookJob {
     }
 
     /// How often repair pushed this delivery again under fresh keys (0 as dispatched).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(all(feature = "ordering", feature = "postgres")), allow(dead_code))]
     pub(crate) fn repush(&self) -> u32 {
         self.repush
     }
 
     /// The first attempt of this delivery under repush number `repush`: the same delivery,
     /// stored under keys no earlier task of it used.
+    #[cfg(feature = "ordering")]
     pub(crate) fn repushed(&self, repush: u32) -> Self {
         Self {
             attempt: 1,
@@ -376,7 +384,7 @@ pub(crate) fn task_key(webhook_id: &WebhookId, replay: u32, attempt: u32, repush
 
 /// The repush number of a task from its idempotency key ([`task_key`]): 0 without a `:p` part;
 /// `None` if the key is not one of this crate's.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(all(feature = "ordering", feature = "redis")), allow(dead_code))]
 pub(crate) fn repush_of_key(key: &str) -> Option<u32> {
     let mut parts = key.split(':').skip(1);
     let mut repush = 0;

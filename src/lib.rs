@@ -1,9 +1,10 @@
 //! Reliable outbound webhooks for apps that already run [apalis](https://docs.rs/apalis).
 //!
 //! A delivery is an apalis job ([`WebhookJob`]) in the host's backend; the host's `Monitor` runs
-//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call ([`SigningLayer`](signing::SigningLayer),
-//! [`HttpDelivery`](delivery::HttpDelivery)) signs it. Retries are new tasks with a later `run_at` in the same backend;
-//! dead letters are the backend's `Killed` tasks.
+//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call
+//! ([`SigningLayer`](signing::SigningLayer), [`HttpDelivery`](delivery::HttpDelivery)) signs it.
+//! Retries are new tasks with a later `run_at` in the same backend; dead letters are the
+//! backend's `Killed` tasks.
 //!
 //! 1. Register the worker:
 //!
@@ -62,7 +63,8 @@
 //! | [`report`], [`record`] | what deliveries report: results, dead letters, events, attempt records |
 //! | `store` | delivery history, dead letters and replay, retention, erasure (with a backend feature) |
 //! | [`sink`], [`secret_store`], [`bounded`] | the sink trait and `TaskSinkAdapter` (any apalis backend), secret-store mode, memory caps |
-//! | [`layers`], [`registry`], [`ordering`], [`ssrf`], [`observe`], [`verify`] | as named |
+//! | [`layers`], [`ssrf`], [`observe`], [`verify`] | as named |
+//! | `registry`, `ordering` | fan-out to registered endpoints, ordered delivery per key (features of those names) |
 //!
 //! The README has the tables of headers sent and of status → outcome, and the Security section.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -74,7 +76,9 @@
     feature = "sqlite",
     feature = "postgres",
     feature = "redis",
-    feature = "axum"
+    feature = "axum",
+    feature = "registry",
+    feature = "ordering"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
@@ -85,7 +89,9 @@ pub struct ReadmeDoctests;
     feature = "sqlite",
     feature = "postgres",
     feature = "redis",
-    feature = "axum"
+    feature = "axum",
+    feature = "registry",
+    feature = "ordering"
 ))]
 pub mod docs {
     #[doc = include_str!("../docs/operations.md")]
@@ -109,15 +115,21 @@ pub mod delivery;
 mod dispatch_error;
 mod endpoint_id;
 mod job;
+// What reads JSON documents back: the stores, ordered lines (and the Postgres registry).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis", feature = "ordering"))]
 mod json;
 pub mod layers;
 mod limit;
 pub mod observe;
+#[cfg(feature = "ordering")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ordering")))]
 pub mod ordering;
 pub mod outcome;
 pub mod policy;
 pub mod record;
 mod redact;
+#[cfg(feature = "registry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
 pub mod registry;
 pub mod report;
 pub mod retry;
@@ -129,6 +141,9 @@ mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub mod store;
 pub mod subscription;
+// Postgres tables named by the app: the endpoint registry's and the ordered lines'.
+#[cfg(all(feature = "postgres", any(feature = "registry", feature = "ordering")))]
+mod table_name;
 pub mod target;
 mod tuning;
 pub mod verify;

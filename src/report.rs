@@ -103,13 +103,31 @@ pub enum DeadLetterReason {
     /// [`defer_horizon`](crate::policy::DeliveryPolicy::defer_horizon); the record's `error` says what
     /// held it up last.
     DeferredTooLong,
-    /// The delivery was erased ([`WebhookStore::erase`](crate::store::WebhookStore::erase)) before
-    /// it was delivered or died: it is never sent, and cannot be replayed.
+    /// The delivery was erased ([`WebhookStore::erase`]) before it was delivered or died: it is
+    /// never sent, and cannot be replayed.
+    ///
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`WebhookStore::erase`]: crate::store::WebhookStore::erase"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`WebhookStore::erase`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.WebhookStore.html#method.erase"
+    )]
     Erased,
     /// An ordered delivery reached a worker without the ordered lines it was dispatched into
-    /// ([`WebhookWorker::ordered`](crate::WebhookWorker::ordered)): it was not sent, since
-    /// sending it could break its key's order. Replay it (a replay goes outside its line) or
-    /// give the worker its lines.
+    /// ([`WebhookWorker::ordered`], or a worker built without the `ordering` feature): it was
+    /// not sent, since sending it could break its key's order. Replay it (a replay goes outside
+    /// its line) or give the worker its lines.
+    ///
+    #[cfg_attr(
+        feature = "ordering",
+        doc = "[`WebhookWorker::ordered`]: crate::WebhookWorker::ordered"
+    )]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`WebhookWorker::ordered`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/struct.WebhookWorker.html#method.ordered"
+    )]
     WorkerWithoutLines,
 }
 
@@ -186,8 +204,17 @@ pub enum DeliveryEvent<'a> {
         until: u64,
     },
     /// The worker disabled the job's registry endpoint (it answered 410 Gone, or failed for
-    /// [`disable_endpoints_after`](crate::WebhookWorker::disable_endpoints_after)); it receives
+    /// [`disable_endpoints_after`]); it receives
     /// nothing more until the app enables it again.
+    ///
+    #[cfg_attr(
+        feature = "registry",
+        doc = "[`disable_endpoints_after`]: crate::WebhookWorker::disable_endpoints_after"
+    )]
+    #[cfg_attr(
+        not(feature = "registry"),
+        doc = "[`disable_endpoints_after`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/struct.WebhookWorker.html#method.disable_endpoints_after"
+    )]
     EndpointDisabled {
         /// The job whose attempt decided it.
         job: &'a WebhookJob,

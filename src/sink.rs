@@ -15,15 +15,35 @@ use crate::job::WebhookJob;
 pub(crate) const INFRA_MAX_ATTEMPTS: u32 = 25;
 
 /// Somewhere webhook jobs can be pushed: SQLite's storage, the crate's
-/// [`PostgresSink`](crate::backend::postgres::PostgresSink) (and its
-/// [`InTransaction`](crate::backend::postgres::InTransaction)),
-/// [`RedisSink`](crate::backend::redis::RedisSink) and
+/// [`PostgresSink`] (and its [`InTransaction`]), [`RedisSink`] and
 /// [`MemorySink`](crate::backend::memory::MemorySink); any other apalis backend through
 /// [`TaskSinkAdapter`].
 ///
 /// [`WebhookSubscription::dispatch`](crate::WebhookSubscription::dispatch) pushes the first attempt
 /// through it, and the worker the next attempt after a retryable failure. `K` is the backend's
 /// kind marker; it is inferred.
+///
+#[cfg_attr(
+    feature = "postgres",
+    doc = "[`PostgresSink`]: crate::backend::postgres::PostgresSink"
+)]
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "[`PostgresSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.PostgresSink.html"
+)]
+#[cfg_attr(
+    feature = "postgres",
+    doc = "[`InTransaction`]: crate::backend::postgres::InTransaction"
+)]
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "[`InTransaction`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.InTransaction.html"
+)]
+#[cfg_attr(feature = "redis", doc = "[`RedisSink`]: crate::backend::redis::RedisSink")]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[`RedisSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/redis/struct.RedisSink.html"
+)]
 pub trait WebhookSink<K>: Send {
     /// The backend's push error.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -37,7 +57,13 @@ pub trait WebhookSink<K>: Send {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Whether deliveries with an ordering key are kept in order
-    /// ([`OrderedSink`](crate::ordering::OrderedSink)); `dispatch` refuses them otherwise.
+    /// ([`OrderedSink`]); `dispatch` refuses them otherwise.
+    ///
+    #[cfg_attr(feature = "ordering", doc = "[`OrderedSink`]: crate::ordering::OrderedSink")]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`OrderedSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedSink.html"
+    )]
     fn orders(&self) -> bool {
         false
     }
@@ -105,8 +131,7 @@ pub enum Deferral {
 /// This is a deliberate choice, which is why it needs the wrapper: such a push is not known to be
 /// idempotent (a dispatch retried after an unknown outcome may store the delivery twice), and a
 /// deferral stores a new task rather than move the running one. SQLite's storage, and the
-/// crate's [`PostgresSink`](crate::backend::postgres::PostgresSink),
-/// [`RedisSink`](crate::backend::redis::RedisSink) and
+/// crate's [`PostgresSink`], [`RedisSink`] and
 /// [`MemorySink`](crate::backend::memory::MemorySink), do better: use them for those backends.
 /// A plain `PostgresStorage` or `RedisStorage` is not a sink, so it cannot be used by mistake:
 ///
@@ -118,6 +143,20 @@ pub enum Deferral {
 /// subscription.dispatch(&mut storage, "order.created", &1).await;
 /// # }
 /// ```
+///
+#[cfg_attr(
+    feature = "postgres",
+    doc = "[`PostgresSink`]: crate::backend::postgres::PostgresSink"
+)]
+#[cfg_attr(
+    not(feature = "postgres"),
+    doc = "[`PostgresSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.PostgresSink.html"
+)]
+#[cfg_attr(feature = "redis", doc = "[`RedisSink`]: crate::backend::redis::RedisSink")]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[`RedisSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/redis/struct.RedisSink.html"
+)]
 #[derive(Debug, Clone)]
 pub struct TaskSinkAdapter<S>(pub S);
 

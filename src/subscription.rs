@@ -68,8 +68,14 @@ impl WebhookSubscription {
         Self::to(DeliveryTarget::new(url, secret))
     }
 
-    /// A subscription delivering to `target` (a registry endpoint's
-    /// [`target`](crate::registry::Endpoint::target), or one built to be shared).
+    /// A subscription delivering to `target` (a registry endpoint's [`target`], or one built to
+    /// be shared).
+    ///
+    #[cfg_attr(feature = "registry", doc = "[`target`]: crate::registry::Endpoint::target")]
+    #[cfg_attr(
+        not(feature = "registry"),
+        doc = "[`target`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/registry/struct.Endpoint.html#method.target"
+    )]
     pub fn to(target: DeliveryTarget) -> Self {
         Self {
             target,
@@ -119,8 +125,35 @@ impl WebhookSubscription {
         self
     }
 
+    // `endpoint_id` and `ordering_key` stay without a feature gate. The job format is the same
+    // in every build, and features unify across a dependency graph: a crate that builds
+    // subscriptions need not enable `ordering` or `registry` for the app that dispatches and
+    // works them. Without `ordering` no sink keeps order (only `OrderedSink` does), so
+    // `dispatch` refuses an ordering key with `DispatchError::NotOrdered`, and a job pushed by
+    // hand ends as the replayable `WorkerWithoutLines` dead letter: typed, never silently
+    // unordered. An endpoint id means something without a registry: erasure by endpoint and
+    // the ordered line's name.
     /// The registry endpoint this subscription delivers for: the worker reports its failures
-    /// and 410s to the [`EndpointRegistry`](crate::registry::EndpointRegistry) under this id.
+    /// and 410s to the [`EndpointRegistry`] under this id (with the `registry` feature). It also
+    /// names the endpoint without a registry: [`Erasure::endpoint`] selects by it, and ordered
+    /// lines are per endpoint id (else URL).
+    ///
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`Erasure::endpoint`]: crate::store::Erasure::endpoint"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`Erasure::endpoint`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.Erasure.html#method.endpoint"
+    )]
+    #[cfg_attr(
+        feature = "registry",
+        doc = "[`EndpointRegistry`]: crate::registry::EndpointRegistry"
+    )]
+    #[cfg_attr(
+        not(feature = "registry"),
+        doc = "[`EndpointRegistry`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/registry/trait.EndpointRegistry.html"
+    )]
     pub fn endpoint_id(mut self, id: impl Into<EndpointId>) -> Self {
         self.endpoint_id = Some(id.into());
         self
@@ -128,10 +161,32 @@ impl WebhookSubscription {
 
     /// Delivers in dispatch order with every other delivery of the same `key` to the same
     /// endpoint (a customer id, say): each waits until the one before is delivered or
-    /// dead-lettered. Dispatch through an [`OrderedLines::sink`](crate::ordering::OrderedLines::sink)
-    /// (others refuse it with [`DispatchError::NotOrdered`]) to a worker with the same lines
-    /// ([`WebhookWorker::ordered`](crate::WebhookWorker::ordered)). Same rules as a key id:
+    /// dead-lettered. Dispatch through an [`OrderedLines::sink`] (others refuse it with
+    /// [`DispatchError::NotOrdered`]) to a worker with the same lines
+    /// ([`WebhookWorker::ordered`]); both need the `ordering` feature. Same rules as a key id:
     /// visible ASCII, at most 256 bytes. See [`crate::ordering`] for guarantees and costs.
+    ///
+    #[cfg_attr(
+        feature = "ordering",
+        doc = "[`OrderedLines::sink`]: crate::ordering::OrderedLines::sink"
+    )]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`OrderedLines::sink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.sink"
+    )]
+    #[cfg_attr(
+        feature = "ordering",
+        doc = "[`WebhookWorker::ordered`]: crate::WebhookWorker::ordered"
+    )]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`WebhookWorker::ordered`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/struct.WebhookWorker.html#method.ordered"
+    )]
+    #[cfg_attr(feature = "ordering", doc = "[`crate::ordering`]: crate::ordering")]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`crate::ordering`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
+    )]
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
         self

@@ -1,7 +1,7 @@
 //! [`DeliveryTarget`]: where and how deliveries are sent — URL, secrets or key id, signature
 //! scheme, extra headers, envelope, rate limit, tenant and delivery policy — shared by
-//! [`WebhookSubscription`](crate::WebhookSubscription) and
-//! [`Endpoint`](crate::registry::Endpoint), validated here once.
+//! [`WebhookSubscription`](crate::WebhookSubscription) and the registry's `Endpoint` (feature
+//! `registry`), validated here once.
 //!
 //! A low module: it knows nothing of subscriptions, registries or sinks, so both can hold one.
 
@@ -69,10 +69,16 @@ const HOP_BY_HOP_HEADERS: &[&str] = &[
 /// rate limit of its own, the tenant and the [`DeliveryPolicy`] (timeout, attempts, retry
 /// schedule and statuses, horizons).
 ///
-/// A [`WebhookSubscription`](crate::WebhookSubscription) and a registry
-/// [`Endpoint`](crate::registry::Endpoint) each hold one, and their builder methods of the same
-/// names set it; build one here to share it, or to store it (it serializes as the endpoint's
-/// fields, defaults left out).
+/// A [`WebhookSubscription`](crate::WebhookSubscription) and a registry [`Endpoint`] (feature
+/// `registry`) each hold one, and their builder methods of the same names set it; build one
+/// here to share it, or to store it (it serializes as the endpoint's fields, defaults left
+/// out).
+///
+#[cfg_attr(feature = "registry", doc = "[`Endpoint`]: crate::registry::Endpoint")]
+#[cfg_attr(
+    not(feature = "registry"),
+    doc = "[`Endpoint`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/registry/struct.Endpoint.html"
+)]
 ///
 /// ```
 /// use std::time::Duration;
@@ -208,9 +214,25 @@ impl DeliveryTarget {
     }
 
     /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
-    /// that [`WebhookStore::erase`](crate::store::WebhookStore::erase) can find them
-    /// ([`Erasure::tenant`](crate::store::Erasure::tenant)); a registry selects a tenant's endpoints by
-    /// it. At most 256 bytes, without control characters.
+    /// that [`WebhookStore::erase`] can find them ([`Erasure::tenant`]); a registry selects a
+    /// tenant's endpoints by it. At most 256 bytes, without control characters.
+    ///
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`WebhookStore::erase`]: crate::store::WebhookStore::erase"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`WebhookStore::erase`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.WebhookStore.html#method.erase"
+    )]
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`Erasure::tenant`]: crate::store::Erasure::tenant"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`Erasure::tenant`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.Erasure.html#method.tenant"
+    )]
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
         self

@@ -31,6 +31,7 @@ pub(super) fn settled(job: &WebhookJob, result: &AttemptResult, settled: Settled
     }
 }
 
+#[cfg(feature = "registry")]
 pub(super) fn endpoint_disabled(job: &WebhookJob) {
     counter!("webhook_endpoints_disabled_total", "endpoint" => job.endpoint().to_owned()).increment(1);
 }

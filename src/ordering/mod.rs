@@ -248,7 +248,7 @@ impl OrderedLines {
     /// letters, digits and `_`).
     #[cfg(feature = "postgres")]
     pub async fn postgres_in(pool: sqlx::PgPool, table: &str) -> Result<Self, LineError> {
-        let table = crate::registry::postgres::checked_table(table).map_err(|e| LineError(Box::new(e)))?;
+        let table = crate::table_name::checked_table(table).map_err(|e| LineError(Box::new(e)))?;
         Ok(Self {
             store: Arc::new(postgres::PostgresLines::open(pool, table).await?),
             kind: "postgres",

@@ -47,8 +47,19 @@ impl Event {
     }
 
     /// Delivers it to each endpoint in order with the endpoint's other deliveries of the same
-    /// `key` (see [`crate::ordering`]); the sink must be an
-    /// [`OrderedSink`](crate::ordering::OrderedSink).
+    /// `key` (see [`crate::ordering`]); the sink must be an [`OrderedSink`] (with the
+    /// `ordering` feature).
+    ///
+    #[cfg_attr(feature = "ordering", doc = "[`crate::ordering`]: crate::ordering")]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`crate::ordering`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
+    )]
+    #[cfg_attr(feature = "ordering", doc = "[`OrderedSink`]: crate::ordering::OrderedSink")]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`OrderedSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedSink.html"
+    )]
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
         self

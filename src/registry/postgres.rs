@@ -6,6 +6,8 @@ use futures::future::{BoxFuture, FutureExt};
 use sqlx::{PgPool, Row};
 
 use super::{Endpoint, EndpointId, EndpointRegistry, EventFilter, RegistryError};
+pub use crate::table_name::InvalidTableName;
+use crate::table_name::checked_table;
 
 /// The table [`PostgresRegistry::new`] uses.
 pub const DEFAULT_TABLE: &str = "webhook_endpoints";
@@ -39,28 +41,6 @@ impl fmt::Debug for PostgresRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresRegistry").field("table", &self.table).finish()
     }
-}
-
-/// The table name is not a plain SQL identifier.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("invalid table name {0:?}: use 1 to 63 of a-z, 0-9 and _, optionally schema-qualified")]
-pub struct InvalidTableName(String);
-
-/// `table` if it is `name` or `schema.name` of lower-case letters, digits and `_` (so it can be
-/// put into SQL text).
-pub(crate) fn checked_table(table: &str) -> Result<String, InvalidTableName> {
-    let plain = |part: &str| {
-        (1..=63).contains(&part.len())
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && !part.as_bytes()[0].is_ascii_digit()
-    };
-    let parts: Vec<&str> = table.split('.').collect();
-    if parts.len() > 2 || !parts.iter().all(|part| plain(part)) {
-        return Err(InvalidTableName(table.to_owned()));
-    }
-    Ok(table.to_owned())
 }
 
 fn unavailable(error: sqlx::Error) -> RegistryError {

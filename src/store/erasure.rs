@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use super::{Backend, StoreError, WebhookStore, rows::TaskRow};
 use crate::{
     clock::unix_millis,
+    endpoint_id::EndpointId,
     job::{WebhookId, WebhookJob},
     record::AttemptRecord,
-    registry::EndpointId,
     report::{DeadLetter, DeadLetterReason},
 };
 
@@ -59,7 +59,7 @@ const CANCELLED: &str = "erased before this attempt was made";
 /// case). Repeat until `in_flight` is 0.
 ///
 /// **Ordered deliveries** also have copies in their lines: run
-/// [`OrderedLines::erase_matching`](crate::ordering::OrderedLines::erase_matching) with
+/// [`OrderedLines::erase_matching`] (with the `ordering` feature) with
 /// [`matches`](Self::matches) first.
 ///
 /// **Storage underneath.** The rows and fields are overwritten; the old bytes may linger where
@@ -87,6 +87,15 @@ const CANCELLED: &str = "erased before this attempt was made";
 /// }
 /// # Ok(()) }
 /// ```
+///
+#[cfg_attr(
+    feature = "ordering",
+    doc = "[`OrderedLines::erase_matching`]: crate::ordering::OrderedLines::erase_matching"
+)]
+#[cfg_attr(
+    not(feature = "ordering"),
+    doc = "[`OrderedLines::erase_matching`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.erase_matching"
+)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Erasure {
     selector: Selector,
@@ -141,7 +150,16 @@ impl Erasure {
     }
 
     /// Whether `job` is one of the deliveries chosen (for
-    /// [`OrderedLines::erase_matching`](crate::ordering::OrderedLines::erase_matching)).
+    /// [`OrderedLines::erase_matching`]).
+    ///
+    #[cfg_attr(
+        feature = "ordering",
+        doc = "[`OrderedLines::erase_matching`]: crate::ordering::OrderedLines::erase_matching"
+    )]
+    #[cfg_attr(
+        not(feature = "ordering"),
+        doc = "[`OrderedLines::erase_matching`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.erase_matching"
+    )]
     pub fn matches(&self, job: &WebhookJob) -> bool {
         match &self.selector {
             Selector::Webhooks(ids) => ids.contains(job.webhook_id()),

@@ -211,8 +211,8 @@ pub struct Page<T> {
 /// Delivery history and dead letters of one webhook queue. Cheap to clone.
 ///
 /// Made from what deliveries are dispatched into on each backend, whose queue it reads:
-/// SQLite's storage ([`sqlite`](Self::sqlite)), a `PostgresSink` ([`postgres`](Self::postgres)),
-/// a `RedisSink` ([`redis`](Self::redis)).
+/// SQLite's storage (`WebhookStore::sqlite`), a `PostgresSink` (`::postgres`), a `RedisSink`
+/// (`::redis`), each with its backend's feature.
 ///
 /// ```no_run
 /// # async fn run(storage: apalis_webhooks::sqlite::SqliteStorage<apalis_webhooks::WebhookJob>, id: apalis_webhooks::WebhookId) -> Result<(), apalis_webhooks::store::StoreError> {

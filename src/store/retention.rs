@@ -74,7 +74,7 @@ pub enum RetentionError {
 ///   deliveries finished within the shorter window cost one step each and are not decided.
 /// - Freed space is reused: SQLite keeps its file size (run `VACUUM` to shrink it), Postgres
 ///   reuses rows after (auto)vacuum.
-/// - With [ordered lines](crate::ordering), keep the delivered window longer than a head may wait
+/// - With [ordered lines][ordering], keep the delivered window longer than a head may wait
 ///   between being delivered and its line moving on (at once, or at the next `repair` after a
 ///   crash): `repair` pushes again a head it finds no task of.
 /// - A replay racing the purge of that very dead letter may leave the replay's tasks without the
@@ -91,6 +91,12 @@ pub enum RetentionError {
 /// assert_eq!(policy.delivered().as_secs(), 7 * 24 * 3600);
 /// # Ok::<_, apalis_webhooks::store::RetentionError>(())
 /// ```
+///
+#[cfg_attr(feature = "ordering", doc = "[ordering]: crate::ordering")]
+#[cfg_attr(
+    not(feature = "ordering"),
+    doc = "[ordering]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
     delivered: Duration,

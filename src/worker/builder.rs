@@ -30,25 +30,31 @@ pub struct WebhookWorker<B> {
     secret_store: Option<Arc<dyn SecretStore>>,
     max_response_bytes: Option<usize>,
     hooks: Hooks,
+    #[cfg(feature = "registry")]
     registry: Option<Arc<dyn EndpointRegistry>>,
+    #[cfg(feature = "registry")]
     disable_after: Duration,
+    #[cfg(feature = "ordering")]
     lines: Option<OrderedLines>,
     max_attempt_timeout: Duration,
+    #[cfg(feature = "registry")]
     health_cap: MemoryCap,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WebhookWorker")
-            .field("backend", &self.backend)
+        let mut f = f.debug_struct("WebhookWorker");
+        f.field("backend", &self.backend)
             .field("egress", &self.egress)
             .field("client", &self.client)
             .field("secret_store", &self.secret_store.is_some())
-            .field("hooks", &self.hooks.0.len())
-            .field("registry", &self.registry.is_some())
-            .field("disable_after", &self.disable_after)
-            .field("lines", &self.lines)
-            .field("max_attempt_timeout", &self.max_attempt_timeout)
+            .field("hooks", &self.hooks.0.len());
+        #[cfg(feature = "registry")]
+        f.field("registry", &self.registry.is_some())
+            .field("disable_after", &self.disable_after);
+        #[cfg(feature = "ordering")]
+        f.field("lines", &self.lines);
+        f.field("max_attempt_timeout", &self.max_attempt_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -109,10 +115,14 @@ impl<B: Clone> WebhookWorker<B> {
             secret_store: None,
             max_response_bytes: None,
             hooks: Hooks::default(),
+            #[cfg(feature = "registry")]
             registry: None,
+            #[cfg(feature = "registry")]
             disable_after: DEFAULT_DISABLE_AFTER,
+            #[cfg(feature = "ordering")]
             lines: None,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            #[cfg(feature = "registry")]
             health_cap: DEFAULT_HEALTH_CAP,
         }
     }
@@ -135,6 +145,8 @@ impl<B: Clone> WebhookWorker<B> {
     /// Give it lines [`with_repair`](OrderedLines::with_repair) so that each service it builds
     /// repairs them periodically (until the service is dropped): a line whose head's dispatch
     /// was cut short, or whose head's task apalis gave up on, then moves on by itself.
+    #[cfg(feature = "ordering")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "ordering")))]
     pub fn ordered(mut self, lines: OrderedLines) -> Self {
         self.lines = Some(lines);
         self
@@ -146,6 +158,8 @@ impl<B: Clone> WebhookWorker<B> {
     /// [`disable_endpoints_after`](Self::disable_endpoints_after), firing
     /// [`DeliveryEvent::EndpointDisabled`]. A registry that cannot be reached is logged, and
     /// never holds up or fails a delivery.
+    #[cfg(feature = "registry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
     pub fn registry(mut self, registry: impl EndpointRegistry) -> Self {
         self.registry = Some(Arc::new(registry));
         self
@@ -155,6 +169,8 @@ impl<B: Clone> WebhookWorker<B> {
     /// endpoint costs one registry write per 10 s ([`DEFAULT_HEALTH_CAP`]: 100,000 endpoints,
     /// 16 MiB). An endpoint dropped past the cap has its next success written again; its
     /// failures are kept in the registry, not here, so disabling is not affected.
+    #[cfg(feature = "registry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
     pub fn max_tracked_endpoints(mut self, cap: MemoryCap) -> Self {
         self.health_cap = cap;
         self
@@ -162,6 +178,8 @@ impl<B: Clone> WebhookWorker<B> {
 
     /// How long an endpoint may fail without a success before it is disabled
     /// ([`DEFAULT_DISABLE_AFTER`]: five days). Needs a [`registry`](Self::registry).
+    #[cfg(feature = "registry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
     pub fn disable_endpoints_after(mut self, period: Duration) -> Self {
         self.disable_after = period;
         self
@@ -297,10 +315,12 @@ impl<B: Clone> WebhookWorker<B> {
             inner,
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
+            #[cfg(feature = "registry")]
             health: self.registry.as_ref().map(|registry| {
                 EndpointHealth::with_capacity(Arc::clone(registry), self.disable_after, self.health_cap)
             }),
             // Starts the lines' periodic repair, if they have one; it ends with the service.
+            #[cfg(feature = "ordering")]
             lines: self.lines.as_ref().map(OrderedLines::for_worker),
             attempt_limit,
             _kind: PhantomData,

@@ -20,25 +20,32 @@ use tracing::Instrument;
 use crate::report::{DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport};
 use crate::{
     backend::resilient::Backoff,
-    bounded::MemoryCap,
     clock::{unix_millis, unix_seconds, unix_seconds_after},
     delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
     job::WebhookJob,
     layers::signing::{SigningLayer, SigningService},
     observe::{self, Settled},
-    ordering::OrderedLines,
     outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
     record::AttemptRecord,
-    registry::{
-        DEFAULT_DISABLE_AFTER, EndpointId, EndpointRegistry,
-        health::{DEFAULT_HEALTH_CAP, EndpointHealth, Verdict},
-    },
     secret_store::SecretStore,
     sink::WebhookSink,
     ssrf::EgressPolicy,
 };
 
 pub use crate::tuning::{DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL};
+// Ordered lines and registry health reporting exist only with their features; a worker built
+// without `ordering` still recognizes ordered jobs and dead-letters them (`WorkerWithoutLines`).
+#[cfg(feature = "ordering")]
+use crate::ordering::OrderedLines;
+#[cfg(feature = "registry")]
+use crate::{
+    bounded::MemoryCap,
+    endpoint_id::EndpointId,
+    registry::{
+        DEFAULT_DISABLE_AFTER, EndpointRegistry,
+        health::{DEFAULT_HEALTH_CAP, EndpointHealth, Verdict},
+    },
+};
 
 /// How long a worker keeps trying to store what an attempt decided (its next attempt, its
 /// deferral, the next delivery of its ordered line) while the backend fails or does not

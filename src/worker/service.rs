@@ -1,6 +1,10 @@
 //! [`WebhookService`]: the apalis service that runs one attempt through the delivery stack.
 
-use super::settle::{NoLines, Patience, dead_letter, report_health, settle};
+#[cfg(feature = "ordering")]
+use super::settle::Patience;
+#[cfg(feature = "registry")]
+use super::settle::report_health;
+use super::settle::{NoLines, dead_letter, settle};
 use super::*;
 
 /// The apalis service of webhook jobs: runs the attempt through the delivery stack, then marks
@@ -9,7 +13,9 @@ pub struct WebhookService<S, B, K> {
     pub(super) inner: S,
     pub(super) backend: B,
     pub(super) hooks: Hooks,
+    #[cfg(feature = "registry")]
     pub(super) health: Option<EndpointHealth>,
+    #[cfg(feature = "ordering")]
     pub(super) lines: Option<OrderedLines>,
     pub(super) attempt_limit: Duration,
     pub(super) _kind: PhantomData<fn() -> K>,
@@ -21,7 +27,9 @@ impl<S: Clone, B: Clone, K> Clone for WebhookService<S, B, K> {
             inner: self.inner.clone(),
             backend: self.backend.clone(),
             hooks: self.hooks.clone(),
+            #[cfg(feature = "registry")]
             health: self.health.clone(),
+            #[cfg(feature = "ordering")]
             lines: self.lines.clone(),
             attempt_limit: self.attempt_limit,
             _kind: PhantomData,
@@ -57,7 +65,13 @@ where
         let job = Arc::new(task.args);
         // An ordered delivery (replays go outside their line) needs the lines to move on.
         let ordered = job.line().is_some() && job.replay() == 0;
-        if ordered && self.lines.is_none() {
+        // Without the `ordering` feature a worker has no lines, but the job format is the same:
+        // an ordered job that reaches it is still this listed, replayable dead letter.
+        #[cfg(feature = "ordering")]
+        let has_lines = self.lines.is_some();
+        #[cfg(not(feature = "ordering"))]
+        let has_lines = false;
+        if ordered && !has_lines {
             tracing::error!(webhook.id = %job.webhook_id(), "ordered delivery on a worker without lines");
             // A dead letter like any other, so the store lists it and it can be replayed.
             let result = AttemptResult::Refused {
@@ -67,6 +81,7 @@ where
             let error = dead_letter(&job, DeadLetterReason::WorkerWithoutLines, record, &result, &self.hooks);
             return Box::pin(async move { Err(error) });
         }
+        #[cfg(feature = "ordering")]
         let lines = self.lines.clone().filter(|_| ordered);
         let span = observe::attempt_span(&job);
         let started_at_ms = unix_millis();
@@ -74,6 +89,7 @@ where
         let attempt_limit = self.attempt_limit;
         let mut backend = self.backend.clone();
         let hooks = self.hooks.clone();
+        #[cfg(feature = "registry")]
         let health = self.health.clone();
         Box::pin(
             async move {
@@ -95,7 +111,9 @@ where
                 observe::record_result(&tracing::Span::current(), &result);
                 let report = settle(&job, task_id.as_deref(), started_at_ms, &result, &mut backend, &hooks).await;
                 // Delivered, or dead (the only errors `settle` returns are dead letters).
+                #[cfg(feature = "ordering")]
                 let ends_delivery = matches!(report, Ok(DeliveryReport::Delivered { .. }) | Err(_));
+                #[cfg(feature = "ordering")]
                 if let Some(lines) = lines
                     && ends_delivery
                 {
@@ -107,6 +125,7 @@ where
                         tracing::error!(%error, "the ordered line could not move on; its repair will free it");
                     }
                 }
+                #[cfg(feature = "registry")]
                 if let (Some(health), Some(endpoint_id)) = (&health, job.endpoint_id()) {
                     report_health(health, &job, endpoint_id, &result, &hooks).await;
                 }

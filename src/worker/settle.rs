@@ -202,6 +202,7 @@ fn outcome_not_stored(
 }
 
 /// Tells the registry how an attempt of one of its endpoints went, once the outcome is stored.
+#[cfg(feature = "registry")]
 pub(super) async fn report_health(
     health: &EndpointHealth,
     job: &WebhookJob,
@@ -228,10 +229,12 @@ pub(super) async fn report_health(
     }
 }
 
-/// An ordered delivery reached a worker without [`WebhookWorker::ordered`].
+/// An ordered delivery reached a worker without lines (`WebhookWorker::ordered`, which needs
+/// the `ordering` feature).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "ordered delivery on a worker without lines: configure WebhookWorker::ordered with the lines it was dispatched into"
+    "ordered delivery on a worker without lines: build it with the `ordering` feature and configure \
+     WebhookWorker::ordered with the lines it was dispatched into"
 )]
 pub(super) struct NoLines;
 

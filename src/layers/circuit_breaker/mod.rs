@@ -88,7 +88,7 @@ type Callback = Arc<dyn Fn(&StateChange) + Send + Sync>;
 ///   by default); an open period found longer than [`BreakerConfig::open_for`] from now (state
 ///   written by a worker with another config, or tampered with) is cut to it. The breaker does
 ///   not read `Retry-After`: a 429 or 503 counts as one failure, whatever it asks for.
-/// * **Local or shared.** State is in memory by default; with [`shared`](Self::shared) it is
+/// * **Local or shared.** State is in memory by default; with [`shared`] it is
 ///   in Redis, so every worker sees the same breaker and a restart keeps it.
 /// * **Observable.** Changes are tracing events (`info` on close, `warn` on open) and reach
 ///   [`on_state_change`](Self::on_state_change) callbacks; [`state`](Self::state) answers
@@ -107,6 +107,12 @@ type Callback = Arc<dyn Fn(&StateChange) + Send + Sync>;
 /// .on_state_change(|change| println!("{} is now {:?}", change.endpoint, change.to));
 /// # drop(breakers);
 /// ```
+///
+#[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/circuit_breaker/struct.CircuitBreakerLayer.html#method.shared"
+)]
 #[derive(Clone)]
 pub struct CircuitBreakerLayer {
     shared: Arc<Shared>,
@@ -133,7 +139,13 @@ impl CircuitBreakerLayer {
     /// through again until it trips anew, so size the cap above the number of endpoints that
     /// fail at the same time. Only endpoints with failures on record take room: a healthy
     /// delivery stores nothing. Starts the in-memory state anew; no effect on
-    /// [`shared`](Self::shared) (Redis) state, which expires in Redis.
+    /// [`shared`] (Redis) state, which expires in Redis.
+    ///
+    #[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
+    #[cfg_attr(
+        not(feature = "redis"),
+        doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/circuit_breaker/struct.CircuitBreakerLayer.html#method.shared"
+    )]
     pub fn max_endpoints(self, cap: MemoryCap) -> Self {
         let mut shared = self.into_shared();
         if let Some(store) = shared.store.recapped(cap) {

@@ -54,7 +54,7 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 ///   back longer comes back then and is checked again. Slowing down is done by charging each delivery several
 ///   GCRA cells, so it needs a burst of at least 2 to show below the cooldown.
 /// * **Local or fleet-wide.** State is in memory (GCRA, as governor computes it) by default;
-///   with [`shared`](Self::shared) it is in Redis, one atomic script per decision using
+///   with [`shared`] it is in Redis, one atomic script per decision using
 ///   Redis's clock, so N workers on N machines stay within one budget and a restart keeps it.
 /// * **Bounded memory.** In memory, at most [`max_keys`](Self::max_keys) keys are tracked
 ///   ([`DEFAULT_KEY_CAP`]); the least recently used are forgotten and start again with a full
@@ -67,6 +67,12 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 ///     .global(Limit::per_second(1_000));
 /// # drop(layer);
 /// ```
+///
+#[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/rate_limit/struct.RateLimitLayer.html#method.shared"
+)]
 #[derive(Clone)]
 pub struct RateLimitLayer {
     shared: Arc<Shared>,
