@@ -87,14 +87,7 @@ pub enum DispatchError {
     /// The subscription has an ordering key but the sink does not keep order: dispatch
     /// through [`OrderedLines::sink`].
     ///
-    #[cfg_attr(
-        feature = "ordering",
-        doc = "[`OrderedLines::sink`]: crate::ordering::OrderedLines::sink"
-    )]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`OrderedLines::sink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.sink"
-    )]
+    /// [`OrderedLines::sink`]: crate::ordering::OrderedLines::sink
     #[error("an ordered delivery must be dispatched through OrderedLines::sink")]
     NotOrdered,
     /// The backend refused or failed the push.

@@ -244,11 +244,7 @@ impl WebhookJob {
 
     /// The ordering key, for ordered delivery (see [`crate::ordering`]).
     ///
-    #[cfg_attr(feature = "ordering", doc = "[`crate::ordering`]: crate::ordering")]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`crate::ordering`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
-    )]
+    /// [`crate::ordering`]: crate::ordering
     pub fn ordering_key(&self) -> Option<&str> {
         self.ordering_key.as_deref()
     }

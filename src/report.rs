@@ -106,28 +106,14 @@ pub enum DeadLetterReason {
     /// The delivery was erased ([`WebhookStore::erase`]) before it was delivered or died: it is
     /// never sent, and cannot be replayed.
     ///
-    #[cfg_attr(
-        any(feature = "sqlite", feature = "postgres", feature = "redis"),
-        doc = "[`WebhookStore::erase`]: crate::store::WebhookStore::erase"
-    )]
-    #[cfg_attr(
-        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
-        doc = "[`WebhookStore::erase`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.WebhookStore.html#method.erase"
-    )]
+    /// [`WebhookStore::erase`]: crate::store::WebhookStore::erase
     Erased,
     /// An ordered delivery reached a worker without the ordered lines it was dispatched into
     /// ([`WebhookWorker::ordered`], or a worker built without the `ordering` feature): it was
     /// not sent, since sending it could break its key's order. Replay it (a replay goes outside
     /// its line) or give the worker its lines.
     ///
-    #[cfg_attr(
-        feature = "ordering",
-        doc = "[`WebhookWorker::ordered`]: crate::WebhookWorker::ordered"
-    )]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`WebhookWorker::ordered`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/struct.WebhookWorker.html#method.ordered"
-    )]
+    /// [`WebhookWorker::ordered`]: crate::WebhookWorker::ordered
     WorkerWithoutLines,
 }
 
@@ -207,14 +193,7 @@ pub enum DeliveryEvent<'a> {
     /// [`disable_endpoints_after`]); it receives
     /// nothing more until the app enables it again.
     ///
-    #[cfg_attr(
-        feature = "registry",
-        doc = "[`disable_endpoints_after`]: crate::WebhookWorker::disable_endpoints_after"
-    )]
-    #[cfg_attr(
-        not(feature = "registry"),
-        doc = "[`disable_endpoints_after`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/struct.WebhookWorker.html#method.disable_endpoints_after"
-    )]
+    /// [`disable_endpoints_after`]: crate::WebhookWorker::disable_endpoints_after
     EndpointDisabled {
         /// The job whose attempt decided it.
         job: &'a WebhookJob,

@@ -23,27 +23,9 @@ pub(crate) const INFRA_MAX_ATTEMPTS: u32 = 25;
 /// through it, and the worker the next attempt after a retryable failure. `K` is the backend's
 /// kind marker; it is inferred.
 ///
-#[cfg_attr(
-    feature = "postgres",
-    doc = "[`PostgresSink`]: crate::backend::postgres::PostgresSink"
-)]
-#[cfg_attr(
-    not(feature = "postgres"),
-    doc = "[`PostgresSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.PostgresSink.html"
-)]
-#[cfg_attr(
-    feature = "postgres",
-    doc = "[`InTransaction`]: crate::backend::postgres::InTransaction"
-)]
-#[cfg_attr(
-    not(feature = "postgres"),
-    doc = "[`InTransaction`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.InTransaction.html"
-)]
-#[cfg_attr(feature = "redis", doc = "[`RedisSink`]: crate::backend::redis::RedisSink")]
-#[cfg_attr(
-    not(feature = "redis"),
-    doc = "[`RedisSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/redis/struct.RedisSink.html"
-)]
+/// [`PostgresSink`]: crate::backend::postgres::PostgresSink
+/// [`InTransaction`]: crate::backend::postgres::InTransaction
+/// [`RedisSink`]: crate::backend::redis::RedisSink
 pub trait WebhookSink<K>: Send {
     /// The backend's push error.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -59,11 +41,7 @@ pub trait WebhookSink<K>: Send {
     /// Whether deliveries with an ordering key are kept in order
     /// ([`OrderedSink`]); `dispatch` refuses them otherwise.
     ///
-    #[cfg_attr(feature = "ordering", doc = "[`OrderedSink`]: crate::ordering::OrderedSink")]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`OrderedSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedSink.html"
-    )]
+    /// [`OrderedSink`]: crate::ordering::OrderedSink
     fn orders(&self) -> bool {
         false
     }
@@ -144,19 +122,8 @@ pub enum Deferral {
 /// # }
 /// ```
 ///
-#[cfg_attr(
-    feature = "postgres",
-    doc = "[`PostgresSink`]: crate::backend::postgres::PostgresSink"
-)]
-#[cfg_attr(
-    not(feature = "postgres"),
-    doc = "[`PostgresSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.PostgresSink.html"
-)]
-#[cfg_attr(feature = "redis", doc = "[`RedisSink`]: crate::backend::redis::RedisSink")]
-#[cfg_attr(
-    not(feature = "redis"),
-    doc = "[`RedisSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/redis/struct.RedisSink.html"
-)]
+/// [`PostgresSink`]: crate::backend::postgres::PostgresSink
+/// [`RedisSink`]: crate::backend::redis::RedisSink
 #[derive(Debug, Clone)]
 pub struct TaskSinkAdapter<S>(pub S);
 

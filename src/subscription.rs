@@ -71,11 +71,7 @@ impl WebhookSubscription {
     /// A subscription delivering to `target` (a registry endpoint's [`target`], or one built to
     /// be shared).
     ///
-    #[cfg_attr(feature = "registry", doc = "[`target`]: crate::registry::Endpoint::target")]
-    #[cfg_attr(
-        not(feature = "registry"),
-        doc = "[`target`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/registry/struct.Endpoint.html#method.target"
-    )]
+    /// [`target`]: crate::registry::Endpoint::target
     pub fn to(target: DeliveryTarget) -> Self {
         Self {
             target,
@@ -138,22 +134,8 @@ impl WebhookSubscription {
     /// names the endpoint without a registry: [`Erasure::endpoint`] selects by it, and ordered
     /// lines are per endpoint id (else URL).
     ///
-    #[cfg_attr(
-        any(feature = "sqlite", feature = "postgres", feature = "redis"),
-        doc = "[`Erasure::endpoint`]: crate::store::Erasure::endpoint"
-    )]
-    #[cfg_attr(
-        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
-        doc = "[`Erasure::endpoint`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.Erasure.html#method.endpoint"
-    )]
-    #[cfg_attr(
-        feature = "registry",
-        doc = "[`EndpointRegistry`]: crate::registry::EndpointRegistry"
-    )]
-    #[cfg_attr(
-        not(feature = "registry"),
-        doc = "[`EndpointRegistry`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/registry/trait.EndpointRegistry.html"
-    )]
+    /// [`Erasure::endpoint`]: crate::store::Erasure::endpoint
+    /// [`EndpointRegistry`]: crate::registry::EndpointRegistry
     pub fn endpoint_id(mut self, id: impl Into<EndpointId>) -> Self {
         self.endpoint_id = Some(id.into());
         self
@@ -166,27 +148,9 @@ impl WebhookSubscription {
     /// ([`WebhookWorker::ordered`]); both need the `ordering` feature. Same rules as a key id:
     /// visible ASCII, at most 256 bytes. See [`crate::ordering`] for guarantees and costs.
     ///
-    #[cfg_attr(
-        feature = "ordering",
-        doc = "[`OrderedLines::sink`]: crate::ordering::OrderedLines::sink"
-    )]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`OrderedLines::sink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.sink"
-    )]
-    #[cfg_attr(
-        feature = "ordering",
-        doc = "[`WebhookWorker::ordered`]: crate::WebhookWorker::ordered"
-    )]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`WebhookWorker::ordered`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/struct.WebhookWorker.html#method.ordered"
-    )]
-    #[cfg_attr(feature = "ordering", doc = "[`crate::ordering`]: crate::ordering")]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`crate::ordering`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
-    )]
+    /// [`OrderedLines::sink`]: crate::ordering::OrderedLines::sink
+    /// [`WebhookWorker::ordered`]: crate::WebhookWorker::ordered
+    /// [`crate::ordering`]: crate::ordering
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
         self

@@ -74,11 +74,7 @@ const HOP_BY_HOP_HEADERS: &[&str] = &[
 /// here to share it, or to store it (it serializes as the endpoint's fields, defaults left
 /// out).
 ///
-#[cfg_attr(feature = "registry", doc = "[`Endpoint`]: crate::registry::Endpoint")]
-#[cfg_attr(
-    not(feature = "registry"),
-    doc = "[`Endpoint`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/registry/struct.Endpoint.html"
-)]
+/// [`Endpoint`]: crate::registry::Endpoint
 ///
 /// ```
 /// use std::time::Duration;
@@ -217,22 +213,8 @@ impl DeliveryTarget {
     /// that [`WebhookStore::erase`] can find them ([`Erasure::tenant`]); a registry selects a
     /// tenant's endpoints by it. At most 256 bytes, without control characters.
     ///
-    #[cfg_attr(
-        any(feature = "sqlite", feature = "postgres", feature = "redis"),
-        doc = "[`WebhookStore::erase`]: crate::store::WebhookStore::erase"
-    )]
-    #[cfg_attr(
-        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
-        doc = "[`WebhookStore::erase`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.WebhookStore.html#method.erase"
-    )]
-    #[cfg_attr(
-        any(feature = "sqlite", feature = "postgres", feature = "redis"),
-        doc = "[`Erasure::tenant`]: crate::store::Erasure::tenant"
-    )]
-    #[cfg_attr(
-        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
-        doc = "[`Erasure::tenant`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.Erasure.html#method.tenant"
-    )]
+    /// [`WebhookStore::erase`]: crate::store::WebhookStore::erase
+    /// [`Erasure::tenant`]: crate::store::Erasure::tenant
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
         self

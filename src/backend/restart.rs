@@ -57,14 +57,7 @@ pub fn restart_delay(restarts: usize) -> Duration {
 /// (The Postgres backend of [`postgres::worker_backend`] does
 /// not stop on errors; wrapping it does no harm.)
 ///
-#[cfg_attr(
-    feature = "postgres",
-    doc = "[`postgres::worker_backend`]: crate::backend::postgres::worker_backend"
-)]
-#[cfg_attr(
-    not(feature = "postgres"),
-    doc = "[`postgres::worker_backend`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/fn.worker_backend.html"
-)]
+/// [`postgres::worker_backend`]: crate::backend::postgres::worker_backend
 #[derive(Debug)]
 pub struct Restarted<B> {
     backend: B,

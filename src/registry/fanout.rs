@@ -50,16 +50,8 @@ impl Event {
     /// `key` (see [`crate::ordering`]); the sink must be an [`OrderedSink`] (with the
     /// `ordering` feature).
     ///
-    #[cfg_attr(feature = "ordering", doc = "[`crate::ordering`]: crate::ordering")]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`crate::ordering`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
-    )]
-    #[cfg_attr(feature = "ordering", doc = "[`OrderedSink`]: crate::ordering::OrderedSink")]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`OrderedSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedSink.html"
-    )]
+    /// [`crate::ordering`]: crate::ordering
+    /// [`OrderedSink`]: crate::ordering::OrderedSink
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
         self

@@ -88,14 +88,7 @@ const CANCELLED: &str = "erased before this attempt was made";
 /// # Ok(()) }
 /// ```
 ///
-#[cfg_attr(
-    feature = "ordering",
-    doc = "[`OrderedLines::erase_matching`]: crate::ordering::OrderedLines::erase_matching"
-)]
-#[cfg_attr(
-    not(feature = "ordering"),
-    doc = "[`OrderedLines::erase_matching`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.erase_matching"
-)]
+/// [`OrderedLines::erase_matching`]: crate::ordering::OrderedLines::erase_matching
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Erasure {
     selector: Selector,
@@ -152,14 +145,7 @@ impl Erasure {
     /// Whether `job` is one of the deliveries chosen (for
     /// [`OrderedLines::erase_matching`]).
     ///
-    #[cfg_attr(
-        feature = "ordering",
-        doc = "[`OrderedLines::erase_matching`]: crate::ordering::OrderedLines::erase_matching"
-    )]
-    #[cfg_attr(
-        not(feature = "ordering"),
-        doc = "[`OrderedLines::erase_matching`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/struct.OrderedLines.html#method.erase_matching"
-    )]
+    /// [`OrderedLines::erase_matching`]: crate::ordering::OrderedLines::erase_matching
     pub fn matches(&self, job: &WebhookJob) -> bool {
         match &self.selector {
             Selector::Webhooks(ids) => ids.contains(job.webhook_id()),

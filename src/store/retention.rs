@@ -92,11 +92,7 @@ pub enum RetentionError {
 /// # Ok::<_, apalis_webhooks::store::RetentionError>(())
 /// ```
 ///
-#[cfg_attr(feature = "ordering", doc = "[ordering]: crate::ordering")]
-#[cfg_attr(
-    not(feature = "ordering"),
-    doc = "[ordering]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/ordering/index.html"
-)]
+/// [ordering]: crate::ordering
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
     delivered: Duration,

@@ -108,11 +108,7 @@ type Callback = Arc<dyn Fn(&StateChange) + Send + Sync>;
 /// # drop(breakers);
 /// ```
 ///
-#[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
-#[cfg_attr(
-    not(feature = "redis"),
-    doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/circuit_breaker/struct.CircuitBreakerLayer.html#method.shared"
-)]
+/// [`shared`]: Self::shared
 #[derive(Clone)]
 pub struct CircuitBreakerLayer {
     shared: Arc<Shared>,
@@ -141,11 +137,7 @@ impl CircuitBreakerLayer {
     /// delivery stores nothing. Starts the in-memory state anew; no effect on
     /// [`shared`] (Redis) state, which expires in Redis.
     ///
-    #[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
-    #[cfg_attr(
-        not(feature = "redis"),
-        doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/circuit_breaker/struct.CircuitBreakerLayer.html#method.shared"
-    )]
+    /// [`shared`]: Self::shared
     pub fn max_endpoints(self, cap: MemoryCap) -> Self {
         let mut shared = self.into_shared();
         if let Some(store) = shared.store.recapped(cap) {

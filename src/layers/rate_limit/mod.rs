@@ -68,11 +68,7 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 /// # drop(layer);
 /// ```
 ///
-#[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
-#[cfg_attr(
-    not(feature = "redis"),
-    doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/rate_limit/struct.RateLimitLayer.html#method.shared"
-)]
+/// [`shared`]: Self::shared
 #[derive(Clone)]
 pub struct RateLimitLayer {
     shared: Arc<Shared>,
