@@ -12,8 +12,10 @@ use tower::ServiceBuilder;
 pub fn service<B: Clone + apalis_webhooks::WebhookSink<K>, K>(
     sink: B,
 ) -> WebhookService<
-    apalis_webhooks::layers::CircuitBreakerService<
-        apalis_webhooks::layers::RateLimitService<apalis_webhooks::SigningService<apalis_webhooks::HttpDelivery>>,
+    apalis_webhooks::layers::InFlightService<
+        apalis_webhooks::layers::CircuitBreakerService<
+            apalis_webhooks::layers::RateLimitService<apalis_webhooks::SigningService<apalis_webhooks::HttpDelivery>>,
+        >,
     >,
     B,
     K,
