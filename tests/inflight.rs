@@ -20,7 +20,7 @@ use apalis::prelude::*;
 use apalis_webhooks::{Secret, WebhookSubscription, WebhookWorker, layers::InFlightLayer, sqlite, ssrf::EgressPolicy};
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
 use common::Db;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 const SLOW: usize = 1_000;
 const FAST: usize = 100;
@@ -35,6 +35,21 @@ struct Slow {
     arrived: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
+    answered: Arc<AtomicUsize>,
+    answer: Arc<Notify>,
+}
+
+impl Slow {
+    /// Waits until `count` requests have been answered.
+    async fn answered(&self, count: usize) {
+        loop {
+            let answer = self.answer.notified();
+            if self.answered.load(Ordering::SeqCst) >= count {
+                return;
+            }
+            answer.await;
+        }
+    }
 }
 
 async fn slow(State(slow): State<Slow>) -> StatusCode {
@@ -44,6 +59,8 @@ async fn slow(State(slow): State<Slow>) -> StatusCode {
     // The receiver's behaviour under test (a slow answer), not synchronisation.
     tokio::time::sleep(SLOW_ANSWER).await;
     slow.open.fetch_sub(1, Ordering::SeqCst);
+    slow.answered.fetch_add(1, Ordering::SeqCst);
+    slow.answer.notify_waiters();
     StatusCode::NO_CONTENT
 }
 
@@ -112,20 +129,7 @@ async fn run(
     let fast_url = serve(Router::new().route("/hook", post(fast)).with_state(fast_state.clone())).await;
 
     let storage = db.storage();
-    let service = configure(WebhookWorker::new(storage.clone()).egress(EgressPolicy::new().allow_loopback()))
-        .service()
-        .unwrap();
-    let worker = sqlite::worker(&storage, 0).build(service);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        worker
-            .run_until(async move {
-                let _ = stopped.await;
-                Ok::<_, WorkerError>(())
-            })
-            .await
-            .unwrap();
-    });
+    let stop = spawn_worker(&storage, configure);
 
     let mut sink = storage.clone();
     let to_slow = WebhookSubscription::new(&slow_url, Secret::generate());
@@ -165,12 +169,43 @@ async fn run(
         SLOW - run.slow_arrived,
         slow_state.peak.load(Ordering::SeqCst),
     );
-    let _ = stop.send(());
-    tokio::time::timeout(PATIENCE, handle)
-        .await
-        .expect("worker did not stop")
-        .unwrap();
+    stop.stop().await;
     run
+}
+
+type Storage = sqlite::SqliteStorage<apalis_webhooks::WebhookJob>;
+
+/// A running worker, stopped gracefully by [`Self::stop`].
+struct Stop(oneshot::Sender<()>, tokio::task::JoinHandle<()>);
+
+impl Stop {
+    async fn stop(self) {
+        let _ = self.0.send(());
+        tokio::time::timeout(PATIENCE, self.1)
+            .await
+            .expect("worker did not stop")
+            .unwrap();
+    }
+}
+
+/// Runs a worker on `storage` with the default worker settings (`sqlite::worker`: 64 slots),
+/// its builder passed through `configure`.
+fn spawn_worker(storage: &Storage, configure: impl FnOnce(WebhookWorker<Storage>) -> WebhookWorker<Storage>) -> Stop {
+    let service = configure(WebhookWorker::new(storage.clone()).egress(EgressPolicy::new().allow_loopback()))
+        .service()
+        .unwrap();
+    let worker = sqlite::worker(storage, 0).build(service);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        worker
+            .run_until(async move {
+                let _ = stopped.await;
+                Ok::<_, WorkerError>(())
+            })
+            .await
+            .unwrap();
+    });
+    Stop(stop, handle)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,4 +217,69 @@ async fn a_slow_endpoint_does_not_starve_a_fast_one() {
     );
     // The same queue without the cap, for comparison (printed, not asserted).
     run("without the in-flight cap", WebhookWorker::without_in_flight_cap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_sharing_the_cap_in_redis_stay_within_it_together() {
+    let Some(redis_url) = services::redis_url("two_workers_sharing_the_cap_in_redis_stay_within_it_together").await
+    else {
+        return;
+    };
+    const CAP: u32 = 6;
+    const DELIVERIES: usize = 36;
+    let db = Db::new().await;
+    let slow_state = Slow::default();
+    let slow_url = serve(Router::new().route("/hook", post(slow)).with_state(slow_state.clone())).await;
+    let prefix = format!("t-inflight-{}", ulid::Ulid::new());
+    // Two workers as two processes would run them: each its own pool and its own layer, one
+    // count in Redis. Capped from the first attempt (`slow_after` zero), so the peak is exact.
+    let mut workers = Vec::new();
+    for pool in [db.pool.clone(), db.reopen().await] {
+        let conn = apalis_webhooks::backend::redis::connect(&redis_url).await.unwrap();
+        let layer = InFlightLayer::new(CAP)
+            .slow_after(Duration::ZERO)
+            .shared(conn, prefix.clone());
+        workers.push(spawn_worker(&sqlite::storage(&pool), |worker| worker.in_flight(layer)));
+    }
+    let mut sink = db.storage();
+    let to_slow = WebhookSubscription::new(&slow_url, Secret::generate());
+    for seq in 0..DELIVERIES {
+        to_slow
+            .dispatch(&mut sink, "slow", &serde_json::json!({ "seq": seq }))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(PATIENCE, slow_state.answered(DELIVERIES))
+        .await
+        .expect("the slow deliveries did not all arrive");
+    for worker in workers {
+        worker.stop().await;
+    }
+    let peak = slow_state.peak.load(Ordering::SeqCst);
+    println!("two workers, shared cap {CAP}: most requests open at once {peak}");
+    assert!(
+        peak <= CAP as usize,
+        "{peak} requests at once over a shared cap of {CAP}"
+    );
+    assert_eq!(
+        slow_state.arrived.load(Ordering::SeqCst),
+        DELIVERIES,
+        "each delivery sent once"
+    );
+
+    // Every lease was given back (released in the background as each attempt ended).
+    let mut conn = apalis_webhooks::backend::redis::connect(&redis_url).await.unwrap();
+    let endpoint = slow_url.trim_start_matches("http://").trim_end_matches("/hook");
+    let key = format!("{prefix}:inflight:{endpoint}");
+    let released = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let live: usize = redis::AsyncCommands::zcard(&mut conn, &key).await.unwrap();
+            if live == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(released.is_ok(), "leases left in {key}");
 }

@@ -445,4 +445,44 @@ mod tests {
         let capped = InFlightLayer::new(1).max_deferral(Duration::from_secs(1));
         assert!(capped.shared.delay("k", Some(Duration::MAX), 1) <= Duration::from_secs(1));
     }
+
+    fn request() -> DeliveryRequest {
+        let job = crate::WebhookSubscription::new("https://slow.example/hook", crate::Secret::generate())
+            .max_in_flight(1)
+            .job("e", &1)
+            .unwrap();
+        DeliveryRequest::new(Arc::new(job))
+    }
+
+    #[test]
+    fn a_slot_comes_back_when_the_attempt_is_cancelled_or_panics() {
+        use futures::FutureExt;
+        let layer = InFlightLayer::new(8).slow_after(Duration::ZERO);
+        let held = |layer: &InFlightLayer| layer.local_state("slow.example").0;
+        // An attempt that never ends holds the slot (the job's own cap of 1) until it is dropped.
+        let mut pending = layer.layer(tower::service_fn(|_: DeliveryRequest| {
+            futures::future::pending::<Result<AttemptResult, std::convert::Infallible>>()
+        }));
+        let mut first = pending.call(request());
+        assert!((&mut first).now_or_never().is_none());
+        assert_eq!(held(&layer), 1);
+        match pending.call(request()).now_or_never() {
+            Some(Ok(AttemptResult::Deferred { reason, .. })) => assert_eq!(reason, DeferReason::EndpointBusy),
+            _ => panic!("past the cap: deferred at once"),
+        }
+        drop(first);
+        assert_eq!(held(&layer), 0);
+        // A panicking attempt gives its slot back while unwinding.
+        let mut panics = layer.layer(tower::service_fn(|_: DeliveryRequest| async {
+            if true {
+                panic!("inner service panicked");
+            }
+            Ok::<_, std::convert::Infallible>(AttemptResult::Refused { reason: String::new() })
+        }));
+        let unwound = std::panic::AssertUnwindSafe(panics.call(request()))
+            .catch_unwind()
+            .now_or_never();
+        assert!(matches!(unwound, Some(Err(_))));
+        assert_eq!(held(&layer), 0);
+    }
 }
