@@ -162,7 +162,7 @@ impl InFlightLayer {
     }
 
     /// The longest this layer defers a delivery (one hour by default, at least a millisecond,
-    /// at most [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY)).
+    /// at most [`DeliveryPolicy::MAX_DELAY`](crate::policy::DeliveryPolicy::MAX_DELAY)).
     pub fn max_deferral(self, max: Duration) -> Self {
         let settings = Settings {
             max_deferral: deferral_cap(max),
