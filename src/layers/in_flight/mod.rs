@@ -192,7 +192,7 @@ impl InFlightLayer {
     }
 
     /// The attempts this process has in flight to `endpoint` under its local count (in
-    /// [`shared`](Self::shared) mode, only those counted while Redis was unreachable), and
+    /// Redis (`shared`) mode, only those counted while Redis was unreachable), and
     /// their recent average duration: introspection for dashboards and tests.
     pub fn local_state(&self, endpoint: &str) -> (u32, Option<Duration>) {
         self.shared.local.state(endpoint)
