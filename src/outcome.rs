@@ -62,6 +62,10 @@ pub enum DeferReason {
     /// The [`SecretStore`](crate::secret_store::SecretStore) could not answer (an error or a timeout), so the
     /// attempt could not be signed; nothing was sent.
     SecretStoreUnavailable,
+    /// The endpoint already has as many attempts in flight as its cap allows (see
+    /// [`InFlightLayer`](crate::layers::InFlightLayer)): it answers slowly, and the worker's
+    /// slots go to other endpoints meanwhile.
+    EndpointBusy,
 }
 
 impl std::fmt::Display for DeferReason {
@@ -71,6 +75,7 @@ impl std::fmt::Display for DeferReason {
             Self::CircuitOpen => "circuit open",
             Self::LimiterUnavailable => "limiter state unavailable",
             Self::SecretStoreUnavailable => "secret store unavailable",
+            Self::EndpointBusy => "endpoint busy (in-flight cap)",
         })
     }
 }

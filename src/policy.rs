@@ -27,6 +27,11 @@ pub struct DeliveryPolicy {
     /// `None`: see [`defer_horizon`](Self::defer_horizon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defer_horizon_ms: Option<u64>,
+    /// Most attempts of this target's endpoint in flight at once, applied by an
+    /// [`InFlightLayer`](crate::layers::InFlightLayer) instead of its per-endpoint default.
+    /// `None`: the layer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
 }
 
 impl DeliveryPolicy {
@@ -45,6 +50,7 @@ impl Default for DeliveryPolicy {
             retry_statuses: StatusSet::default(),
             max_retry_after_ms: 24 * 3600 * 1000,
             defer_horizon_ms: None,
+            max_in_flight: None,
         }
     }
 }

@@ -257,6 +257,17 @@ impl DeliveryTarget {
         self
     }
 
+    /// Most attempts to this target's endpoint in flight at once (at least 1), applied by the
+    /// worker's [`InFlightLayer`](crate::layers::InFlightLayer) instead of its per-endpoint
+    /// default ([`DEFAULT_MAX_IN_FLIGHT`](crate::layers::in_flight::DEFAULT_MAX_IN_FLIGHT), 16)
+    /// while the endpoint answers slowly. Deliveries past it are deferred, not failed: no
+    /// attempt is used and no worker slot is held. Every target of one endpoint should carry
+    /// the same cap (the endpoint's count is shared; each delivery is checked against its own).
+    pub fn max_in_flight(mut self, cap: u32) -> Self {
+        self.policy.max_in_flight = Some(cap.max(1));
+        self
+    }
+
     /// Upper bound for a receiver's `Retry-After` (24 h by default).
     pub fn max_retry_after(mut self, limit: Duration) -> Self {
         self.policy.max_retry_after_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
@@ -400,6 +411,8 @@ macro_rules! forward_target_setters {
             "How long one attempt may be put off before the delivery becomes a dead letter.");
         $crate::target::forward_target_setters!(@one $field, max_retry_after(limit: ::std::time::Duration),
             "Upper bound for a receiver's `Retry-After` (24 h by default).");
+        $crate::target::forward_target_setters!(@one $field, max_in_flight(cap: u32),
+            "Most attempts to the target's endpoint in flight at once, while it answers slowly.");
     };
     (@one $field:ident, $name:ident($($arg:ident: $ty:ty),*), $doc:literal) => {
         #[doc = $doc]

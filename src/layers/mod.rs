@@ -1,7 +1,8 @@
-//! Tower layers around the delivery service that protect receivers: [`RateLimitLayer`] and
-//! [`CircuitBreakerLayer`].
+//! Tower layers around the delivery service that protect receivers and share the worker
+//! fairly: [`RateLimitLayer`], [`CircuitBreakerLayer`] and [`InFlightLayer`] (on by default
+//! in [`WebhookWorker`](crate::WebhookWorker)).
 //!
-//! Both **defer** instead of failing: a delivery they hold back is answered with
+//! All **defer** instead of failing: a delivery they hold back is answered with
 //! [`AttemptResult::Deferred`], and the worker stores the same
 //! attempt again, due later. No attempt is counted, no worker slot waits, nothing is
 //! dead-lettered for it. Each keeps its state in process memory, or in Redis (feature `redis`)
@@ -28,6 +29,7 @@
 //! ```
 
 pub mod circuit_breaker;
+pub mod in_flight;
 pub mod rate_limit;
 pub(crate) mod signing;
 mod spread;
@@ -36,6 +38,7 @@ pub use crate::limit::Limit;
 pub use circuit_breaker::{
     BreakerConfig, BreakerState, CircuitBreakerLayer, CircuitBreakerService, Phase, StateChange, Trip,
 };
+pub use in_flight::{InFlightLayer, InFlightService};
 pub use rate_limit::{RateLimitLayer, RateLimitService};
 
 use std::time::Duration;

@@ -42,6 +42,7 @@ fn defer_label(reason: DeferReason) -> &'static str {
         DeferReason::CircuitOpen => "circuit_open",
         DeferReason::LimiterUnavailable => "limiter_unavailable",
         DeferReason::SecretStoreUnavailable => "secret_store_unavailable",
+        DeferReason::EndpointBusy => "endpoint_busy",
     }
 }
 

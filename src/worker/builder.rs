@@ -39,6 +39,8 @@ pub struct WebhookWorker<B> {
     max_attempt_timeout: Duration,
     #[cfg(feature = "registry")]
     health_cap: MemoryCap,
+    /// `None`: no in-flight cap.
+    in_flight: Option<InFlightLayer>,
 }
 
 impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
@@ -55,6 +57,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
         #[cfg(feature = "ordering")]
         f.field("lines", &self.lines);
         f.field("max_attempt_timeout", &self.max_attempt_timeout)
+            .field("in_flight", &self.in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +127,33 @@ impl<B: Clone> WebhookWorker<B> {
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
             #[cfg(feature = "registry")]
             health_cap: DEFAULT_HEALTH_CAP,
+            in_flight: Some(InFlightLayer::default()),
         }
+    }
+
+    /// Caps the attempts in flight to each endpoint with `layer`, in place of the default
+    /// ([`InFlightLayer::default`]: 16 per endpoint once its attempts average 250 ms or more),
+    /// so that one slow endpoint cannot take every slot: give it about a quarter of the
+    /// concurrency the worker runs with, or share it in Redis across a fleet. The cap wraps
+    /// the whole stack, a [`service_with`](Self::service_with) layer included.
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) {
+    /// use apalis_webhooks::{WebhookWorker, layers::InFlightLayer};
+    ///
+    /// // A worker running 200 deliveries at once.
+    /// let worker = WebhookWorker::new(storage).in_flight(InFlightLayer::new(50));
+    /// # drop(worker); }
+    /// ```
+    pub fn in_flight(mut self, layer: InFlightLayer) -> Self {
+        self.in_flight = Some(layer);
+        self
+    }
+
+    /// No in-flight cap: a slow endpoint's backlog may take every worker slot.
+    pub fn without_in_flight_cap(mut self) -> Self {
+        self.in_flight = None;
+        self
     }
 
     /// Cap of each attempt's HTTP timeout ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`], 20 s): a
@@ -266,8 +295,9 @@ impl<B: Clone> WebhookWorker<B> {
         })
     }
 
-    /// The service with the default stack: signing around HTTP delivery.
-    pub fn service<K>(&self) -> Result<WebhookService<SigningService<HttpDelivery>, B, K>, BuildError>
+    /// The service with the default stack: the in-flight cap, then signing around HTTP
+    /// delivery.
+    pub fn service<K>(&self) -> Result<WebhookService<InFlightService<SigningService<HttpDelivery>>, B, K>, BuildError>
     where
         B: WebhookSink<K>,
     {
@@ -284,8 +314,9 @@ impl<B: Clone> WebhookWorker<B> {
     }
 
     /// The service with your own `layer` around HTTP delivery (it should include
-    /// [`SigningLayer`] unless deliveries are meant to go out unsigned).
-    pub fn service_with<L, K>(&self, layer: L) -> Result<WebhookService<L::Service, B, K>, BuildError>
+    /// [`SigningLayer`] unless deliveries are meant to go out unsigned), inside the worker's
+    /// [`in_flight`](Self::in_flight) cap.
+    pub fn service_with<L, K>(&self, layer: L) -> Result<WebhookService<InFlightService<L::Service>, B, K>, BuildError>
     where
         L: Layer<HttpDelivery>,
         B: WebhookSink<K>,
@@ -311,6 +342,8 @@ impl<B: Clone> WebhookWorker<B> {
             delivery = delivery.max_response_bytes(limit);
         }
         let inner = layer.layer(delivery.max_attempt_timeout(self.max_attempt_timeout));
+        // Outermost, so that a deferred delivery spends no rate budget and is not signed.
+        let inner = InFlightService::new(inner, self.in_flight.as_ref());
         Ok(WebhookService {
             inner,
             backend: self.backend.clone(),

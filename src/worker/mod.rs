@@ -23,7 +23,10 @@ use crate::{
     clock::{unix_millis, unix_seconds, unix_seconds_after},
     delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
     job::WebhookJob,
-    layers::signing::{SigningLayer, SigningService},
+    layers::{
+        in_flight::{InFlightLayer, InFlightService},
+        signing::{SigningLayer, SigningService},
+    },
     observe::{self, Settled},
     outcome::{AttemptResult, DeferReason, Outcome, TransportErrorKind},
     record::AttemptRecord,

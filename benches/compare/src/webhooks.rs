@@ -13,9 +13,11 @@ use tower::ServiceBuilder;
 pub fn service<B: Clone + apalis_webhooks::WebhookSink<K>, K>(
     sink: B,
 ) -> WebhookService<
-    apalis_webhooks::layers::CircuitBreakerService<
-        apalis_webhooks::layers::RateLimitService<
-            apalis_webhooks::signing::SigningService<apalis_webhooks::delivery::HttpDelivery>,
+    apalis_webhooks::layers::InFlightService<
+        apalis_webhooks::layers::CircuitBreakerService<
+            apalis_webhooks::layers::RateLimitService<
+                apalis_webhooks::signing::SigningService<apalis_webhooks::delivery::HttpDelivery>,
+            >,
         >,
     >,
     B,
