@@ -95,6 +95,7 @@ mod clock;
 mod delivery;
 mod dispatch_error;
 mod endpoint_id;
+pub mod idempotency;
 mod job;
 // What reads JSON documents back: the stores, ordered lines (and the Postgres registry).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis", feature = "ordering"))]
