@@ -13,8 +13,8 @@
 //!
 //! | backend | how | the key may dispatch again |
 //! |---|---|---|
-//! | SQLite, Postgres ([`PostgresSink`], [`InTransaction`]) | the webhook id is derived from the key, and the first attempt's task is inserted `ON CONFLICT DO NOTHING` on apalis's unique `(queue, idempotency key)` index | once retention purged the delivery (all its tasks); the window is not used, the key holds at least as long as the store keeps the delivery |
-//! | Redis ([`RedisSink`]) | the push script sets a marker `SET … PX window` holding the first id, in the same script as the push | after the window |
+//! | SQLite, Postgres (`PostgresSink`, `InTransaction`) | the webhook id is derived from the key, and the first attempt's task is inserted `ON CONFLICT DO NOTHING` on apalis's unique `(queue, idempotency key)` index | once retention purged the delivery (all its tasks); the window is not used, the key holds at least as long as the store keeps the delivery |
+//! | Redis (`RedisSink`) | the push script sets a marker `SET … PX window` holding the first id, in the same script as the push | after the window |
 //! | memory ([`MemorySink`]) | a map of keys to first ids in the sink, under one lock with the push | after the window (expired keys are dropped as the map grows) |
 //! | [`TaskSinkAdapter`] | the derived id, pushed with apalis's idempotency key | whatever the backend does with idempotency keys: not guaranteed |
 //!
@@ -28,19 +28,6 @@
 //! [`DispatchError::IdempotencyKeyWithOrdering`](crate::DispatchError::IdempotencyKeyWithOrdering)):
 //! an ordered line would take the repeated dispatch for a new delivery.
 //!
-#![cfg_attr(
-    feature = "postgres",
-    doc = "[`PostgresSink`]: crate::backend::postgres::PostgresSink\n\n[`InTransaction`]: crate::backend::postgres::InTransaction"
-)]
-#![cfg_attr(
-    not(feature = "postgres"),
-    doc = "[`PostgresSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.PostgresSink.html\n\n[`InTransaction`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/struct.InTransaction.html"
-)]
-#![cfg_attr(feature = "redis", doc = "[`RedisSink`]: crate::backend::redis::RedisSink")]
-#![cfg_attr(
-    not(feature = "redis"),
-    doc = "[`RedisSink`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/redis/struct.RedisSink.html"
-)]
 //! [`MemorySink`]: crate::backend::memory::MemorySink
 //! [`TaskSinkAdapter`]: crate::TaskSinkAdapter
 

@@ -157,6 +157,16 @@ async fn fan_out_same_key<B: TestBackend>(test: &str) {
     let again = dispatch_event(&registry, &mut backend.sink(), event()).await.unwrap();
     assert_eq!(first.len(), 2);
     assert_eq!(first, again);
+    let registry = std::sync::Arc::new(registry);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (registry, mut sink) = (registry.clone(), backend.sink());
+            tokio::spawn(async move { dispatch_event(&*registry, &mut sink, event()).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), first);
+    }
     assert_ne!(first[0].1, first[1].1, "one id per endpoint");
     // A single dispatch to endpoint `a` under the same key is the same delivery.
     let endpoint = registry.get(&"a".into()).await.unwrap().unwrap();
@@ -174,7 +184,7 @@ async fn fan_out_same_key<B: TestBackend>(test: &str) {
     if let Some(stored) = stored {
         assert_eq!(stored, 2);
     }
-    println!("idempotency {test}: fan-out to 2 endpoints twice -> stored {stored:?}");
+    println!("idempotency {test}: fan-out to 2 endpoints, 2 + 10 concurrent times -> stored {stored:?}");
 }
 
 macro_rules! suite {

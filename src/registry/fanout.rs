@@ -146,7 +146,12 @@ where
     if event.ordering_key.is_some() && !sink.orders() {
         return Err(DispatchError::NotOrdered.into());
     }
-    let endpoints = registry.matching(&event.event_type, event.tenant.as_deref()).await?;
+    let mut endpoints = registry.matching(&event.event_type, event.tenant.as_deref()).await?;
+    if event.idempotency_key.is_some() {
+        // Concurrent keyed fan-outs insert the same rows: in one order, so that Postgres
+        // makes the later one wait on the unique index rather than deadlock.
+        endpoints.sort_by(|a, b| a.id().cmp(b.id()));
+    }
     let mut jobs = Vec::with_capacity(endpoints.len());
     let mut sent = Vec::with_capacity(endpoints.len());
     for endpoint in endpoints {
