@@ -225,7 +225,9 @@ impl WebhookSubscription {
     }
 
     /// Validates and serializes, returning the job that [`dispatch`](Self::dispatch) would
-    /// enqueue. Useful to push with your own `TaskBuilder` options.
+    /// enqueue. Useful to push with your own `TaskBuilder` options. With an
+    /// [`idempotency_key`](Self::idempotency_key) the sink chooses the id at the push
+    /// (see [`WebhookSink::push_keyed`]); this job has a fresh one.
     pub fn job<T: Serialize + ?Sized>(&self, event_type: &str, payload: &T) -> Result<WebhookJob, DispatchError> {
         self.validate(event_type)?;
         let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
