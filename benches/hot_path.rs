@@ -16,8 +16,12 @@ use std::{
 };
 
 use apalis_webhooks::{
-    AttemptResult, DeliveryPolicy, DeliveryRequest, Secret, SignatureScheme, SigningLayer, WebhookSubscription,
+    Secret, WebhookSubscription,
+    delivery::DeliveryRequest,
     layers::{CircuitBreakerLayer, Limit, RateLimitLayer},
+    outcome::AttemptResult,
+    policy::DeliveryPolicy,
+    signing::{SignatureScheme, SigningLayer},
 };
 use tower::{Service, ServiceBuilder, ServiceExt};
 

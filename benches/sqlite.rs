@@ -18,7 +18,9 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_webhooks::{DEFAULT_CONCURRENCY, Secret, WebhookSubscription, WebhookWorker, sqlite, ssrf::EgressPolicy};
+use apalis_webhooks::{
+    Secret, WebhookSubscription, WebhookWorker, sqlite, ssrf::EgressPolicy, worker::DEFAULT_CONCURRENCY,
+};
 use axum::{Router, http::StatusCode, routing::post};
 use tokio::sync::Notify;
 
@@ -53,7 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .egress(EgressPolicy::new().allow_loopback())
             .service()?;
         let worker = WorkerBuilder::new(name)
-            .backend(sqlite::polling(worker_storage.clone()))
+            .backend(sqlite::worker_backend(worker_storage.clone()))
             .concurrency(DEFAULT_CONCURRENCY)
             .build(service);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

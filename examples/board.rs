@@ -19,8 +19,10 @@ use apalis_board::axum::{
     ui::ServeUI,
 };
 use apalis_webhooks::{
-    MemorySecretStore, RetrySchedule, Secret, WebhookSubscription, WebhookWorker,
+    Secret, WebhookSubscription, WebhookWorker,
     backend::{QUEUE, Restarted, worker_name},
+    retry::RetrySchedule,
+    secret_store::MemorySecretStore,
     sqlite,
     ssrf::EgressPolicy,
 };
@@ -62,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Monitor::new()
             .register(move |restarts| {
                 WorkerBuilder::new(worker_name("webhooks"))
-                    .backend(Restarted::new(sqlite::polling(worker_storage.clone()), restarts))
+                    .backend(Restarted::new(sqlite::worker_backend(worker_storage.clone()), restarts))
                     .build(service.clone())
             })
             .should_restart(|_, _| true)

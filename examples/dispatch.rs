@@ -33,11 +33,14 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DeliveryEvent, RetrySchedule, SignatureScheme, SigningLayer, WebhookSink, WebhookStore, WebhookSubscription,
-    WebhookWorker,
+    WebhookSink, WebhookSubscription, WebhookWorker,
     backend::{Restarted, memory, postgres, redis, sqlite, worker_name},
     layers::{Limit, RateLimitLayer},
+    report::DeliveryEvent,
+    retry::RetrySchedule,
+    signing::{SignatureScheme, SigningLayer},
     ssrf::EgressPolicy,
+    store::WebhookStore,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tower::ServiceBuilder;
@@ -184,7 +187,7 @@ async fn run(args: Args) -> Result<(), Error> {
         "sqlite" => {
             let pool = sqlite::connect(&args.database_url).await?;
             let storage = || sqlite::SqliteStorage::new(&pool).with_config(sqlite::config().queue(&queue));
-            let store = WebhookStore::sqlite_queue(&pool, &queue);
+            let store = WebhookStore::sqlite(&storage());
             work(&args, storage(), Some(store), |builder, stop| {
                 let (service, storage) = (builder.service_with(layers.clone()).expect("HTTP client"), storage());
                 // apalis-sqlite stops its worker on a database error: the Monitor starts it
@@ -192,7 +195,7 @@ async fn run(args: Args) -> Result<(), Error> {
                 let monitor = Monitor::new()
                     .register(move |restarts| {
                         WorkerBuilder::new(worker_name("dispatch"))
-                            .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
+                            .backend(Restarted::new(sqlite::worker_backend(storage.clone()), restarts))
                             .concurrency(concurrency)
                             .build(service.clone())
                     })
@@ -211,7 +214,7 @@ async fn run(args: Args) -> Result<(), Error> {
                 Some(WebhookStore::postgres(&sink)),
                 |builder, stop| {
                     let worker = WorkerBuilder::new(worker_name("dispatch"))
-                        .backend(postgres::listening_with(storage, concurrency))
+                        .backend(postgres::worker_backend_with(storage, concurrency))
                         .concurrency(concurrency)
                         .build(builder.service_with(layers.clone()).expect("HTTP client"));
                     tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })
@@ -230,7 +233,7 @@ async fn run(args: Args) -> Result<(), Error> {
                 |builder, stop| {
                     let service = builder.service_with(layers.clone()).expect("HTTP client");
                     let worker = WorkerBuilder::new(worker_name("dispatch"))
-                        .backend(redis::listening_with(storage, concurrency))
+                        .backend(redis::worker_backend_with(storage, concurrency))
                         .concurrency(concurrency)
                         .build(service);
                     tokio::spawn(async move { worker.run_until(until(stop)).await.map_err(Error::from) })

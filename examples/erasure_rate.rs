@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DEFAULT_CONCURRENCY, Erasure, Secret, WebhookJob, WebhookSink, WebhookStore, WebhookSubscription, WebhookWorker,
+    Secret, WebhookJob, WebhookSink, WebhookSubscription, WebhookWorker,
     backend::{postgres, redis, sqlite},
     ssrf::EgressPolicy,
+    store::{Erasure, WebhookStore},
+    worker::DEFAULT_CONCURRENCY,
 };
 use axum::{Router, routing::post};
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -129,13 +131,20 @@ async fn main() -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
     let pool = sqlite::connect(&format!("sqlite://{}", dir.path().join("rate.db").display())).await?;
     let storage = sqlite::storage(&pool);
-    measure("sqlite", storage.clone(), WebhookStore::sqlite(&pool), &url, n, || {
-        let worker = WorkerBuilder::new("erasure-rate")
-            .backend(sqlite::polling(storage.clone()))
-            .concurrency(DEFAULT_CONCURRENCY)
-            .build(builder(storage.clone()).service()?);
-        Ok(spawn!(worker))
-    })
+    measure(
+        "sqlite",
+        storage.clone(),
+        WebhookStore::sqlite(&storage),
+        &url,
+        n,
+        || {
+            let worker = WorkerBuilder::new("erasure-rate")
+                .backend(sqlite::worker_backend(storage.clone()))
+                .concurrency(DEFAULT_CONCURRENCY)
+                .build(builder(storage.clone()).service()?);
+            Ok(spawn!(worker))
+        },
+    )
     .await?;
 
     if let Some(url_pg) = std::env::var("TEST_POSTGRES_URL").ok().filter(|url| !url.is_empty()) {
@@ -144,7 +153,7 @@ async fn main() -> Result<(), Error> {
         let sink = postgres::PostgresSink::new(&storage);
         measure("postgres", sink.clone(), WebhookStore::postgres(&sink), &url, n, || {
             let worker = WorkerBuilder::new("erasure-rate")
-                .backend(postgres::listening_with(storage.clone(), DEFAULT_CONCURRENCY))
+                .backend(postgres::worker_backend_with(storage.clone(), DEFAULT_CONCURRENCY))
                 .concurrency(DEFAULT_CONCURRENCY)
                 .build(builder(sink.clone()).service()?);
             Ok(spawn!(worker))
@@ -163,7 +172,7 @@ async fn main() -> Result<(), Error> {
         let sink = redis::RedisSink::new(&storage);
         measure("redis", sink.clone(), WebhookStore::redis(&sink), &url, n, || {
             let worker = WorkerBuilder::new("erasure-rate")
-                .backend(redis::listening_with(storage.clone(), DEFAULT_CONCURRENCY))
+                .backend(redis::worker_backend_with(storage.clone(), DEFAULT_CONCURRENCY))
                 .concurrency(DEFAULT_CONCURRENCY)
                 .build(builder(sink.clone()).service()?);
             Ok(spawn!(worker))

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DEFAULT_POLL_INTERVAL, DeliveryEvent, Secret, WebhookJob, WebhookSubscription, WebhookWorker,
+    Secret, WebhookJob, WebhookSubscription, WebhookWorker,
     backend::worker_name,
+    report::DeliveryEvent,
     sqlite::{self, SqliteStorage},
     ssrf::EgressPolicy,
+    worker::DEFAULT_POLL_INTERVAL,
 };
 use apalis_webhooks_verify::{VerifiedWebhook, Verifier};
 use axum::{Router, http::StatusCode, routing::post};

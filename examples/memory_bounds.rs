@@ -14,9 +14,13 @@ use std::{
 };
 
 use apalis_webhooks::{
-    AttemptResult, DeliveryEvent, DeliveryRequest, MapUsage, Secret, TransportErrorKind, WebhookSubscription,
+    Secret, WebhookSubscription,
+    bounded::MapUsage,
+    delivery::DeliveryRequest,
     layers::{CircuitBreakerLayer, Limit, RateLimitLayer, circuit_breaker::BreakerConfig},
     observe::EndpointStats,
+    outcome::{AttemptResult, TransportErrorKind},
+    report::DeliveryEvent,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 

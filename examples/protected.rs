@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DeliveryEvent, Secret, SigningLayer, WebhookSubscription, WebhookWorker,
+    Secret, WebhookSubscription, WebhookWorker,
     backend::{Restarted, worker_name},
     layers::{CircuitBreakerLayer, Limit, RateLimitLayer, circuit_breaker::BreakerConfig},
+    report::DeliveryEvent,
+    signing::SigningLayer,
     sqlite,
     ssrf::EgressPolicy,
 };
@@ -74,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Monitor::new()
             .register(move |restarts| {
                 WorkerBuilder::new(worker_name("webhooks"))
-                    .backend(Restarted::new(sqlite::polling(worker_storage.clone()), restarts))
+                    .backend(Restarted::new(sqlite::worker_backend(worker_storage.clone()), restarts))
                     .concurrency(1)
                     .build(service.clone())
             })

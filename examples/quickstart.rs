@@ -13,7 +13,7 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    DeliveryEvent, RetrySchedule, Secret, WebhookSubscription, WebhookWorker, sqlite, ssrf::EgressPolicy,
+    Secret, WebhookSubscription, WebhookWorker, report::DeliveryEvent, retry::RetrySchedule, sqlite, ssrf::EgressPolicy,
 };
 // The receiver's side: its own small crate, as a receiving service would use it.
 use apalis_webhooks_verify::{VerifiedWebhook, Verifier};

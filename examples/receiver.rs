@@ -15,7 +15,7 @@
 
 use std::{net::SocketAddr, process::ExitCode};
 
-use apalis_webhooks::{Secret, SignatureScheme, verify::Verifier};
+use apalis_webhooks::{Secret, signing::SignatureScheme, verify::Verifier};
 use axum::{
     Router,
     body::Bytes,
@@ -88,11 +88,11 @@ fn generate_key(kind: Option<&str>) -> ExitCode {
 
 async fn webhook(State(verifier): State<Verifier>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
     let event = headers
-        .get(apalis_webhooks::EVENT_HEADER)
+        .get(apalis_webhooks::delivery::EVENT_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
     let attempt = headers
-        .get(apalis_webhooks::ATTEMPT_HEADER)
+        .get(apalis_webhooks::delivery::ATTEMPT_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
     match verifier.verify(&headers, &body).await {

@@ -26,9 +26,10 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    RetentionPolicy, Secret, WebhookJob, WebhookSink, WebhookStore, WebhookSubscription, WebhookWorker,
+    Secret, WebhookJob, WebhookSink, WebhookSubscription, WebhookWorker,
     backend::{postgres, redis, sqlite, worker_name},
     ssrf::EgressPolicy,
+    store::{RetentionPolicy, WebhookStore},
 };
 use axum::{Router, extract::State, http::StatusCode, routing::post};
 use tokio::sync::{oneshot, watch};
@@ -151,7 +152,7 @@ fn print_row(backend: &str, stage: &str, tasks: u64, size: &str) {
     println!("| {backend} | {stage} | {tasks} | {size} |");
 }
 
-fn purge_line(backend: &str, round: usize, n: usize, took: Duration, report: &apalis_webhooks::PurgeReport) {
+fn purge_line(backend: &str, round: usize, n: usize, took: Duration, report: &apalis_webhooks::store::PurgeReport) {
     println!(
         "| {backend} | round {round}: purge of {n} | {} deliveries, {} tasks, {} keys in {} batches | {:.2} s, {:.0} deliveries/s |",
         report.deliveries(),
@@ -168,7 +169,7 @@ async fn sqlite_bench(args: &Args) -> Result<(), BoxError> {
     let path = dir.path().join("jobs.db");
     let pool = sqlite::connect(&format!("sqlite://{}", path.display())).await?;
     let storage = sqlite::storage(&pool);
-    let store = WebhookStore::sqlite(&pool);
+    let store = WebhookStore::sqlite(&storage);
     let (url, mut served) = receiver().await;
     let measure = |stage: String| {
         let (pool, path) = (pool.clone(), path.clone());
@@ -199,7 +200,7 @@ async fn sqlite_bench(args: &Args) -> Result<(), BoxError> {
             &mut served,
             |stop| {
                 let worker = WorkerBuilder::new(worker_name("retention-bench"))
-                    .backend(sqlite::polling(storage.clone()))
+                    .backend(sqlite::worker_backend(storage.clone()))
                     .concurrency(CONCURRENCY)
                     .build(
                         WebhookWorker::new(storage.clone())
@@ -259,7 +260,7 @@ async fn postgres_bench(args: &Args) -> Result<(), BoxError> {
     for round in 1..=args.rounds {
         let took = deliver(&mut sink.clone(), &store, args.deliveries, &url, &mut served, |stop| {
             let worker = WorkerBuilder::new(worker_name("retention-bench"))
-                .backend(postgres::listening_with(storage.clone(), CONCURRENCY))
+                .backend(postgres::worker_backend_with(storage.clone(), CONCURRENCY))
                 .concurrency(CONCURRENCY)
                 .build(
                     WebhookWorker::new(sink.clone())
@@ -350,7 +351,7 @@ async fn redis_bench(args: &Args) -> Result<(), BoxError> {
     for round in 1..=args.rounds {
         let took = deliver(&mut sink.clone(), &store, args.deliveries, &url, &mut served, |stop| {
             let worker = WorkerBuilder::new(worker_name("retention-bench"))
-                .backend(redis::listening_with(storage.clone(), CONCURRENCY))
+                .backend(redis::worker_backend_with(storage.clone(), CONCURRENCY))
                 .concurrency(CONCURRENCY)
                 .build(
                     WebhookWorker::new(sink.clone())

@@ -1,6 +1,7 @@
-//! [`BoundedMap`]: the one in-process map type for state keyed by outside data (endpoints,
-//! rate-limit keys, endpoint ids), capped in entries and bytes, evicting the least recently
-//! used entry; and [`MemoryCap`] / [`MapUsage`], its public face.
+//! Memory caps of the in-process state keyed by outside data (endpoints, rate-limit keys,
+//! endpoint ids): [`MemoryCap`] sets one, [`MapUsage`] reports how full a map is. Every such
+//! map (`BoundedMap`, the one map type for it) is capped in entries and bytes and evicts its
+//! least recently used entry.
 //!
 //! Built on `hashlink`'s `LinkedHashMap` (a hash map threaded by a linked list): every
 //! operation, eviction included, is O(1), with no sweeps. `hashlink` is already in the build
@@ -28,7 +29,7 @@ const ENTRY_OVERHEAD: usize = 4 * size_of::<usize>();
 /// budget, statistics from zero), never an error.
 ///
 /// ```
-/// use apalis_webhooks::MemoryCap;
+/// use apalis_webhooks::bounded::MemoryCap;
 ///
 /// let cap = MemoryCap::new(10_000, 8 << 20); // 10,000 endpoints, 8 MiB
 /// assert_eq!((cap.entries(), cap.bytes()), (10_000, 8 << 20));

@@ -59,7 +59,7 @@ impl fmt::Display for WebhookId {
 /// later `run_at`, so the wait lives in the backend and survives restarts.
 ///
 /// The job holds the signing secrets so that any worker process can sign, or only a key id in
-/// [secret-store mode](crate::SecretStore). `Debug` shows neither secrets, header values, the
+/// [secret-store mode](crate::secret_store::SecretStore). `Debug` shows neither secrets, header values, the
 /// URL's path and query (they often carry tokens) nor the payload.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct WebhookJob {
@@ -71,7 +71,7 @@ pub struct WebhookJob {
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) scheme: SignatureScheme,
     pub(crate) secrets: Vec<Secret>,
-    /// Key id of the secrets in the worker's [`SecretStore`](crate::SecretStore), if any.
+    /// Key id of the secrets in the worker's [`SecretStore`](crate::secret_store::SecretStore), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) key_id: Option<String>,
     pub(crate) policy: DeliveryPolicy,
@@ -111,7 +111,7 @@ pub struct WebhookJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tenant: Option<String>,
     /// Set on the stored copy once its payload, headers and secrets were erased (see
-    /// [`Erasure`](crate::Erasure)): it is kept as an audit stub and never sent.
+    /// [`Erasure`](crate::store::Erasure)): it is kept as an audit stub and never sent.
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) erased: bool,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the

@@ -1,9 +1,10 @@
 //! Reliable outbound webhooks for apps that already run [apalis](https://docs.rs/apalis).
 //!
 //! A delivery is an apalis job ([`WebhookJob`]) in the host's backend; the host's `Monitor` runs
-//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call ([`SigningLayer`],
-//! [`HttpDelivery`]) signs it. Retries are new tasks with a later `run_at` in the same backend;
-//! dead letters are the backend's `Killed` tasks.
+//! the worker ([`WebhookWorker`]); a tower stack around the HTTP call
+//! ([`SigningLayer`](signing::SigningLayer), [`HttpDelivery`](delivery::HttpDelivery)) signs it.
+//! Retries are new tasks with a later `run_at` in the same backend; dead letters are the
+//! backend's `Killed` tasks.
 //!
 //! 1. Register the worker:
 //!
@@ -45,7 +46,25 @@
 //!
 //! Deliveries connect only to public addresses unless the worker's
 //! [`EgressPolicy`](ssrf::EgressPolicy) allows more (see [`ssrf`]); in secret-store mode
-//! ([`SecretStore`]) jobs carry a key id instead of their secrets.
+//! ([`SecretStore`](secret_store::SecretStore)) jobs carry a key id instead of their secrets.
+//!
+//! The root holds only what these three flows name. Everything else is in the module that
+//! defines it, with its limits and defaults beside it:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`backend`] | one module per backend (`connect`, `storage`, `worker`, `worker_backend`, sinks) |
+//! | [`subscription`] | [`WebhookSubscription`], [`DispatchError`], the payload and event-type limits |
+//! | [`target`] | `DeliveryTarget`, shared by subscriptions and registry endpoints, and its limits (`MAX_URL_LEN`, …) |
+//! | [`signing`] | signature schemes, secrets and their limits, [`SigningLayer`](signing::SigningLayer) |
+//! | [`policy`], [`retry`], [`outcome`] | per-delivery policy, backoff schedules, status sets and attempt outcomes |
+//! | [`worker`] | [`WebhookWorker`], its service and defaults (concurrency, poll interval) |
+//! | [`delivery`] | the HTTP attempt, the headers it sends, response limits |
+//! | [`report`], [`record`] | what deliveries report: results, dead letters, events, attempt records |
+//! | `store` | delivery history, dead letters and replay, retention, erasure (with a backend feature) |
+//! | [`sink`], [`secret_store`], [`bounded`] | the sink trait and `TaskSinkAdapter` (any apalis backend), secret-store mode, memory caps |
+//! | [`layers`], [`ssrf`], [`observe`], [`verify`] | as named |
+//! | `registry`, `ordering` | fan-out to registered endpoints, ordered delivery per key (features of those names) |
 //!
 //! The README has the tables of headers sent and of status → outcome, and the Security section.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -90,9 +109,9 @@ pub mod docs {
 }
 
 pub mod backend;
-mod bounded;
+pub mod bounded;
 mod clock;
-mod delivery;
+pub mod delivery;
 mod dispatch_error;
 mod endpoint_id;
 pub mod idempotency;
@@ -106,69 +125,36 @@ pub mod observe;
 #[cfg(feature = "ordering")]
 #[cfg_attr(docsrs, doc(cfg(feature = "ordering")))]
 pub mod ordering;
-mod outcome;
-mod policy;
-mod record;
+pub mod outcome;
+pub mod policy;
+pub mod record;
 mod redact;
 #[cfg(feature = "registry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "registry")))]
 pub mod registry;
-mod report;
-mod retry;
-mod secret_store;
+pub mod report;
+pub mod retry;
+pub mod secret_store;
 pub mod signing;
-mod sink;
+pub mod sink;
 pub mod ssrf;
 mod status_set;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-mod store;
-mod subscription;
+pub mod store;
+pub mod subscription;
 // Postgres tables named by the app: the endpoint registry's and the ordered lines'.
 #[cfg(all(feature = "postgres", any(feature = "registry", feature = "ordering")))]
 mod table_name;
 pub mod target;
 mod tuning;
 pub mod verify;
-mod worker;
+pub mod worker;
 
-#[allow(deprecated)]
-pub use apalis_webhooks_verify::generate_secret;
-pub use apalis_webhooks_verify::{
-    MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
-    WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret,
-};
+// The three flows, at the root; everything else is in the module that defines it.
+pub use apalis_webhooks_verify::Secret;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite;
-pub use bounded::{MapUsage, MemoryCap};
-pub use delivery::{
-    ATTEMPT_HEADER, DEFAULT_MAX_ATTEMPT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DeliveryRequest, EVENT_HEADER,
-    HttpDelivery, RESPONSE_EXCERPT_BYTES, USER_AGENT,
-};
 pub use job::{WebhookId, WebhookJob};
-pub use outcome::{AttemptResult, DeferReason, Outcome, StatusRange, StatusSet, TransportErrorKind, parse_retry_after};
-pub use policy::{DeliveryPolicy, MAX_ATTEMPTS_LIMIT};
-pub use record::AttemptRecord;
-pub use retry::RetrySchedule;
-pub use secret_store::{MemorySecretStore, SecretStore, SecretStoreError};
-pub use signing::{SignatureScheme, SigningLayer, SigningService};
-pub use sink::{Deferral, TaskSinkAdapter, WebhookSink};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-pub use store::{
-    Cursor, DeadLetterEntry, DeadLetterFilter, DeliveryHistory, DeliveryStatus, Page, StoreError, WebhookStore,
-};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-pub use store::{
-    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_DELIVERED_RETENTION, DEFAULT_PURGE_BATCH, MAX_PURGE_BATCH, MAX_RETENTION,
-    MIN_PURGE_INTERVAL, PurgeReport, PurgeRuns, PurgeSchedule, RetentionError, RetentionPolicy,
-};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-pub use store::{DEFAULT_ERASURE_BATCH, Erasure, ErasureReport};
-pub use subscription::{
-    DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, MAX_EVENT_TYPE_LEN, MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS,
-    MAX_KEY_ID_LEN, MAX_URL_LEN, WebhookSubscription,
-};
-pub use target::DeliveryTarget;
-pub use worker::{
-    BuildError, DEAD_LETTER_PREFIX, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DeadLetter, DeadLetterReason,
-    DeliveryEvent, DeliveryReport, SETTLE_PATIENCE, WebhookService, WebhookWorker,
-};
+pub use sink::WebhookSink;
+pub use subscription::{DispatchError, WebhookSubscription};
+pub use worker::WebhookWorker;

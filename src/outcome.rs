@@ -59,7 +59,7 @@ pub enum DeferReason {
     CircuitOpen,
     /// The shared limiter state (Redis) could not be reached; nothing was sent.
     LimiterUnavailable,
-    /// The [`SecretStore`](crate::SecretStore) could not answer (an error or a timeout), so the
+    /// The [`SecretStore`](crate::secret_store::SecretStore) could not answer (an error or a timeout), so the
     /// attempt could not be signed; nothing was sent.
     SecretStoreUnavailable,
 }

@@ -2,10 +2,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{job::WebhookId, job::WebhookJob, outcome::AttemptResult};
+use crate::{
+    job::{WebhookId, WebhookJob},
+    outcome::AttemptResult,
+};
 
 /// One finished attempt, stored in the backend as part of its task's result (inside
-/// [`DeliveryReport`](crate::DeliveryReport) or [`DeadLetter`](crate::DeadLetter)), and read back
+/// [`DeliveryReport`](crate::report::DeliveryReport) or [`DeadLetter`](crate::report::DeadLetter)), and read back
 /// by the delivery history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -26,7 +29,7 @@ pub struct AttemptRecord {
     /// The transport error or refusal, if it did not.
     pub error: Option<String>,
     /// The start of the response body (at most
-    /// [`RESPONSE_EXCERPT_BYTES`](crate::RESPONSE_EXCERPT_BYTES)), if there was one.
+    /// [`RESPONSE_EXCERPT_BYTES`](crate::delivery::RESPONSE_EXCERPT_BYTES)), if there was one.
     pub response_excerpt: Option<String>,
 }
 

@@ -90,7 +90,7 @@ pub enum DeadLetterReason {
     /// The outcome cannot be fixed by retrying (3xx, most 4xx, a refused request).
     Fatal,
     /// The attempt failed or was put off, and the backend did not store its next attempt for
-    /// [`SETTLE_PATIENCE`](crate::SETTLE_PATIENCE). Replay it once the backend is back.
+    /// [`SETTLE_PATIENCE`](crate::worker::SETTLE_PATIENCE). Replay it once the backend is back.
     OutcomeNotStored,
     /// The backend holds the task as finished and failed without a dead letter of this crate:
     /// apalis ran out of its own attempts after the worker failed for a reason of the
@@ -100,11 +100,20 @@ pub enum DeadLetterReason {
     InfrastructureFailed,
     /// The attempt was put off (rate limits, an open circuit breaker, an unreachable secret
     /// store) for longer than the delivery's
-    /// [`defer_horizon`](crate::DeliveryPolicy::defer_horizon); the record's `error` says what
+    /// [`defer_horizon`](crate::policy::DeliveryPolicy::defer_horizon); the record's `error` says what
     /// held it up last.
     DeferredTooLong,
-    /// The delivery was erased ([`WebhookStore::erase`](crate::WebhookStore::erase)) before
-    /// it was delivered or died: it is never sent, and cannot be replayed.
+    /// The delivery was erased ([`WebhookStore::erase`]) before it was delivered or died: it is
+    /// never sent, and cannot be replayed.
+    ///
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`WebhookStore::erase`]: crate::store::WebhookStore::erase"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`WebhookStore::erase`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.WebhookStore.html#method.erase"
+    )]
     Erased,
     /// An ordered delivery reached a worker without the ordered lines it was dispatched into
     /// ([`WebhookWorker::ordered`], or a worker built without the `ordering` feature): it was

@@ -17,7 +17,7 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 ///
 /// ```
 /// use std::time::Duration;
-/// use apalis_webhooks::{RetrySchedule, WebhookSubscription};
+/// use apalis_webhooks::{WebhookSubscription, retry::RetrySchedule};
 ///
 /// // 1 s, 2 s, 4 s, … at most 10 minutes, ±20 %.
 /// let schedule = RetrySchedule::exponential(Duration::from_secs(1), 2.0, Duration::from_secs(600))
@@ -101,7 +101,7 @@ impl RetrySchedule {
 
     /// The time a delivery of `attempts` attempts spends waiting between them: the delays
     /// after attempts 1 to `attempts - 1`, without jitter, summed (at most
-    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY)).
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::policy::DeliveryPolicy::MAX_DELAY)).
     pub fn length(&self, attempts: u32) -> Duration {
         let attempts = attempts.min(MAX_ATTEMPTS_LIMIT);
         (1..attempts)
@@ -131,7 +131,7 @@ impl RetrySchedule {
     }
 
     /// The delay after attempt number `attempt` (1-based) failed, jitter included, at most
-    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). A stored schedule with
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::policy::DeliveryPolicy::MAX_DELAY). A stored schedule with
     /// an out-of-range jitter is read as if clamped to `0.0..=1.0` (not finite: none).
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let base_ms = self.base_ms(attempt);

@@ -28,7 +28,7 @@ use apalis_webhooks_verify::Secret;
 /// Implement it over your database, Vault or KMS; [`MemorySecretStore`] keeps them in memory.
 ///
 /// ```
-/// use apalis_webhooks::{Secret, SecretStore, SecretStoreError};
+/// use apalis_webhooks::{Secret, secret_store::{SecretStore, SecretStoreError}};
 /// use futures::future::BoxFuture;
 ///
 /// /// Secrets kept in environment variables named after the key id.
@@ -59,11 +59,11 @@ pub trait SecretStore: Send + Sync + 'static {
 #[non_exhaustive]
 pub enum SecretStoreError {
     /// No active secret is stored under the key id. The delivery is dead-lettered (a
-    /// [`Fatal`](crate::DeadLetterReason::Fatal) outcome); replay it once the key exists.
+    /// [`Fatal`](crate::report::DeadLetterReason::Fatal) outcome); replay it once the key exists.
     #[error("no active secret for key id {0:?}")]
     UnknownKey(String),
     /// The store could not answer (a database down, a timeout). The attempt is deferred
-    /// ([`DeferReason::SecretStoreUnavailable`](crate::DeferReason::SecretStoreUnavailable)):
+    /// ([`DeferReason::SecretStoreUnavailable`](crate::outcome::DeferReason::SecretStoreUnavailable)):
     /// not sent, not counted as an attempt nor as a failure of the endpoint, run again shortly.
     #[error("secret store unavailable: {0}")]
     Unavailable(#[source] BoxDynError),
@@ -73,7 +73,7 @@ pub enum SecretStoreError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use apalis_webhooks::{MemorySecretStore, Secret};
+/// use apalis_webhooks::{Secret, secret_store::MemorySecretStore};
 ///
 /// let store = MemorySecretStore::new();
 /// store.insert("endpoint-42", Secret::generate());

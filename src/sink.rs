@@ -14,7 +14,7 @@ use crate::{
 
 /// How often apalis itself runs one delivery attempt whose handling failed for a reason of the
 /// infrastructure (the next attempt could not be stored, say). Delivery failures are counted by
-/// the webhook's own [`DeliveryPolicy`](crate::DeliveryPolicy), not by this.
+/// the webhook's own [`DeliveryPolicy`](crate::policy::DeliveryPolicy), not by this.
 pub(crate) const INFRA_MAX_ATTEMPTS: u32 = 25;
 
 /// Somewhere webhook jobs can be pushed: SQLite's storage, the crate's

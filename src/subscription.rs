@@ -6,7 +6,6 @@ use apalis_webhooks_verify::Secret;
 use serde::Serialize;
 
 pub use crate::dispatch_error::DispatchError;
-pub use crate::target::{MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS, MAX_KEY_ID_LEN, MAX_URL_LEN};
 use crate::{
     endpoint_id::EndpointId,
     idempotency::{DEFAULT_IDEMPOTENCY_WINDOW, DispatchKey},
@@ -96,7 +95,7 @@ impl WebhookSubscription {
     }
 
     /// A subscription for `url` in secret-store mode: the job stores only `key_id`, and the
-    /// worker's [`SecretStore`](crate::SecretStore) resolves it to the active secrets when each
+    /// worker's [`SecretStore`](crate::secret_store::SecretStore) resolves it to the active secrets when each
     /// attempt is signed, so no secret is written to the backend.
     ///
     /// ```
@@ -144,9 +143,17 @@ impl WebhookSubscription {
     // the ordered line's name.
     /// The registry endpoint this subscription delivers for: the worker reports its failures
     /// and 410s to the [`EndpointRegistry`] under this id (with the `registry` feature). It also
-    /// names the endpoint without a registry: [`Erasure::endpoint`](crate::Erasure::endpoint)
-    /// selects by it, and ordered lines are per endpoint id (else URL).
+    /// names the endpoint without a registry: [`Erasure::endpoint`] selects by it, and ordered
+    /// lines are per endpoint id (else URL).
     ///
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`Erasure::endpoint`]: crate::store::Erasure::endpoint"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`Erasure::endpoint`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.Erasure.html#method.endpoint"
+    )]
     #[cfg_attr(
         feature = "registry",
         doc = "[`EndpointRegistry`]: crate::registry::EndpointRegistry"

@@ -65,7 +65,7 @@ const HOP_BY_HOP_HEADERS: &[&str] = &[
 ];
 
 /// Where and how deliveries are sent: the URL, the secrets (or a key id for the worker's
-/// [`SecretStore`](crate::SecretStore)), the signature scheme, extra headers, the envelope, a
+/// [`SecretStore`](crate::secret_store::SecretStore)), the signature scheme, extra headers, the envelope, a
 /// rate limit of its own, the tenant and the [`DeliveryPolicy`] (timeout, attempts, retry
 /// schedule and statuses, horizons).
 ///
@@ -82,7 +82,7 @@ const HOP_BY_HOP_HEADERS: &[&str] = &[
 ///
 /// ```
 /// use std::time::Duration;
-/// use apalis_webhooks::{DeliveryTarget, WebhookSubscription, registry::Endpoint};
+/// use apalis_webhooks::{WebhookSubscription, registry::Endpoint, target::DeliveryTarget};
 ///
 /// let target = DeliveryTarget::new("https://example.com/hooks", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
 ///     .header("x-api-version", "2")
@@ -135,7 +135,7 @@ impl DeliveryTarget {
     }
 
     /// A target at `url` in secret-store mode: jobs store only `key_id`, and the worker's
-    /// [`SecretStore`](crate::SecretStore) resolves it to the active secrets when each attempt
+    /// [`SecretStore`](crate::secret_store::SecretStore) resolves it to the active secrets when each attempt
     /// is signed, so no secret is written to the backend.
     pub fn with_key_id(url: impl Into<String>, key_id: impl Into<String>) -> Self {
         Self::signed_by(url.into(), Vec::new(), Some(key_id.into()))
@@ -214,9 +214,25 @@ impl DeliveryTarget {
     }
 
     /// The tenant (customer, account) the deliveries belong to, stored with each delivery so
-    /// that [`WebhookStore::erase`](crate::WebhookStore::erase) can find them
-    /// ([`Erasure::tenant`](crate::Erasure::tenant)); a registry selects a tenant's endpoints by
-    /// it. At most 256 bytes, without control characters.
+    /// that [`WebhookStore::erase`] can find them ([`Erasure::tenant`]); a registry selects a
+    /// tenant's endpoints by it. At most 256 bytes, without control characters.
+    ///
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`WebhookStore::erase`]: crate::store::WebhookStore::erase"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`WebhookStore::erase`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.WebhookStore.html#method.erase"
+    )]
+    #[cfg_attr(
+        any(feature = "sqlite", feature = "postgres", feature = "redis"),
+        doc = "[`Erasure::tenant`]: crate::store::Erasure::tenant"
+    )]
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+        doc = "[`Erasure::tenant`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/store/struct.Erasure.html#method.tenant"
+    )]
     pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
         self.tenant = Some(tenant.into());
         self
@@ -251,7 +267,7 @@ impl DeliveryTarget {
 
     /// How long one attempt may be put off (by rate limits, an open circuit breaker, an
     /// unreachable secret store) before the delivery becomes a dead letter
-    /// ([`DeadLetterReason::DeferredTooLong`](crate::DeadLetterReason::DeferredTooLong)); by
+    /// ([`DeadLetterReason::DeferredTooLong`](crate::report::DeadLetterReason::DeferredTooLong)); by
     /// default the length of its retry schedule, at least an hour (see
     /// [`DeliveryPolicy::defer_horizon`]).
     pub fn defer_horizon(mut self, horizon: Duration) -> Self {

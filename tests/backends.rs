@@ -15,8 +15,11 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, DeliveryStatus, RetrySchedule, Secret, WebhookId, WebhookSink,
-    WebhookSubscription, verify::Verifier,
+    Secret, WebhookId, WebhookSink, WebhookSubscription,
+    report::DeadLetterReason,
+    retry::RetrySchedule,
+    store::{DeadLetterFilter, DeliveryStatus},
+    verify::Verifier,
 };
 use common::{Receiver, RunningWorker, Seen};
 use harness::TestBackend;

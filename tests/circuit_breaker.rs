@@ -18,11 +18,13 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeferReason, Secret, SigningLayer, WebhookId, WebhookSubscription,
+    Secret, WebhookId, WebhookSubscription,
     layers::{
         CircuitBreakerLayer, Limit, RateLimitLayer,
         circuit_breaker::{BreakerConfig, Phase},
     },
+    outcome::DeferReason,
+    signing::SigningLayer,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 use tower::ServiceBuilder;

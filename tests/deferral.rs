@@ -16,13 +16,17 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, DeferReason, DeliveryEvent, DeliveryStatus, RetrySchedule, Secret,
-    SigningLayer, WebhookSubscription, WebhookWorker,
+    Secret, WebhookSubscription, WebhookWorker,
     layers::{
         CircuitBreakerLayer,
         circuit_breaker::{BreakerConfig, Phase},
     },
+    outcome::DeferReason,
+    report::{DeadLetterReason, DeliveryEvent},
+    retry::RetrySchedule,
+    signing::SigningLayer,
     ssrf::EgressPolicy,
+    store::{DeadLetterFilter, DeliveryStatus},
 };
 use axum::{Router, routing::post};
 use common::PATIENCE;

@@ -5,7 +5,10 @@ mod common;
 use std::time::{Duration, UNIX_EPOCH};
 
 use apalis_webhooks::{
-    DeadLetter, DeadLetterReason, DispatchError, RetrySchedule, Secret, WebhookSubscription, verify::Verifier,
+    DispatchError, Secret, WebhookSubscription,
+    report::{DeadLetter, DeadLetterReason},
+    retry::RetrySchedule,
+    verify::Verifier,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 
@@ -31,7 +34,7 @@ async fn delivers_signed_payload_with_documented_headers() {
     let request = receiver.next().await;
     assert_eq!(request.body, serde_json::to_vec(&payload).unwrap());
     assert_eq!(request.header("content-type"), "application/json");
-    assert_eq!(request.header("user-agent"), apalis_webhooks::USER_AGENT);
+    assert_eq!(request.header("user-agent"), apalis_webhooks::delivery::USER_AGENT);
     assert_eq!(request.header("x-webhook-event"), "order.created");
     assert_eq!(request.header("x-webhook-attempt"), "1");
     assert_eq!(request.header("x-tenant"), "acme");

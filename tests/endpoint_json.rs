@@ -1,10 +1,12 @@
 //! A registry endpoint stored as JSON (a Postgres registry row) by an earlier version reads
 //! back to the same endpoint and writes the same JSON: the fixtures below were produced by
-//! the code before [`DeliveryTarget`](apalis_webhooks::DeliveryTarget) existed.
+//! the code before [`DeliveryTarget`](apalis_webhooks::target::DeliveryTarget) existed.
 
 use std::time::Duration;
 
-use apalis_webhooks::{RetrySchedule, Secret, SignatureScheme, StatusSet, layers::Limit, registry::Endpoint};
+use apalis_webhooks::{
+    Secret, layers::Limit, outcome::StatusSet, registry::Endpoint, retry::RetrySchedule, signing::SignatureScheme,
+};
 
 /// An endpoint with every field set, disabled by a worker.
 fn full() -> Endpoint {

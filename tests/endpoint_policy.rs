@@ -6,8 +6,11 @@ mod common;
 use std::time::Duration;
 
 use apalis_webhooks::{
-    DeadLetterReason, RetrySchedule, Secret, StatusSet,
+    Secret,
+    outcome::StatusSet,
     registry::{Endpoint, EndpointRegistry, Event, MemoryRegistry, dispatch_event},
+    report::DeadLetterReason,
+    retry::RetrySchedule,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 
@@ -50,7 +53,7 @@ fn endpoints_stored_before_policies_read_with_the_default_and_stay_compact() {
     assert!(json.get("policy").is_none(), "{json}");
     let read: Endpoint = serde_json::from_value(json).unwrap();
     let job = read.subscription().job("a", &1).unwrap();
-    assert_eq!(job.policy(), &apalis_webhooks::DeliveryPolicy::default());
+    assert_eq!(job.policy(), &apalis_webhooks::policy::DeliveryPolicy::default());
 
     let strict = plain.retry_statuses(StatusSet::empty().with(503));
     let job = strict.subscription().job("a", &1).unwrap();

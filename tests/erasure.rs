@@ -16,10 +16,11 @@ mod harness;
 use std::{collections::HashMap, sync::Arc};
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, DeliveryStatus, Erasure, ErasureReport, Secret, WebhookId, WebhookStore,
-    WebhookSubscription,
+    Secret, WebhookId, WebhookSubscription,
     ordering::{OrderedLines, RepairBackend},
     registry::{Endpoint, EndpointRegistry, Event, MemoryRegistry, dispatch_event},
+    report::DeadLetterReason,
+    store::{DeadLetterFilter, DeliveryStatus, Erasure, ErasureReport, WebhookStore},
 };
 use axum::{Router, body::Bytes, extract::State, routing::post};
 use common::{PATIENCE, RunningWorker, Seen};

@@ -16,9 +16,11 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    BuildError, RetrySchedule, WebhookJob, WebhookSink, WebhookSubscription, WebhookWorker,
+    WebhookJob, WebhookSink, WebhookSubscription, WebhookWorker,
     backend::{Restarted, postgres, redis, sqlite, worker_name},
+    retry::RetrySchedule,
     ssrf::EgressPolicy,
+    worker::BuildError,
 };
 use axum::{Router, extract::State, http::HeaderMap, routing::post};
 use common::PATIENCE;
@@ -105,7 +107,7 @@ async fn gated(State(state): State<Gated>, headers: HeaderMap) -> axum::http::St
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let hit = Hit {
         webhook_id: header("webhook-id"),
-        attempt: header(apalis_webhooks::ATTEMPT_HEADER).parse().unwrap_or(0),
+        attempt: header(apalis_webhooks::delivery::ATTEMPT_HEADER).parse().unwrap_or(0),
     };
     let _ = state.hits.send(hit.clone());
     let _permit = state.gate.acquire().await.unwrap();
@@ -136,7 +138,7 @@ where
 macro_rules! spawn_postgres_worker {
     ($storage:expr, $concurrency:expr, $service:expr) => {{
         let worker = WorkerBuilder::new(worker_name("faults"))
-            .backend(postgres::listening_with($storage, $concurrency))
+            .backend(postgres::worker_backend_with($storage, $concurrency))
             .concurrency($concurrency)
             .build($service);
         tokio::spawn(async move { worker.run().await })
@@ -256,7 +258,7 @@ async fn redis_worker_outlives_an_outage() {
     let mut receiver = GatedReceiver::start(1_000, Duration::ZERO, |_| 200).await;
     let service = worker_builder(redis::RedisSink::new(&storage)).service().unwrap();
     let worker = WorkerBuilder::new(worker_name("faults"))
-        .backend(redis::listening(storage))
+        .backend(redis::worker_backend(storage))
         .concurrency(4)
         .build(service);
     let worker = tokio::spawn(async move { worker.run().await });
@@ -280,7 +282,7 @@ async fn busy_workers_deliver_once<S, K>(
         let builder = worker_builder(sink.clone())
             .max_attempt_timeout(Duration::from_secs(2))
             .on_event(move |event| {
-                if let apalis_webhooks::DeliveryEvent::Delivered { job, .. } = event {
+                if let apalis_webhooks::report::DeliveryEvent::Delivered { job, .. } = event {
                     let _ = done_tx.send(job.webhook_id().to_string());
                 }
             });
@@ -348,7 +350,7 @@ async fn redis_busy_workers_are_not_taken_for_dead() {
     let storage = redis::RedisStorage::<WebhookJob>::new(conn).with_config(config);
     busy_workers_deliver_once(redis::RedisSink::new(&storage), |builder| {
         let worker = WorkerBuilder::new(worker_name("faults"))
-            .backend(redis::listening_with(storage.clone(), 1))
+            .backend(redis::worker_backend_with(storage.clone(), 1))
             .concurrency(1)
             .build(builder.service().unwrap());
         tokio::spawn(async move { worker.run().await })
@@ -382,7 +384,7 @@ async fn redis_a_task_a_lost_fetch_locked_is_put_back() {
         .service()
         .unwrap();
     let worker = WorkerBuilder::new(name.as_str())
-        .backend(redis::listening_with(storage, 4))
+        .backend(redis::worker_backend_with(storage, 4))
         .concurrency(4)
         .build(service);
     let _worker = tokio::spawn(async move { worker.run().await });
@@ -442,7 +444,7 @@ async fn postgres_a_task_a_lost_fetch_locked_is_put_back() {
         .service()
         .unwrap();
     let worker = WorkerBuilder::new(name.as_str())
-        .backend(postgres::listening_with(storage, 4))
+        .backend(postgres::worker_backend_with(storage, 4))
         .concurrency(4)
         .build(service);
     let _worker = tokio::spawn(async move { worker.run().await });
@@ -510,7 +512,7 @@ async fn sqlite_worker_is_restarted_after_a_database_error() {
                 signal.notify_one();
             }
             WorkerBuilder::new(worker_name("faults"))
-                .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
+                .backend(Restarted::new(sqlite::worker_backend(storage.clone()), restarts))
                 .build(service.clone())
         })
         .should_restart(|_, _| true);

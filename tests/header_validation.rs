@@ -4,8 +4,10 @@
 //! the field, instead of being stored as a job every attempt of which fails.
 
 use apalis_webhooks::{
-    DispatchError, MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS, SignatureScheme, WebhookSubscription,
+    DispatchError, WebhookSubscription,
     registry::{Endpoint, RegistryError},
+    signing::SignatureScheme,
+    target::{MAX_EXTRA_HEADER_BYTES, MAX_EXTRA_HEADERS},
 };
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

@@ -11,8 +11,10 @@ use std::{
 };
 
 use apalis_webhooks::{
-    AttemptResult, DeliveryRequest, HttpDelivery, RESPONSE_EXCERPT_BYTES, Secret, TransportErrorKind,
-    WebhookSubscription, ssrf::EgressPolicy,
+    Secret, WebhookSubscription,
+    delivery::{DeliveryRequest, HttpDelivery, RESPONSE_EXCERPT_BYTES},
+    outcome::{AttemptResult, TransportErrorKind},
+    ssrf::EgressPolicy,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

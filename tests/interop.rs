@@ -9,7 +9,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use apalis_webhooks::{Secret, SignatureScheme, WebhookSubscription};
+use apalis_webhooks::{Secret, WebhookSubscription, signing::SignatureScheme};
 use common::{Db, Receiver, RunningWorker, Seen};
 
 /// Whether python3 can import the libraries; fails the test when it cannot, unless

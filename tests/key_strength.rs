@@ -7,9 +7,10 @@ mod common;
 mod signed;
 
 use apalis_webhooks::{
-    DispatchError, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, MemorySecretStore, Secret, SignatureScheme,
-    WeakSecret, WebhookSubscription,
+    DispatchError, Secret, WebhookSubscription,
     registry::{Endpoint, EndpointRegistry, MemoryRegistry, RegistryError},
+    secret_store::MemorySecretStore,
+    signing::{MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, SignatureScheme, WeakSecret},
     verify::Verifier,
 };
 use base64::{Engine, engine::general_purpose::STANDARD};

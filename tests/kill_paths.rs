@@ -4,7 +4,10 @@
 mod common;
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, Secret, WebhookStore, WebhookSubscription, ordering::OrderedLines,
+    Secret, WebhookSubscription,
+    ordering::OrderedLines,
+    report::DeadLetterReason,
+    store::{DeadLetterFilter, WebhookStore},
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 
@@ -27,7 +30,7 @@ async fn an_ordered_delivery_on_a_worker_without_lines_is_a_listed_dead_letter_t
     // A graceful stop returns once the worker's acknowledgements are stored.
     worker.stop().await;
 
-    let store = WebhookStore::sqlite(&db.pool);
+    let store = WebhookStore::sqlite(&db.storage());
     let page = store.dead_letters(&DeadLetterFilter::new(), None, 10).await.unwrap();
     assert_eq!(page.items.len(), 1);
     assert_eq!(page.items[0].webhook_id, id);

@@ -16,15 +16,18 @@ use std::{
 };
 
 use apalis_webhooks::{
-    AttemptResult, DeferReason, DeliveryEvent, DeliveryRequest, MapUsage, MemoryCap, Secret, TransportErrorKind,
-    WebhookJob, WebhookSubscription,
+    Secret, WebhookJob, WebhookSubscription,
+    bounded::{MapUsage, MemoryCap},
+    delivery::DeliveryRequest,
     layers::{
         CircuitBreakerLayer, Limit, RateLimitLayer,
         circuit_breaker::{BreakerConfig, DEFAULT_BREAKER_CAP},
         rate_limit::{Adaptation, DEFAULT_KEY_CAP},
     },
     observe::{DEFAULT_STATS_CAP, EndpointStats, LATENCY_WINDOW},
+    outcome::{AttemptResult, DeferReason, TransportErrorKind},
     registry::{DEFAULT_HEALTH_CAP, Endpoint, EndpointHealth, EndpointId, EndpointRegistry, MemoryRegistry, Verdict},
+    report::DeliveryEvent,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 

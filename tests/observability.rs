@@ -12,9 +12,11 @@ use std::{
 };
 
 use apalis_webhooks::{
-    RetrySchedule, Secret, SigningLayer, WebhookSubscription,
+    Secret, WebhookSubscription,
     layers::{BreakerConfig, CircuitBreakerLayer, Limit, Phase, RateLimitLayer},
     observe::EndpointStats,
+    retry::RetrySchedule,
+    signing::SigningLayer,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};

@@ -13,8 +13,10 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeliveryStatus, DispatchError, RetrySchedule, Secret, WebhookJob, WebhookSink, WebhookSubscription,
+    DispatchError, Secret, WebhookJob, WebhookSink, WebhookSubscription,
     ordering::{OrderedLines, RepairBackend},
+    retry::RetrySchedule,
+    store::DeliveryStatus,
 };
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
 use common::{PATIENCE, RunningWorker, Seen};

@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use apalis_webhooks::{DeliveryRequest, HttpDelivery, Secret, WebhookSubscription, ssrf::EgressPolicy};
+use apalis_webhooks::{
+    Secret, WebhookSubscription,
+    delivery::{DeliveryRequest, HttpDelivery},
+    ssrf::EgressPolicy,
+};
 use tokio::{io::AsyncReadExt, net::TcpListener};
 use tower::ServiceExt;
 

@@ -16,8 +16,11 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeferReason, RetrySchedule, Secret, SigningLayer, WebhookSubscription,
+    Secret, WebhookSubscription,
     layers::{Limit, RateLimitLayer, rate_limit::Adaptation},
+    outcome::DeferReason,
+    retry::RetrySchedule,
+    signing::SigningLayer,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
 use tower::ServiceBuilder;

@@ -18,8 +18,11 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, DeliveryHistory, DeliveryStatus, RetentionPolicy, RetrySchedule, Secret,
-    WebhookId, WebhookJob, WebhookSink, WebhookStore, WebhookSubscription, WebhookWorker, ssrf::EgressPolicy,
+    Secret, WebhookId, WebhookJob, WebhookSink, WebhookSubscription, WebhookWorker,
+    report::DeadLetterReason,
+    retry::RetrySchedule,
+    ssrf::EgressPolicy,
+    store::{DeadLetterFilter, DeliveryHistory, DeliveryStatus, RetentionPolicy, WebhookStore},
 };
 use axum::{
     Router,
@@ -476,7 +479,7 @@ async fn retried_deliveries_go_whole<B: Measured>(test: &str) {
     let id = receiver
         .subscription("flip")
         .retry_schedule(RetrySchedule::schedule([Duration::from_secs(1)]).with_jitter(0.0))
-        .retry_statuses(apalis_webhooks::StatusSet::empty().with(400))
+        .retry_statuses(apalis_webhooks::outcome::StatusSet::empty().with(400))
         .dispatch(&mut backend.sink(), "e", &1)
         .await
         .unwrap();

@@ -12,9 +12,12 @@ use std::{
 };
 
 use apalis_webhooks::{
-    DeadLetterFilter, DeferReason, MemorySecretStore, Secret, SecretStore, SecretStoreError, SigningLayer,
-    WebhookStore, WebhookSubscription,
+    Secret, WebhookSubscription,
     layers::{BreakerConfig, CircuitBreakerLayer, Phase},
+    outcome::DeferReason,
+    secret_store::{MemorySecretStore, SecretStore, SecretStoreError},
+    signing::SigningLayer,
+    store::{DeadLetterFilter, WebhookStore},
     verify::Verifier,
 };
 use common::{Db, Receiver, RunningWorker, Seen};
@@ -228,7 +231,7 @@ async fn a_secret_store_outage_defers_without_using_an_attempt_or_opening_the_br
     ));
     worker.stop().await;
     let request = receiver.next().await;
-    assert_eq!(request.header(apalis_webhooks::ATTEMPT_HEADER), "1");
+    assert_eq!(request.header(apalis_webhooks::delivery::ATTEMPT_HEADER), "1");
     assert!(
         Verifier::new(secret)
             .unwrap()
@@ -276,7 +279,7 @@ async fn secrets_and_header_values_appear_in_no_log_listing_or_error() {
     let mut worker = RunningWorker::start(&db.pool, "w-quiet");
     let subscription = WebhookSubscription::new(receiver.url(), secret)
         .header("authorization", token)
-        .retry_schedule(apalis_webhooks::RetrySchedule::schedule([Duration::ZERO]))
+        .retry_schedule(apalis_webhooks::retry::RetrySchedule::schedule([Duration::ZERO]))
         .max_attempts(3);
     let id = subscription.dispatch(&mut db.storage(), "quiet", &1).await.unwrap();
     receiver.next().await;
@@ -290,7 +293,7 @@ async fn secrets_and_header_values_appear_in_no_log_listing_or_error() {
     };
     worker.stop().await;
 
-    let store = WebhookStore::sqlite(&db.pool);
+    let store = WebhookStore::sqlite(&db.storage());
     let history = store.history(&id).await.unwrap().unwrap();
     let listing = store.dead_letters(&DeadLetterFilter::new(), None, 10).await.unwrap();
     let bad_dispatch = WebhookSubscription::new("https://e.com", secret)

@@ -8,7 +8,10 @@ mod common;
 use std::{net::SocketAddr, sync::Arc};
 
 use apalis_webhooks::{
-    AttemptResult, DeadLetterReason, DeliveryRequest, HttpDelivery, Secret, WebhookSubscription,
+    Secret, WebhookSubscription,
+    delivery::{DeliveryRequest, HttpDelivery},
+    outcome::AttemptResult,
+    report::DeadLetterReason,
     ssrf::{AddressClass, EgressPolicy, GuardedResolver, classify},
 };
 use common::{Db, Receiver, RunningWorker, Seen};

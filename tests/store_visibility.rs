@@ -21,10 +21,12 @@ use std::{
 use apalis::prelude::*;
 use apalis_core::backend::ext::poll_strategy::{IntervalStrategy, PollWith};
 use apalis_webhooks::{
-    DeadLetterFilter, DeadLetterReason, DeliveryStatus, Secret, SigningLayer, WebhookId, WebhookJob, WebhookStore,
-    WebhookSubscription, WebhookWorker,
+    Secret, WebhookId, WebhookJob, WebhookSubscription, WebhookWorker,
     backend::{self, Rearmed, worker_name},
     layers::{Limit, RateLimitLayer},
+    report::DeadLetterReason,
+    signing::SigningLayer,
+    store::{DeadLetterFilter, DeliveryStatus, WebhookStore},
 };
 use common::{Receiver, RunningWorker, Seen};
 use harness::TestBackend;
@@ -115,14 +117,14 @@ impl Visible for harness::Sqlite {
     ) -> JoinHandle<()> {
         let layers = limited_layers(&builder, limit);
         run_on!(
-            backend::sqlite::polling(self.storage()),
+            backend::sqlite::worker_backend(self.storage()),
             builder.service_with(layers).unwrap(),
             stop
         )
     }
 
     fn run_refusing(&self, seen: mpsc::UnboundedSender<WebhookId>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
-        run_refusing_on!(backend::sqlite::polling(self.storage()), seen, stop)
+        run_refusing_on!(backend::sqlite::worker_backend(self.storage()), seen, stop)
     }
 
     async fn fast_forward(&self, attempts: u32) {
@@ -144,7 +146,7 @@ impl Visible for harness::Postgres {
     ) -> JoinHandle<()> {
         let layers = limited_layers(&builder, limit);
         run_on!(
-            backend::postgres::listening(self.storage()),
+            backend::postgres::worker_backend(self.storage()),
             builder.service_with(layers).unwrap(),
             stop
         )
@@ -175,14 +177,14 @@ impl Visible for harness::Redis {
     ) -> JoinHandle<()> {
         let layers = limited_layers(&builder, limit);
         run_on!(
-            backend::redis::listening(self.storage()),
+            backend::redis::worker_backend(self.storage()),
             builder.service_with(layers).unwrap(),
             stop
         )
     }
 
     fn run_refusing(&self, seen: mpsc::UnboundedSender<WebhookId>, stop: oneshot::Receiver<()>) -> JoinHandle<()> {
-        run_refusing_on!(backend::redis::listening(self.storage()), seen, stop)
+        run_refusing_on!(backend::redis::worker_backend(self.storage()), seen, stop)
     }
 
     async fn fast_forward(&self, attempts: u32) {

@@ -45,7 +45,7 @@ pub fn restart_delay(restarts: usize) -> Duration {
 /// Monitor::new()
 ///     .register(move |restarts| {
 ///         WorkerBuilder::new(worker_name("webhooks"))
-///             .backend(Restarted::new(sqlite::polling(storage.clone()), restarts))
+///             .backend(Restarted::new(sqlite::worker_backend(storage.clone()), restarts))
 ///             .build(service.clone())
 ///     })
 ///     .should_restart(|_, _| true)
@@ -54,16 +54,16 @@ pub fn restart_delay(restarts: usize) -> Duration {
 /// # Ok(()) }
 /// ```
 ///
-/// (The Postgres backend of [`postgres::listening`] does
+/// (The Postgres backend of [`postgres::worker_backend`] does
 /// not stop on errors; wrapping it does no harm.)
 ///
 #[cfg_attr(
     feature = "postgres",
-    doc = "[`postgres::listening`]: crate::backend::postgres::listening"
+    doc = "[`postgres::worker_backend`]: crate::backend::postgres::worker_backend"
 )]
 #[cfg_attr(
     not(feature = "postgres"),
-    doc = "[`postgres::listening`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/fn.listening.html"
+    doc = "[`postgres::worker_backend`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/backend/postgres/fn.worker_backend.html"
 )]
 #[derive(Debug)]
 pub struct Restarted<B> {

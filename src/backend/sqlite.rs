@@ -162,8 +162,8 @@ pub(crate) async fn defer_task(
 }
 
 /// The webhook worker's builder for `storage`'s queue: a name unique to this process start
-/// ([`worker_name`](super::worker_name)), [`polling`] every 100 ms,
-/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
+/// ([`worker_name`](super::worker_name)), [`worker_backend`] (polled every 100 ms),
+/// [`DEFAULT_CONCURRENCY`](crate::worker::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
 /// `Monitor` restarted (`restarts` > 0) a backoff before it uses the database again. Finish it
 /// with `.build(service)` inside `Monitor::register`:
 ///
@@ -181,16 +181,25 @@ pub(crate) async fn defer_task(
 ///     .await?;
 /// # Ok(()) }
 /// ```
-pub fn worker(storage: &SqliteStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Polling> {
-    super::webhook_worker(polling(storage.clone()), restarts, crate::tuning::DEFAULT_CONCURRENCY)
+pub fn worker(storage: &SqliteStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<WebhookBackend> {
+    super::webhook_worker(
+        worker_backend(storage.clone()),
+        restarts,
+        crate::tuning::DEFAULT_CONCURRENCY,
+    )
 }
 
-/// The worker backend [`worker`] uses: the storage, polled.
-pub type Polling = PollWith<SqliteStorage<WebhookJob>, Rearmed<IntervalStrategy>>;
+/// The worker backend [`worker`] uses: [`worker_backend`] of the webhook storage.
+pub type WebhookBackend = PollWith<SqliteStorage<WebhookJob>, Rearmed<IntervalStrategy>>;
 
-/// `storage` polled every [`DEFAULT_POLL_INTERVAL`], for the worker: without it an idle apalis
-/// worker looks for new work only on its heartbeat.
-pub fn polling<T>(storage: SqliteStorage<T>) -> PollWith<SqliteStorage<T>, Rearmed<IntervalStrategy>> {
+/// The worker backend of `storage`'s queue: the storage polled every [`DEFAULT_POLL_INTERVAL`],
+/// without which an idle apalis worker looks for new work only on its heartbeat.
+///
+/// Postgres and Redis also have `worker_backend_with(storage, concurrency)`, because their worker
+/// backends (this crate's) fetch no more than the worker has free slots; SQLite's is
+/// apalis-sqlite's own storage, which fetches its batch ([`DEFAULT_BATCH_SIZE`], set in
+/// [`config`]) and takes no concurrency.
+pub fn worker_backend<T>(storage: SqliteStorage<T>) -> PollWith<SqliteStorage<T>, Rearmed<IntervalStrategy>> {
     PollWith::new(storage, Rearmed(IntervalStrategy::new(DEFAULT_POLL_INTERVAL)))
 }
 

@@ -16,7 +16,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use apalis_webhooks::{SigningLayer, layers::{CircuitBreakerLayer, Limit, RateLimitLayer}};
+//! use apalis_webhooks::{layers::{CircuitBreakerLayer, Limit, RateLimitLayer}, signing::SigningLayer};
 //! use tower::ServiceBuilder;
 //!
 //! let layers = ServiceBuilder::new()
@@ -47,7 +47,7 @@ use crate::outcome::AttemptResult;
 pub const DEFAULT_MAX_DEFERRAL: Duration = Duration::from_secs(3600);
 
 /// A configured `max_deferral`: at least a millisecond, at most
-/// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY).
+/// [`DeliveryPolicy::MAX_DELAY`](crate::policy::DeliveryPolicy::MAX_DELAY).
 pub(crate) fn deferral_cap(cap: Duration) -> Duration {
     cap.clamp(Duration::from_millis(1), crate::clock::MAX_DELAY)
 }
@@ -73,7 +73,7 @@ pub(crate) fn endpoint_failed(result: &AttemptResult) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DeferReason, TransportErrorKind, outcome::response};
+    use crate::outcome::{DeferReason, TransportErrorKind, response};
 
     #[test]
     fn breakers_count_transport_errors_5xx_and_429_but_not_other_4xx() {

@@ -37,7 +37,7 @@ fn store_retry_delay(deferrals: u32) -> Duration {
         .min(STORE_RETRY_MAX)
 }
 
-/// Adds the signature headers of the job's [`SignatureScheme`](crate::SignatureScheme) to
+/// Adds the signature headers of the job's [`SignatureScheme`](crate::signing::SignatureScheme) to
 /// every attempt.
 ///
 /// The timestamp is taken when the attempt is sent, not at dispatch, so a retry hours later is
@@ -47,7 +47,7 @@ fn store_retry_delay(deferrals: u32) -> Duration {
 /// never sent.
 ///
 /// A store secret shorter than its scheme's minimum (see
-/// [`SignatureScheme::check_strength`](crate::SignatureScheme::check_strength)) is refused the
+/// [`SignatureScheme::check_strength`](crate::signing::SignatureScheme::check_strength)) is refused the
 /// same way, with a reason starting `refused: weak secret`, unless the store returned it marked
 /// with [`Secret::allow_weak`].
 ///
@@ -58,7 +58,7 @@ fn store_retry_delay(deferrals: u32) -> Duration {
 /// 1 s, doubling with each deferral of the same attempt, at most a minute.
 ///
 /// ```
-/// use apalis_webhooks::{HttpDelivery, MemorySecretStore, SigningLayer};
+/// use apalis_webhooks::{delivery::HttpDelivery, secret_store::MemorySecretStore, signing::SigningLayer};
 /// use tower::ServiceBuilder;
 ///
 /// let service = ServiceBuilder::new()

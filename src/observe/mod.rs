@@ -41,7 +41,11 @@ pub use stats::{DEFAULT_STATS_CAP, EndpointSnapshot, EndpointStats, LATENCY_WIND
 
 pub(crate) use span::{attempt_span, record_result};
 
-use crate::{job::WebhookJob, outcome::AttemptResult, outcome::DeferReason, report::DeadLetterReason};
+use crate::{
+    job::WebhookJob,
+    outcome::{AttemptResult, DeferReason},
+    report::DeadLetterReason,
+};
 
 /// The `outcome` label of an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

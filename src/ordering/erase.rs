@@ -1,5 +1,5 @@
 //! Erasure in the lines: the copies of jobs an ordered line keeps (see
-//! [`WebhookStore::erase`](crate::WebhookStore::erase) for the backend's).
+//! [`WebhookStore::erase`](crate::store::WebhookStore::erase) for the backend's).
 
 use super::{LineError, OrderedLines, decode, encode};
 use crate::job::WebhookJob;
@@ -24,10 +24,10 @@ pub struct LinesErased {
 
 impl OrderedLines {
     /// Erases the copies the lines keep of the deliveries `matches` chooses (for example
-    /// `|job| erasure.matches(job)` with an [`Erasure`](crate::Erasure)): a delivery waiting in
+    /// `|job| erasure.matches(job)` with an [`Erasure`](crate::store::Erasure)): a delivery waiting in
     /// its line is taken out of it and never sent; a line's head keeps its place with its
     /// payload, headers and secrets removed. Run it before
-    /// [`WebhookStore::erase`](crate::WebhookStore::erase) with the same choice, so that a
+    /// [`WebhookStore::erase`](crate::store::WebhookStore::erase) with the same choice, so that a
     /// waiting delivery pushed meanwhile is erased in the backend too. Reads a page of lines,
     /// and a page of each line's members, at a time. Idempotent.
     pub async fn erase_matching(&self, matches: impl Fn(&WebhookJob) -> bool) -> Result<LinesErased, LineError> {

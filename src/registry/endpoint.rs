@@ -52,7 +52,7 @@ impl Endpoint {
     }
 
     /// An endpoint in secret-store mode: its deliveries carry `key_id`, which the worker's
-    /// [`SecretStore`](crate::SecretStore) resolves (see
+    /// [`SecretStore`](crate::secret_store::SecretStore) resolves (see
     /// [`WebhookSubscription::with_key_id`]).
     pub fn with_key_id(id: impl Into<EndpointId>, url: impl Into<String>, key_id: impl Into<String>) -> Self {
         Self::for_target(id, DeliveryTarget::with_key_id(url, key_id))
@@ -180,9 +180,10 @@ impl Endpoint {
 
     /// The subscription its deliveries are made with: its whole [`target`](Self::target) (URL,
     /// secrets or key id, scheme, headers, envelope, delivery policy, and the tenant, which
-    /// [`Erasure::tenant`](crate::Erasure::tenant) selects by) and the endpoint id. An endpoint with its own [`rate_limit`](Self::rate_limit) is counted
-    /// under its id (`endpoint:{id}`), so that its limit is not shared with other endpoints on
-    /// the same host; the others under their host, as any subscription.
+    /// [`Erasure::tenant`](crate::store::Erasure::tenant) selects by) and the endpoint id. An
+    /// endpoint with its own [`rate_limit`](Self::rate_limit) is counted under its id
+    /// (`endpoint:{id}`), so that its limit is not shared with other endpoints on the same host;
+    /// the others under their host, as any subscription.
     pub fn subscription(&self) -> WebhookSubscription {
         let subscription = WebhookSubscription::to(self.target.clone()).endpoint_id(self.id.clone());
         match self.target.limit() {

@@ -10,7 +10,7 @@
 //! The worker keeps the registry current: with [`WebhookWorker::registry`](crate::WebhookWorker::registry)
 //! an endpoint that answers 410 Gone, or has failed without a success for
 //! [`disable_after`](crate::WebhookWorker::disable_endpoints_after), is disabled there and
-//! [`DeliveryEvent::EndpointDisabled`](crate::DeliveryEvent::EndpointDisabled) fires.
+//! [`DeliveryEvent::EndpointDisabled`](crate::report::DeliveryEvent::EndpointDisabled) fires.
 //!
 //! ```no_run
 //! # async fn example(mut storage: apalis_webhooks::sqlite::SqliteStorage<apalis_webhooks::WebhookJob>) -> Result<(), Box<dyn std::error::Error>> {

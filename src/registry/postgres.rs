@@ -29,7 +29,7 @@ pub const DEFAULT_TABLE: &str = "webhook_endpoints";
 /// ```
 ///
 /// [`setup`](Self::setup) creates it. The `endpoint` column holds signing secrets as the jobs
-/// do; use [`Endpoint::with_key_id`] and a [`SecretStore`](crate::SecretStore) to keep them
+/// do; use [`Endpoint::with_key_id`] and a [`SecretStore`](crate::secret_store::SecretStore) to keep them
 /// out of the database.
 #[derive(Clone)]
 pub struct PostgresRegistry {

@@ -123,7 +123,7 @@ impl fmt::Debug for EgressPolicy {
 }
 
 /// A connection the [`EgressPolicy`] did not allow. The delivery is dead-lettered as
-/// [`Fatal`](crate::DeadLetterReason::Fatal) with this text: retrying would not change it.
+/// [`Fatal`](crate::report::DeadLetterReason::Fatal) with this text: retrying would not change it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{address} ({class}) is not an allowed target for {host}; allow it in the worker's EgressPolicy")]
 pub struct EgressRefused {

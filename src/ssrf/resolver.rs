@@ -13,9 +13,9 @@ use super::policy::{EgressPolicy, EgressRefused};
 /// a name is refused, resolution fails with [`EgressRefused`] and the delivery is
 /// dead-lettered with that reason.
 ///
-/// [`HttpDelivery`](crate::HttpDelivery) installs it on its own client, and on clients built
+/// [`HttpDelivery`](crate::delivery::HttpDelivery) installs it on its own client, and on clients built
 /// from your builder ([`WebhookWorker::http_client`](crate::WebhookWorker::http_client),
-/// [`HttpDelivery::from_builder`](crate::HttpDelivery::from_builder)). A finished client of your
+/// [`HttpDelivery::from_builder`](crate::delivery::HttpDelivery::from_builder)). A finished client of your
 /// own is used without it only through the explicit `unguarded` constructors; if you build one,
 /// install it there too, and turn off proxies (a proxy would connect for you):
 ///

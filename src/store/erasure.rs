@@ -72,8 +72,8 @@ const CANCELLED: &str = "erased before this attempt was made";
 /// statement or script that rewrites it. Nothing is held across batches but the cursor.
 ///
 /// ```no_run
-/// # async fn example(store: apalis_webhooks::WebhookStore) -> Result<(), apalis_webhooks::StoreError> {
-/// use apalis_webhooks::Erasure;
+/// # async fn example(store: apalis_webhooks::store::WebhookStore) -> Result<(), apalis_webhooks::store::StoreError> {
+/// use apalis_webhooks::store::Erasure;
 ///
 /// let erasure = Erasure::tenant("acme");
 /// loop {
@@ -443,10 +443,10 @@ mod tests {
             error: None,
             response_excerpt: Some("alice@example.com".into()),
         };
-        let delivered = crate::DeliveryReport::Delivered { record: record.clone() };
+        let delivered = crate::report::DeliveryReport::Delivered { record: record.clone() };
         let ok = redacted_result(serde_json::json!({ "Ok": delivered }));
         assert!(!ok.to_string().contains("alice"));
-        let report: crate::DeliveryReport = serde_json::from_value(ok["Ok"].clone()).unwrap();
+        let report: crate::report::DeliveryReport = serde_json::from_value(ok["Ok"].clone()).unwrap();
         assert_eq!(report.record().unwrap().status, Some(500));
 
         let dead = DeadLetter {

@@ -2,19 +2,19 @@
 //! live in.
 //!
 //! Nothing is kept beside apalis's own tables and keys: every attempt is an apalis task whose
-//! result holds its [`AttemptRecord`], and a dead letter is a task apalis marked `Killed`, or
+//! result holds its [`AttemptRecord`](crate::record::AttemptRecord), and a dead letter is a task apalis marked `Killed`, or
 //! one apalis left `Failed` with its own attempts used up (reported as
-//! [`InfrastructureFailed`](crate::DeadLetterReason::InfrastructureFailed), with the last error
+//! [`InfrastructureFailed`](crate::report::DeadLetterReason::InfrastructureFailed), with the last error
 //! text the backend stored). A
 //! replay pushes the delivery again (same webhook id, attempts from 1, its replay count raised)
 //! and marks the dead task as replayed, in that order and idempotently, so a crash between the
 //! two steps replays once.
 //!
 //! ```no_run
-//! # async fn example(pool: apalis_webhooks::backend::sqlite::SqlitePool) -> Result<(), apalis_webhooks::StoreError> {
-//! use apalis_webhooks::{DeadLetterFilter, WebhookStore};
+//! # async fn example(storage: apalis_webhooks::sqlite::SqliteStorage<apalis_webhooks::WebhookJob>) -> Result<(), apalis_webhooks::store::StoreError> {
+//! use apalis_webhooks::store::{DeadLetterFilter, WebhookStore};
 //!
-//! let store = WebhookStore::sqlite(&pool);
+//! let store = WebhookStore::sqlite(&storage); // what you dispatch into: the storage, or a sink
 //! let filter = DeadLetterFilter::new().event_type("order.created").endpoint_host("example.com");
 //! let page = store.dead_letters(&filter, None, 50).await?;
 //! for entry in &page.items {
@@ -210,11 +210,15 @@ pub struct Page<T> {
 
 /// Delivery history and dead letters of one webhook queue. Cheap to clone.
 ///
-/// ```no_run
-/// # async fn run(pool: apalis_webhooks::sqlite::SqlitePool, id: apalis_webhooks::WebhookId) -> Result<(), apalis_webhooks::StoreError> {
-/// use apalis_webhooks::{DeadLetterFilter, WebhookStore};
+/// Made from what deliveries are dispatched into on each backend, whose queue it reads:
+/// SQLite's storage (`WebhookStore::sqlite`), a `PostgresSink` (`::postgres`), a `RedisSink`
+/// (`::redis`), each with its backend's feature.
 ///
-/// let store = WebhookStore::sqlite(&pool); // ::postgres(&sink), ::redis(&sink) likewise
+/// ```no_run
+/// # async fn run(storage: apalis_webhooks::sqlite::SqliteStorage<apalis_webhooks::WebhookJob>, id: apalis_webhooks::WebhookId) -> Result<(), apalis_webhooks::store::StoreError> {
+/// use apalis_webhooks::store::{DeadLetterFilter, WebhookStore};
+///
+/// let store = WebhookStore::sqlite(&storage); // ::postgres(&sink), ::redis(&sink) likewise
 /// if let Some(history) = store.history(&id).await? {
 ///     println!("{:?}: {} attempts", history.status, history.attempts.len());
 /// }
@@ -256,17 +260,17 @@ impl fmt::Debug for WebhookStore {
 }
 
 impl WebhookStore {
-    /// The store of the webhook queue ([`QUEUE`](crate::backend::QUEUE)) in a SQLite pool.
-    #[cfg(feature = "sqlite")]
-    pub fn sqlite(pool: &crate::backend::sqlite::SqlitePool) -> Self {
-        Self::sqlite_queue(pool, crate::backend::QUEUE)
-    }
+    // One rule for the three constructors: each takes what deliveries are dispatched into on
+    // its backend, and reads that one's queue. The queue name then cannot disagree with the
+    // sink's, and there is no pool-plus-queue pair to get wrong.
 
-    /// The store of webhook queue `queue` in a SQLite pool.
+    /// The store of the queue `storage` pushes into (SQLite's storage is its sink).
     #[cfg(feature = "sqlite")]
-    pub fn sqlite_queue(pool: &crate::backend::sqlite::SqlitePool, queue: &str) -> Self {
+    pub fn sqlite(storage: &crate::backend::sqlite::SqliteStorage<WebhookJob>) -> Self {
+        use apalis_core::backend::BackendConfig as _;
+        let queue = storage.config().queue.to_string();
         Self {
-            backend: Backend::Sqlite(sqlite::SqliteBackend::new(pool.clone(), queue)),
+            backend: Backend::Sqlite(sqlite::SqliteBackend::new(storage.pool().clone(), &queue)),
         }
     }
 

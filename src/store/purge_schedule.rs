@@ -37,11 +37,11 @@ pub struct PurgeRuns {
 /// Run it beside the `Monitor`, for as long as the worker runs:
 ///
 /// ```no_run
-/// # async fn example(pool: apalis_webhooks::sqlite::SqlitePool, monitor: apalis::prelude::Monitor) -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn example(storage: apalis_webhooks::sqlite::SqliteStorage<apalis_webhooks::WebhookJob>, monitor: apalis::prelude::Monitor) -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use apalis_webhooks::{RetentionPolicy, WebhookStore};
+/// use apalis_webhooks::store::{RetentionPolicy, WebhookStore};
 ///
-/// let store = WebhookStore::sqlite(&pool);
+/// let store = WebhookStore::sqlite(&storage);
 /// let _purging = store.purge_every(RetentionPolicy::new(), Duration::from_secs(3600));
 /// monitor.run().await?; // dropping `_purging` afterwards stops the purges
 /// # Ok(()) }

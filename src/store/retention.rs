@@ -49,7 +49,7 @@ pub enum RetentionError {
 /// How long finished deliveries are kept, and how a purge proceeds.
 ///
 /// Every attempt of a delivery is an apalis task holding the job (URL, headers, payload and,
-/// outside [secret-store mode](crate::SecretStore), the signing secrets), so nothing the store
+/// outside [secret-store mode](crate::secret_store::SecretStore), the signing secrets), so nothing the store
 /// keeps may stay forever. A purge removes whole deliveries, never single attempts: a delivery
 /// (every task of its webhook id, replays included) goes once it is *finished* — delivered, or a
 /// dead letter (discarded or not) — and its last task finished longer ago than the window of its
@@ -83,13 +83,13 @@ pub enum RetentionError {
 ///
 /// ```
 /// use std::time::Duration;
-/// use apalis_webhooks::RetentionPolicy;
+/// use apalis_webhooks::store::RetentionPolicy;
 ///
 /// let policy = RetentionPolicy::new()
 ///     .keep_delivered(Duration::from_secs(7 * 24 * 3600))?
 ///     .keep_dead_letters(Duration::from_secs(30 * 24 * 3600))?;
 /// assert_eq!(policy.delivered().as_secs(), 7 * 24 * 3600);
-/// # Ok::<_, apalis_webhooks::RetentionError>(())
+/// # Ok::<_, apalis_webhooks::store::RetentionError>(())
 /// ```
 ///
 #[cfg_attr(feature = "ordering", doc = "[ordering]: crate::ordering")]

@@ -62,7 +62,7 @@ pub struct DeliveryHistory {
     /// Every finished attempt, oldest first, replays included.
     pub attempts: Vec<AttemptRecord>,
     /// Whether its payload, headers and secrets were erased
-    /// ([`WebhookStore::erase`](crate::WebhookStore::erase)): what is left is this audit stub.
+    /// ([`WebhookStore::erase`](crate::store::WebhookStore::erase)): what is left is this audit stub.
     #[serde(default)]
     pub erased: bool,
 }

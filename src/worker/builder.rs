@@ -200,7 +200,7 @@ impl<B: Clone> WebhookWorker<B> {
         self
     }
 
-    /// Resolves the key ids of [secret-store](crate::SecretStore) jobs through `store` (used by
+    /// Resolves the key ids of [secret-store](crate::secret_store::SecretStore) jobs through `store` (used by
     /// [`service`](Self::service); with [`service_with`](Self::service_with), put
     /// [`signing_layer`](Self::signing_layer) in your stack).
     pub fn secret_store(mut self, store: impl SecretStore) -> Self {

@@ -17,7 +17,7 @@ use apalis_core::{
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-pub use crate::report::{DEAD_LETTER_PREFIX, DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport};
+use crate::report::{DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport};
 use crate::{
     backend::resilient::Backoff,
     clock::{unix_millis, unix_seconds, unix_seconds_after},
@@ -58,8 +58,8 @@ pub const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
 /// succeeded: it is idempotent.
 const STORE_TRY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The longest floor [`deferral_floor`] sets: repeated deferrals of one attempt are at least
-/// this far apart once it has been put off often.
+/// The most the worker spaces out repeated deferrals of one attempt: from its second deferral
+/// on, at least 1 s apart, doubling each time, up to this.
 pub const MAX_DEFERRAL_BACKOFF: Duration = Duration::from_secs(60);
 
 /// The least wait before an attempt put off `deferrals` times already is tried again: none

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::{Deferral, Secret, WebhookSubscription};
+use crate::{Secret, WebhookSubscription, sink::Deferral};
 
 /// Records what settle stores; `fail` makes every write fail.
 #[derive(Default)]
@@ -43,7 +43,7 @@ impl WebhookSink<()> for Backend {
 fn job(attempts: u32) -> WebhookJob {
     WebhookSubscription::new("https://example.com/hook", Secret::generate())
         .max_attempts(attempts)
-        .retry_schedule(crate::RetrySchedule::schedule([Duration::from_secs(30)]).with_jitter(0.0))
+        .retry_schedule(crate::retry::RetrySchedule::schedule([Duration::from_secs(30)]).with_jitter(0.0))
         .job("order.created", &1)
         .unwrap()
 }

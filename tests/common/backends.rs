@@ -10,8 +10,11 @@ use std::sync::Mutex;
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    AttemptResult, DeliveryRequest, HttpDelivery, WebhookJob, WebhookSink, WebhookStore, WebhookWorker,
+    WebhookJob, WebhookSink, WebhookWorker,
     backend::{memory, postgres, redis, sqlite, worker_name},
+    delivery::{DeliveryRequest, HttpDelivery},
+    outcome::AttemptResult,
+    store::WebhookStore,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 
@@ -154,7 +157,7 @@ impl TestBackend for Sqlite {
     }
 
     fn store(&self) -> Option<WebhookStore> {
-        Some(WebhookStore::sqlite_queue(&self.pool, &self.queue))
+        Some(WebhookStore::sqlite(&self.storage()))
     }
 
     async fn stored_jobs(&self) -> Vec<serde_json::Value> {
@@ -174,7 +177,7 @@ impl TestBackend for Sqlite {
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
-            .backend(sqlite::polling(self.storage()))
+            .backend(sqlite::worker_backend(self.storage()))
             .concurrency(concurrency)
             .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)
@@ -233,7 +236,7 @@ impl TestBackend for Postgres {
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
-            .backend(postgres::listening_with(self.storage(), concurrency))
+            .backend(postgres::worker_backend_with(self.storage(), concurrency))
             .concurrency(concurrency)
             .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)
@@ -289,7 +292,7 @@ impl TestBackend for Redis {
         stop: oneshot::Receiver<()>,
     ) -> JoinHandle<()> {
         let worker = WorkerBuilder::new(worker_name("test"))
-            .backend(redis::listening_with(self.storage(), concurrency))
+            .backend(redis::worker_backend_with(self.storage(), concurrency))
             .concurrency(concurrency)
             .build(builder.service_with(layer).unwrap());
         spawn_until!(worker, stop)

@@ -6,8 +6,11 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apalis_webhooks::{
-    AttemptResult, DeferReason, DeliveryEvent, DeliveryRequest, HttpDelivery, RetrySchedule, Secret,
-    WebhookSubscription,
+    Secret, WebhookSubscription,
+    delivery::{DeliveryRequest, HttpDelivery},
+    outcome::{AttemptResult, DeferReason},
+    report::DeliveryEvent,
+    retry::RetrySchedule,
 };
 
 use tokio::sync::mpsc;

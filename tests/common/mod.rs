@@ -12,8 +12,12 @@ use std::{
 
 use apalis::prelude::*;
 use apalis_webhooks::{
-    AttemptResult, DeadLetter, DeferReason, DeliveryEvent, DeliveryRequest, HttpDelivery, WebhookJob, WebhookWorker,
-    sqlite, ssrf::EgressPolicy,
+    WebhookJob, WebhookWorker,
+    delivery::{DeliveryRequest, HttpDelivery},
+    outcome::{AttemptResult, DeferReason},
+    report::{DeadLetter, DeliveryEvent},
+    sqlite,
+    ssrf::EgressPolicy,
 };
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
 use tokio::sync::{mpsc, oneshot};
@@ -255,7 +259,7 @@ pub type Builder = WebhookWorker<sqlite::SqliteStorage<WebhookJob>>;
 macro_rules! run_sqlite_worker {
     ($name:expr, $storage:expr, $service:expr, $stopped:expr) => {{
         let worker = WorkerBuilder::new($name)
-            .backend(sqlite::polling($storage))
+            .backend(sqlite::worker_backend($storage))
             .concurrency(8)
             .build($service);
         tokio::spawn(async move {

@@ -70,7 +70,7 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
                 .with_config(sqlite::config().queue(&queue));
             fill(storage.clone(), &subscription, events).await;
             let worker = WorkerBuilder::new(worker_name("backlog"))
-                .backend(sqlite::polling(storage.clone()))
+                .backend(sqlite::worker_backend(storage.clone()))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(storage));
             let handle = tokio::spawn(worker.run_until(until));
@@ -89,7 +89,7 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             let sink = postgres::PostgresSink::new(&storage);
             fill(sink.clone(), &subscription, events).await;
             let worker = WorkerBuilder::new(worker_name("backlog"))
-                .backend(postgres::listening(storage))
+                .backend(postgres::worker_backend(storage))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink));
             let handle = tokio::spawn(worker.run_until(until));
@@ -108,7 +108,7 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             let sink = redis::RedisSink::new(&storage);
             fill(sink.clone(), &subscription, events).await;
             let worker = WorkerBuilder::new(worker_name("backlog"))
-                .backend(redis::listening(storage))
+                .backend(redis::worker_backend(storage))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink));
             let handle = tokio::spawn(worker.run_until(until));

@@ -206,7 +206,7 @@ async fn run_backend(
                 .with_config(sqlite::config().queue(&queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
-                .backend(sqlite::polling(storage.clone()))
+                .backend(sqlite::worker_backend(storage.clone()))
                 .data(client.clone())
                 .concurrency(CONCURRENCY)
                 .build(bare::post);
@@ -224,7 +224,7 @@ async fn run_backend(
                 .with_config(sqlite::config().queue(&queue("webhooks")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
-                .backend(sqlite::polling(storage.clone()))
+                .backend(sqlite::worker_backend(storage.clone()))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(storage.clone()));
             let handle = tokio::spawn(worker.run_until(until));
@@ -247,7 +247,7 @@ async fn run_backend(
                 .with_config(postgres::config().queue(&queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
-                .backend(postgres::listening(storage.clone()))
+                .backend(postgres::worker_backend(storage.clone()))
                 .data(client.clone())
                 .concurrency(CONCURRENCY)
                 .build(bare::post);
@@ -266,7 +266,7 @@ async fn run_backend(
             let sink = postgres::PostgresSink::new(&storage);
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
-                .backend(postgres::listening(storage))
+                .backend(postgres::worker_backend(storage))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink.clone()));
             let handle = tokio::spawn(worker.run_until(until));
@@ -298,7 +298,7 @@ async fn run_backend(
                 .with_config(redis::config().queue(&queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
-                .backend(redis::listening(storage.clone()))
+                .backend(redis::worker_backend(storage.clone()))
                 .data(client.clone())
                 .concurrency(CONCURRENCY)
                 .build(bare::post);
@@ -317,7 +317,7 @@ async fn run_backend(
             let sink = redis::RedisSink::new(&storage);
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
-                .backend(redis::listening(storage))
+                .backend(redis::worker_backend(storage))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink.clone()));
             let handle = tokio::spawn(worker.run_until(until));

@@ -6,7 +6,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use apalis_webhooks::{Secret, SignatureScheme};
+use apalis_webhooks::{Secret, signing::SignatureScheme};
 
 use crate::{CONCURRENCY, receiver::body};
 

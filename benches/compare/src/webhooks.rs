@@ -2,9 +2,10 @@
 //! to bite) and signing, around the HTTP delivery.
 
 use apalis_webhooks::{
-    SigningLayer, WebhookService,
     layers::{CircuitBreakerLayer, Limit, RateLimitLayer},
+    signing::SigningLayer,
     ssrf::EgressPolicy,
+    worker::WebhookService,
 };
 use tower::ServiceBuilder;
 
@@ -13,7 +14,9 @@ pub fn service<B: Clone + apalis_webhooks::WebhookSink<K>, K>(
     sink: B,
 ) -> WebhookService<
     apalis_webhooks::layers::CircuitBreakerService<
-        apalis_webhooks::layers::RateLimitService<apalis_webhooks::SigningService<apalis_webhooks::HttpDelivery>>,
+        apalis_webhooks::layers::RateLimitService<
+            apalis_webhooks::signing::SigningService<apalis_webhooks::delivery::HttpDelivery>,
+        >,
     >,
     B,
     K,

@@ -8,7 +8,7 @@
 //!   inserts with `ON CONFLICT DO NOTHING` on apalis's own `(job_type, idempotency_key)` index.
 //! - **Transactional enqueue.** [`InTransaction`] pushes inside the caller's own transaction,
 //!   so a webhook is enqueued if and only if the business write commits.
-//! - **Pick-up.** [`listening`] wakes the worker on Postgres `NOTIFY` (apalis's trigger fires on
+//! - **Pick-up.** [`worker_backend`] wakes the worker on Postgres `NOTIFY` (apalis's trigger fires on
 //!   every insert that is due now) and polls for attempts whose backoff has run out.
 //!
 //! ```no_run
@@ -59,7 +59,7 @@ pub const RETRY_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// See [`HEARTBEAT_INTERVAL`]. 6 × 5 s = 30 s: longer than the longest attempt a worker runs
-/// by default ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`](crate::DEFAULT_MAX_ATTEMPT_TIMEOUT), 20 s), which
+/// by default ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`](crate::delivery::DEFAULT_MAX_ATTEMPT_TIMEOUT), 20 s), which
 /// [`WebhookWorker`](crate::WebhookWorker) checks when it builds its service.
 pub const MISSED_HEARTBEATS: usize = 6;
 
@@ -88,16 +88,16 @@ pub fn storage(pool: &PgPool) -> PostgresStorage<WebhookJob> {
 }
 
 /// The worker backend of `storage`'s queue ([`PostgresBackend`]), for a worker running
-/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once: woken by Postgres
+/// [`DEFAULT_CONCURRENCY`](crate::worker::DEFAULT_CONCURRENCY) deliveries at once: woken by Postgres
 /// `NOTIFY` for new deliveries, polled every [`RETRY_POLL_INTERVAL`] for due retries, and kept
 /// running through database outages.
-pub fn listening<T>(storage: PostgresStorage<T>) -> PollWith<PostgresBackend<T>, Rearmed<Strategy>> {
-    listening_with(storage, crate::tuning::DEFAULT_CONCURRENCY)
+pub fn worker_backend<T>(storage: PostgresStorage<T>) -> PollWith<PostgresBackend<T>, Rearmed<Strategy>> {
+    worker_backend_with(storage, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The webhook worker's builder for `storage`'s queue: a name unique to this process start
-/// ([`worker_name`](super::worker_name)), [`listening`] (woken by `NOTIFY`),
-/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
+/// ([`worker_name`](super::worker_name)), [`worker_backend`] (woken by `NOTIFY`),
+/// [`DEFAULT_CONCURRENCY`](crate::worker::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
 /// `Monitor` restarted (`restarts` > 0) a backoff before it uses the database again. Finish it
 /// with `.build(service)` inside `Monitor::register`:
 ///
@@ -115,16 +115,20 @@ pub fn listening<T>(storage: PostgresStorage<T>) -> PollWith<PostgresBackend<T>,
 ///     .await?;
 /// # Ok(()) }
 /// ```
-pub fn worker(storage: &PostgresStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Listening> {
-    super::webhook_worker(listening(storage.clone()), restarts, crate::tuning::DEFAULT_CONCURRENCY)
+pub fn worker(storage: &PostgresStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<WebhookBackend> {
+    super::webhook_worker(
+        worker_backend(storage.clone()),
+        restarts,
+        crate::tuning::DEFAULT_CONCURRENCY,
+    )
 }
 
-/// The worker backend [`worker`] uses.
-pub type Listening = PollWith<PostgresBackend<WebhookJob>, Rearmed<Strategy>>;
+/// The worker backend [`worker`] uses: [`worker_backend`] of the webhook storage.
+pub type WebhookBackend = PollWith<PostgresBackend<WebhookJob>, Rearmed<Strategy>>;
 
-/// As [`listening`], for a worker running `concurrency` deliveries at once (the number given
+/// As [`worker_backend`], for a worker running `concurrency` deliveries at once (the number given
 /// to `WorkerBuilder::concurrency`): no more tasks are fetched than it has free slots.
-pub fn listening_with<T>(
+pub fn worker_backend_with<T>(
     storage: PostgresStorage<T>,
     concurrency: usize,
 ) -> PollWith<PostgresBackend<T>, Rearmed<Strategy>> {

@@ -9,7 +9,7 @@
 //! - [`RedisSink`] writes a due delivery straight into apalis's active list (same keys and
 //!   fields as apalis's own push script), and a delivery for later (a retry's backoff) into a
 //!   scheduled set of this crate that apalis's fetch never reads;
-//! - [`listening`] wakes the worker every [`DEFAULT_POLL_INTERVAL`] and, before it does,
+//! - [`worker_backend`] wakes the worker every [`DEFAULT_POLL_INTERVAL`] and, before it does,
 //!   moves due retries from that set to the active list, at most [`PROMOTE_CHUNK`] per script;
 //! - [`config`] turns apalis's per-task lock off (the `LREM`); a task still belongs to the
 //!   worker that fetched it, through apalis's in-flight set;
@@ -67,7 +67,7 @@ pub const PROMOTE_CHUNK: usize = 1000;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// See [`HEARTBEAT_INTERVAL`]. 6 × 5 s = 30 s: longer than the longest attempt a worker runs
-/// by default ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`](crate::DEFAULT_MAX_ATTEMPT_TIMEOUT), 20 s), which
+/// by default ([`DEFAULT_MAX_ATTEMPT_TIMEOUT`](crate::delivery::DEFAULT_MAX_ATTEMPT_TIMEOUT), 20 s), which
 /// [`WebhookWorker`](crate::WebhookWorker) checks when it builds its service.
 pub const MISSED_HEARTBEATS: usize = 6;
 
@@ -109,16 +109,16 @@ pub fn storage(conn: ConnectionManager) -> RedisStorage<WebhookJob> {
 }
 
 /// The worker backend of `storage`'s queue ([`RedisBackend`]), for a worker running
-/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once: kept running through
+/// [`DEFAULT_CONCURRENCY`](crate::worker::DEFAULT_CONCURRENCY) deliveries at once: kept running through
 /// Redis outages, woken every [`DEFAULT_POLL_INTERVAL`] after due retries have been moved to
 /// the active list. Spawns the task that moves them; it ends when the worker drops the backend.
-pub fn listening<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearmed<StreamStrategy<Ticks>>> {
-    listening_with(storage, crate::tuning::DEFAULT_CONCURRENCY)
+pub fn worker_backend<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearmed<StreamStrategy<Ticks>>> {
+    worker_backend_with(storage, crate::tuning::DEFAULT_CONCURRENCY)
 }
 
 /// The webhook worker's builder for `storage`'s queue: a name unique to this process start
-/// ([`worker_name`](super::worker_name)), [`listening`],
-/// [`DEFAULT_CONCURRENCY`](crate::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
+/// ([`worker_name`](super::worker_name)), [`worker_backend`],
+/// [`DEFAULT_CONCURRENCY`](crate::worker::DEFAULT_CONCURRENCY) deliveries at once, and for a worker the
 /// `Monitor` restarted (`restarts` > 0) a backoff before it uses Redis again. Finish it with
 /// `.build(service)` inside `Monitor::register`:
 ///
@@ -136,16 +136,20 @@ pub fn listening<T>(storage: RedisStorage<T>) -> PollWith<RedisBackend<T>, Rearm
 ///     .await?;
 /// # Ok(()) }
 /// ```
-pub fn worker(storage: &RedisStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<Listening> {
-    super::webhook_worker(listening(storage.clone()), restarts, crate::tuning::DEFAULT_CONCURRENCY)
+pub fn worker(storage: &RedisStorage<WebhookJob>, restarts: usize) -> super::WebhookWorkerBuilder<WebhookBackend> {
+    super::webhook_worker(
+        worker_backend(storage.clone()),
+        restarts,
+        crate::tuning::DEFAULT_CONCURRENCY,
+    )
 }
 
-/// The worker backend [`worker`] uses.
-pub type Listening = PollWith<RedisBackend<WebhookJob>, Rearmed<StreamStrategy<Ticks>>>;
+/// The worker backend [`worker`] uses: [`worker_backend`] of the webhook storage.
+pub type WebhookBackend = PollWith<RedisBackend<WebhookJob>, Rearmed<StreamStrategy<Ticks>>>;
 
-/// As [`listening`], for a worker running `concurrency` deliveries at once (the number given
+/// As [`worker_backend`], for a worker running `concurrency` deliveries at once (the number given
 /// to `WorkerBuilder::concurrency`): no more tasks are fetched than it has free slots.
-pub fn listening_with<T>(
+pub fn worker_backend_with<T>(
     mut storage: RedisStorage<T>,
     concurrency: usize,
 ) -> PollWith<RedisBackend<T>, Rearmed<StreamStrategy<Ticks>>> {
@@ -172,7 +176,7 @@ pub fn listening_with<T>(
     )
 }
 
-/// Wake-ups for the worker from [`listening`].
+/// Wake-ups for the worker from [`worker_backend`].
 #[derive(Debug)]
 pub struct Ticks(tokio::sync::mpsc::Receiver<()>);
 
@@ -455,7 +459,7 @@ if tonumber(ARGV[4]) > 0 then
     redis.call("zadd", KEYS[5], tonumber(redis.call("time")[1]) + tonumber(ARGV[4]), ARGV[1])
 else
     -- No write to the signal list (KEYS[4]): apalis-redis 1.0 never waits on it, and the
-    -- worker polls on its own ticks (`listening`); two commands less per delivery.
+    -- worker polls on its own ticks (`worker_backend`); two commands less per delivery.
     redis.call("rpush", KEYS[3], ARGV[1])
 end
 return 1

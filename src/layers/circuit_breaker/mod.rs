@@ -172,7 +172,7 @@ impl CircuitBreakerLayer {
 
     /// The longest this layer defers a delivery: one hour by default
     /// ([`DEFAULT_MAX_DEFERRAL`]), at least a millisecond, at most
-    /// [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). While a breaker stays
+    /// [`DeliveryPolicy::MAX_DELAY`](crate::policy::DeliveryPolicy::MAX_DELAY). While a breaker stays
     /// open longer ([`BreakerConfig::open_for`]), its deliveries come back after this much and
     /// are deferred again.
     pub fn max_deferral(self, max: Duration) -> Self {

@@ -47,7 +47,7 @@ const UNAVAILABLE_DELAY: Duration = Duration::from_secs(1);
 /// * **Adaptive.** A 429 halves the endpoint's rate (down to [`MIN_RATE_FACTOR`]) and holds
 ///   it back for its `Retry-After` (or one slowed interval); each later success gives back
 ///   [`RECOVERY_STEP`] of the rate. The `Retry-After` is clamped like the retry path's: to
-///   the job's [`max_retry_after`](crate::DeliveryPolicy::max_retry_after) and to the layer's
+///   the job's [`max_retry_after`](crate::policy::DeliveryPolicy::max_retry_after) and to the layer's
 ///   [`max_deferral`](Self::max_deferral).
 /// * **Capped.** No deferral lasts longer than [`max_deferral`](Self::max_deferral) (one
 ///   hour by default), whatever a receiver, a stored state or a limit says; a delivery held
@@ -202,7 +202,7 @@ impl RateLimitLayer {
 
     /// The longest this layer defers a delivery, and holds an endpoint back after a 429 with a
     /// `Retry-After`: one hour by default ([`DEFAULT_MAX_DEFERRAL`]), at least a millisecond,
-    /// at most [`DeliveryPolicy::MAX_DELAY`](crate::DeliveryPolicy::MAX_DELAY). A delivery
+    /// at most [`DeliveryPolicy::MAX_DELAY`](crate::policy::DeliveryPolicy::MAX_DELAY). A delivery
     /// that would wait longer (a receiver asking for days, a limit of one a day) is deferred by
     /// this much, then checked again.
     pub fn max_deferral(self, max: Duration) -> Self {

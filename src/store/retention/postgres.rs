@@ -3,7 +3,7 @@
 //! A batch reads the next `batch` idempotency keys of the queue (keyset paging over the unique
 //! `(job_type, idempotency_key)` index, in whatever order the database's collation gives), takes
 //! their webhook ids, then finds every task of those deliveries by walking their key chains (as
-//! [`history`](crate::WebhookStore::history) does: an index lookup per task, whatever the
+//! [`history`](crate::store::WebhookStore::history) does: an index lookup per task, whatever the
 //! collation) and decides and deletes in one statement — atomic.
 
 use std::collections::HashSet;
