@@ -29,7 +29,7 @@
 //! an ordered line would take the repeated dispatch for a new delivery.
 //!
 //! [`MemorySink`]: crate::backend::memory::MemorySink
-//! [`TaskSinkAdapter`]: crate::TaskSinkAdapter
+//! [`TaskSinkAdapter`]: crate::sink::TaskSinkAdapter
 
 use std::{fmt, time::Duration};
 

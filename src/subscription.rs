@@ -216,7 +216,7 @@ impl WebhookSubscription {
 
     /// How long Redis and the memory sink remember an
     /// [`idempotency_key`](Self::idempotency_key):
-    /// [`DEFAULT_IDEMPOTENCY_WINDOW`](crate::idempotency::DEFAULT_IDEMPOTENCY_WINDOW) (24 h)
+    /// [`DEFAULT_IDEMPOTENCY_WINDOW`] (24 h)
     /// unless set, at most
     /// [`MAX_IDEMPOTENCY_WINDOW`](crate::idempotency::MAX_IDEMPOTENCY_WINDOW) (30 days).
     /// SQLite and Postgres remember a key as long as they keep its delivery.
