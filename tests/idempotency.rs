@@ -12,6 +12,7 @@ use apalis_webhooks::{
     Secret, WebhookId, WebhookSubscription,
     backend::postgres::InTransaction,
     registry::{Endpoint, EndpointRegistry, Event, MemoryRegistry, dispatch_event},
+    store::RetentionPolicy,
 };
 use common::{Receiver, RunningWorker};
 use harness::TestBackend;
@@ -185,6 +186,59 @@ async fn fan_out_same_key<B: TestBackend>(test: &str) {
         assert_eq!(stored, 2);
     }
     println!("idempotency {test}: fan-out to 2 endpoints, 2 + 10 concurrent times -> stored {stored:?}");
+}
+
+/// After retention purged a keyed delivery: SQLite and Postgres (`dispatches_again`) store
+/// it again under the same id, and it is delivered again; Redis, whose marker outlives the
+/// purge within the window, stores nothing and returns the first id.
+async fn after_a_purge<B: TestBackend>(test: &str, dispatches_again: bool) {
+    let Some(backend) = B::open(test).await else { return };
+    let store = backend.store().unwrap();
+    let mut receiver = Receiver::answering(200).await;
+    let keyed = subscription(receiver.url()).idempotency_key("order-5.created");
+    let first = keyed.dispatch(&mut backend.sink(), "order.created", &1).await.unwrap();
+    let worker = RunningWorker::spawn(backend.sink(), |b| b, |builder, stop| backend.run(builder, stop));
+    assert_eq!(receiver.next().await.header("webhook-id"), first.as_str());
+    // apalis acknowledges just after the request: ask until the delivery is finished.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while store.outstanding().await.unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keeps_nothing = RetentionPolicy::new().keep_delivered(Duration::ZERO).unwrap();
+    assert_eq!(store.purge(&keeps_nothing).await.unwrap().delivered, 1);
+    assert!(backend.stored_jobs().await.is_empty());
+    let again = keyed.dispatch(&mut backend.sink(), "order.created", &2).await.unwrap();
+    assert_eq!(again, first);
+    if dispatches_again {
+        assert_eq!(receiver.next().await.header("webhook-id"), first.as_str());
+    } else {
+        assert!(backend.stored_jobs().await.is_empty());
+    }
+    worker.stop().await;
+    println!(
+        "idempotency {test}: the key after a purge -> {}",
+        if dispatches_again {
+            "stored and delivered again, same id"
+        } else {
+            "nothing stored, first id"
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_dispatches_a_key_again_after_its_delivery_was_purged() {
+    after_a_purge::<harness::Sqlite>("idem-purge-sqlite", true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_dispatches_a_key_again_after_its_delivery_was_purged() {
+    after_a_purge::<harness::Postgres>("idem-purge-postgres", true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_remembers_a_key_within_its_window_after_a_purge() {
+    after_a_purge::<harness::Redis>("idem-purge-redis", false).await
 }
 
 macro_rules! suite {

@@ -157,3 +157,50 @@ fn task(job: WebhookJob) -> Task<WebhookJob> {
         .task_id(TaskId::from_string(ulid::Ulid::new().to_string()))
         .build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> WebhookJob {
+        crate::WebhookSubscription::new("https://example.com/hooks", crate::Secret::generate())
+            .job("order.created", &1)
+            .unwrap()
+    }
+
+    /// Waits (without sleeping) until the monotonic clock has moved past `window` from now.
+    fn after(window: Duration) {
+        let start = Instant::now();
+        while start.elapsed() <= window {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_is_remembered_for_its_window_and_expired_keys_are_swept() {
+        let (_storage, mut sink) = storage();
+        let key = DispatchKey::new("url:https://example.com/hooks", "k");
+        let hour = Duration::from_secs(3600);
+        let first = sink.push_keyed(job(), &key, hour).await.unwrap();
+        assert_eq!(sink.push_keyed(job(), &key, hour).await.unwrap(), first);
+
+        let short = Duration::from_micros(1);
+        let other = DispatchKey::new("url:https://example.com/hooks", "short");
+        let before = sink.push_keyed(job(), &other, short).await.unwrap();
+        after(short);
+        assert_ne!(sink.push_keyed(job(), &other, short).await.unwrap(), before);
+
+        for n in 0..3 * MIN_SWEEP {
+            let key = DispatchKey::new("url:https://example.com/hooks", &n.to_string());
+            sink.push_keyed(job(), &key, short).await.unwrap();
+            after(short);
+        }
+        let keys = sink.keys.lock().unwrap();
+        assert!(keys.ids.len() <= 2 * MIN_SWEEP, "{}", keys.ids.len());
+        assert_eq!(
+            keys.ids.get(&key).map(|(id, _)| id),
+            Some(&first),
+            "unexpired keys stay"
+        );
+    }
+}
