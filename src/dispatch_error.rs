@@ -90,6 +90,19 @@ pub enum DispatchError {
     /// [`OrderedLines::sink`]: crate::ordering::OrderedLines::sink
     #[error("an ordered delivery must be dispatched through OrderedLines::sink")]
     NotOrdered,
+    /// The idempotency key is empty, longer than
+    /// [`MAX_IDEMPOTENCY_KEY_LEN`](crate::idempotency::MAX_IDEMPOTENCY_KEY_LEN) bytes, or has
+    /// characters other than visible ASCII.
+    #[error("invalid idempotency key: {0}")]
+    InvalidIdempotencyKey(&'static str),
+    /// The idempotency window is zero or longer than
+    /// [`MAX_IDEMPOTENCY_WINDOW`](crate::idempotency::MAX_IDEMPOTENCY_WINDOW).
+    #[error("invalid idempotency window: {0}")]
+    InvalidIdempotencyWindow(&'static str),
+    /// A dispatch has both an idempotency key and an ordering key: an ordered line would take
+    /// a repeated dispatch for a new delivery, so the two are not combined.
+    #[error("an idempotency key cannot be combined with an ordering key")]
+    IdempotencyKeyWithOrdering,
     /// The backend refused or failed the push.
     #[error("backend push failed: {0}")]
     Backend(#[source] BoxDynError),

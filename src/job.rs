@@ -22,6 +22,18 @@ impl WebhookId {
         Self(format!("msg_{}", ulid::Ulid::new()))
     }
 
+    /// The id of a keyed dispatch ([`crate::idempotency`]): `bits` in the ULID text form, so it
+    /// looks like any other id, though it is not time-ordered.
+    pub(crate) fn derived(bits: u128) -> Self {
+        Self(format!("msg_{}", ulid::Ulid::from(bits)))
+    }
+
+    /// An id a backend stored (the first id of a keyed dispatch, read back).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn from_stored(id: String) -> Self {
+        Self(id)
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -55,6 +55,7 @@
 //! |---|---|
 //! | [`backend`] | one module per backend (`connect`, `storage`, `worker`, `worker_backend`, sinks) |
 //! | [`subscription`] | [`WebhookSubscription`], [`DispatchError`], the payload and event-type limits |
+//! | [`idempotency`] | idempotent dispatch: keys, windows, what each backend remembers |
 //! | [`target`] | `DeliveryTarget`, shared by subscriptions and registry endpoints, and its limits (`MAX_URL_LEN`, …) |
 //! | [`signing`] | signature schemes, secrets and their limits, [`SigningLayer`](signing::SigningLayer) |
 //! | [`policy`], [`retry`], [`outcome`] | per-delivery policy, backoff schedules, status sets and attempt outcomes |
@@ -128,6 +129,7 @@ mod clock;
 pub mod delivery;
 mod dispatch_error;
 mod endpoint_id;
+pub mod idempotency;
 mod job;
 // What reads JSON documents back: the stores, ordered lines (and the Postgres registry).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis", feature = "ordering"))]

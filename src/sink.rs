@@ -7,7 +7,10 @@ use apalis_core::{
     task::builder::TaskBuilder,
 };
 
-use crate::job::WebhookJob;
+use crate::{
+    idempotency::DispatchKey,
+    job::{WebhookId, WebhookJob},
+};
 
 /// How often apalis itself runs one delivery attempt whose handling failed for a reason of the
 /// infrastructure (the next attempt could not be stored, say). Delivery failures are counted by
@@ -88,6 +91,55 @@ pub trait WebhookSink<K>: Send {
             Ok(())
         }
     }
+
+    /// Stores `job`, due now, as the delivery of a keyed dispatch unless one under `key` is
+    /// stored already, and returns the webhook id of the delivery stored under `key`: `job`'s,
+    /// or the first one's (see [`crate::idempotency`]).
+    ///
+    /// The default gives the job the id derived from the key
+    /// ([`DispatchKey::webhook_id`]) and pushes it like any attempt, so a backend that
+    /// stores an idempotency key once (SQLite, Postgres) stores it once for as long as the
+    /// delivery's first task exists; `window` is not used. Redis and the memory sink remember
+    /// the key for `window` instead.
+    fn push_keyed(
+        &mut self,
+        job: WebhookJob,
+        key: &DispatchKey,
+        window: std::time::Duration,
+    ) -> impl Future<Output = Result<WebhookId, Self::Error>> + Send {
+        let _ = window;
+        let job = keyed(job, key);
+        let id = job.webhook_id.clone();
+        async move {
+            self.push_job(job, None).await?;
+            Ok(id)
+        }
+    }
+
+    /// As [`push_keyed`](Self::push_keyed) for the deliveries of one fan-out, each with its
+    /// own key, in one round trip where [`push_jobs`](Self::push_jobs) takes one. Returns
+    /// their webhook ids in order.
+    fn push_jobs_keyed(
+        &mut self,
+        jobs: Vec<(WebhookJob, DispatchKey)>,
+        window: std::time::Duration,
+    ) -> impl Future<Output = Result<Vec<WebhookId>, Self::Error>> + Send {
+        let _ = window;
+        let jobs: Vec<WebhookJob> = jobs.into_iter().map(|(job, key)| keyed(job, &key)).collect();
+        let ids = jobs.iter().map(|job| job.webhook_id.clone()).collect();
+        async move {
+            self.push_jobs(jobs).await?;
+            Ok(ids)
+        }
+    }
+}
+
+/// `job` under the webhook id derived from `key`. Not fresh: it may be pushed again, and the
+/// backend must store it once.
+fn keyed(mut job: WebhookJob, key: &DispatchKey) -> WebhookJob {
+    job.webhook_id = key.webhook_id();
+    job.fresh = false;
+    job
 }
 
 /// What [`WebhookSink::defer_task`] stored.

@@ -1,11 +1,14 @@
 //! [`WebhookSubscription`]: where and how to deliver, and `dispatch` to enqueue one event.
 
+use std::time::Duration;
+
 use apalis_webhooks_verify::Secret;
 use serde::Serialize;
 
 pub use crate::dispatch_error::DispatchError;
 use crate::{
     endpoint_id::EndpointId,
+    idempotency::{DEFAULT_IDEMPOTENCY_WINDOW, DispatchKey},
     job::{WebhookId, WebhookJob},
     limit::Limit,
     sink::WebhookSink,
@@ -50,6 +53,9 @@ pub struct WebhookSubscription {
     endpoint_id: Option<EndpointId>,
     ordering_key: Option<String>,
     max_payload_bytes: usize,
+    /// The caller's idempotency key and how long backends that expire keys remember it.
+    idempotency_key: Option<String>,
+    idempotency_window: Duration,
 }
 
 impl From<DeliveryTarget> for WebhookSubscription {
@@ -79,6 +85,8 @@ impl WebhookSubscription {
             endpoint_id: None,
             ordering_key: None,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            idempotency_key: None,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
         }
     }
 
@@ -158,6 +166,29 @@ impl WebhookSubscription {
 
     crate::target::forward_target_setters!(target);
 
+    /// Makes [`dispatch`](Self::dispatch) idempotent under `key`: dispatching again with the
+    /// same key (a retry after a timeout, say), or at the same time, stores nothing new and
+    /// returns the first delivery's webhook id, even with another payload. The key is scoped
+    /// to this subscription's endpoint id, else its URL, and the sink's queue. Visible ASCII,
+    /// at most [`MAX_IDEMPOTENCY_KEY_LEN`](crate::idempotency::MAX_IDEMPOTENCY_KEY_LEN)
+    /// bytes; not combinable with an [`ordering_key`](Self::ordering_key). How long each
+    /// backend remembers it: [`crate::idempotency`].
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// How long Redis and the memory sink remember an
+    /// [`idempotency_key`](Self::idempotency_key):
+    /// [`DEFAULT_IDEMPOTENCY_WINDOW`] (24 h)
+    /// unless set, at most
+    /// [`MAX_IDEMPOTENCY_WINDOW`](crate::idempotency::MAX_IDEMPOTENCY_WINDOW) (30 days).
+    /// SQLite and Postgres remember a key as long as they keep its delivery.
+    pub fn idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
+        self
+    }
+
     /// Largest accepted serialized payload (256 KiB by default).
     pub fn max_payload_bytes(mut self, limit: usize) -> Self {
         self.max_payload_bytes = limit;
@@ -165,7 +196,9 @@ impl WebhookSubscription {
     }
 
     /// Validates and serializes, returning the job that [`dispatch`](Self::dispatch) would
-    /// enqueue. Useful to push with your own `TaskBuilder` options.
+    /// enqueue. Useful to push with your own `TaskBuilder` options. With an
+    /// [`idempotency_key`](Self::idempotency_key) the sink chooses the id at the push
+    /// (see [`WebhookSink::push_keyed`]); this job has a fresh one.
     pub fn job<T: Serialize + ?Sized>(&self, event_type: &str, payload: &T) -> Result<WebhookJob, DispatchError> {
         self.validate(event_type)?;
         let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
@@ -182,7 +215,19 @@ impl WebhookSubscription {
         if let Some(key) = &self.ordering_key {
             check_key(key).map_err(DispatchError::InvalidOrderingKey)?;
         }
+        if let Some(key) = &self.idempotency_key {
+            check_idempotency(key, self.idempotency_window, self.ordering_key.is_some())?;
+        }
         Ok(())
+    }
+
+    /// What an idempotency key is scoped to: the endpoint id, else the URL (as ordered lines
+    /// name endpoints), so that one key used for two endpoints makes two deliveries.
+    pub(crate) fn idempotency_scope(&self) -> String {
+        match &self.endpoint_id {
+            Some(id) => format!("id:{id}"),
+            None => format!("url:{}", self.target.url),
+        }
     }
 
     /// The job for an already serialized payload; [`validate`](Self::validate) first.
@@ -229,7 +274,9 @@ impl WebhookSubscription {
     /// Validates, serializes the payload once, and pushes the delivery onto `sink` (any apalis
     /// backend holding [`WebhookJob`]s, see [`WebhookSink`]). Returns the delivery's webhook id.
     ///
-    /// On any error nothing is enqueued.
+    /// On any error nothing is enqueued. With an [`idempotency_key`](Self::idempotency_key), a
+    /// dispatch under a key already stored enqueues nothing and returns the first id; an error
+    /// whose outcome is unknown (a timeout) may be retried with the same key.
     pub async fn dispatch<S, K, T>(
         &self,
         sink: &mut S,
@@ -245,6 +292,13 @@ impl WebhookSubscription {
             return Err(DispatchError::NotOrdered);
         }
         job.fresh = true;
+        if let Some(key) = &self.idempotency_key {
+            let key = DispatchKey::new(&self.idempotency_scope(), key);
+            return sink
+                .push_keyed(job, &key, self.idempotency_window)
+                .await
+                .map_err(|e| DispatchError::Backend(Box::new(e)));
+        }
         let id = job.webhook_id.clone();
         sink.push_job(job, None)
             .await
@@ -261,6 +315,8 @@ impl std::fmt::Debug for WebhookSubscription {
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("endpoint_id", &self.endpoint_id)
             .field("ordering_key", &self.ordering_key)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("idempotency_window", &self.idempotency_window)
             .finish()
     }
 }
@@ -273,6 +329,16 @@ fn enveloped(event_type: &str, body: &str) -> Result<String, DispatchError> {
     Ok(format!(
         r#"{{"type":{event_type},"timestamp":"{timestamp}","data":{body}}}"#
     ))
+}
+
+/// Checks an idempotency key, its window, and that no ordering key comes with it.
+pub(crate) fn check_idempotency(key: &str, window: Duration, ordered: bool) -> Result<(), DispatchError> {
+    crate::idempotency::check_key(key).map_err(DispatchError::InvalidIdempotencyKey)?;
+    crate::idempotency::check_window(window).map_err(DispatchError::InvalidIdempotencyWindow)?;
+    if ordered {
+        return Err(DispatchError::IdempotencyKeyWithOrdering);
+    }
+    Ok(())
 }
 
 pub(crate) fn validate_event_type(event_type: &str) -> Result<(), DispatchError> {
@@ -376,6 +442,33 @@ mod tests {
                 Err(DispatchError::InvalidRateLimitKey(_))
             ));
         }
+    }
+
+    #[test]
+    fn idempotency_keys_and_windows_are_checked_and_named_by_their_errors() {
+        for bad in ["", "has space", "new\nline", &"k".repeat(257)] {
+            assert!(matches!(
+                sub("https://e.com").idempotency_key(bad).job("a", &1),
+                Err(DispatchError::InvalidIdempotencyKey(_))
+            ));
+        }
+        for window in [Duration::ZERO, Duration::from_secs(31 * 24 * 3600)] {
+            assert!(matches!(
+                sub("https://e.com")
+                    .idempotency_key("k")
+                    .idempotency_window(window)
+                    .job("a", &1),
+                Err(DispatchError::InvalidIdempotencyWindow(_))
+            ));
+        }
+        assert!(matches!(
+            sub("https://e.com").idempotency_key("k").ordering_key("c").job("a", &1),
+            Err(DispatchError::IdempotencyKeyWithOrdering)
+        ));
+        // Scoped by endpoint id when there is one, else by URL.
+        let by_url = sub("https://e.com/h").idempotency_scope();
+        assert_eq!(by_url, "url:https://e.com/h");
+        assert_eq!(sub("https://e.com/h").endpoint_id("ep").idempotency_scope(), "id:ep");
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! [`dispatch_event`]: one event to every matching endpoint.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::{EndpointId, EndpointRegistry, RegistryError};
 use crate::{
+    idempotency::{DEFAULT_IDEMPOTENCY_WINDOW, DispatchKey},
     job::WebhookId,
     sink::WebhookSink,
-    subscription::{DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, validate_event_type},
+    subscription::{DEFAULT_MAX_PAYLOAD_BYTES, DispatchError, check_idempotency, validate_event_type},
 };
 
 /// An event to fan out: its type, its payload (serialized once, here), and optionally the
@@ -16,6 +19,8 @@ pub struct Event {
     body: Result<String, serde_json::Error>,
     tenant: Option<String>,
     ordering_key: Option<String>,
+    idempotency_key: Option<String>,
+    idempotency_window: Duration,
 }
 
 impl std::fmt::Debug for Event {
@@ -25,6 +30,8 @@ impl std::fmt::Debug for Event {
             .field("body_bytes", &self.body.as_ref().map(String::len).ok())
             .field("tenant", &self.tenant)
             .field("ordering_key", &self.ordering_key)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("idempotency_window", &self.idempotency_window)
             .finish()
     }
 }
@@ -37,6 +44,8 @@ impl Event {
             body: serde_json::to_string(payload),
             tenant: None,
             ordering_key: None,
+            idempotency_key: None,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
         }
     }
 
@@ -54,6 +63,25 @@ impl Event {
     /// [`OrderedSink`]: crate::ordering::OrderedSink
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Makes the fan-out idempotent under `key`: fanning the event out again with the same key
+    /// (a retry after a timeout, say), or at the same time, stores nothing new for an endpoint
+    /// that has a delivery under it and returns the same webhook id for it. The key is scoped
+    /// per endpoint id: an endpoint added in between gets its delivery on the repeat. Same
+    /// rules and windows as
+    /// [`WebhookSubscription::idempotency_key`](crate::WebhookSubscription::idempotency_key)
+    /// (see [`crate::idempotency`]).
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// How long Redis and the memory sink remember the
+    /// [`idempotency_key`](Self::idempotency_key) (24 h by default, at most 30 days).
+    pub fn idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window = window;
         self
     }
 
@@ -78,7 +106,9 @@ pub enum FanOutError {
 /// Fans `event` out: one delivery job per enabled endpoint of the registry whose filters match
 /// the event type (and of the event's tenant, if it has one), each with its own webhook id, all
 /// pushed with one [`WebhookSink::push_jobs`] (one round trip on SQLite, Postgres and Redis).
-/// Returns the endpoints and the webhook ids of their deliveries.
+/// Returns the endpoints and the webhook ids of their deliveries. With an
+/// [`idempotency_key`](Event::idempotency_key), an endpoint that has a delivery under the key
+/// gets nothing new and its first webhook id is returned.
 ///
 /// All or nothing: an invalid event ([`FanOutError::Dispatch`]), an endpoint that does not
 /// validate ([`RegistryError::Invalid`], only from registries that do not check on `upsert`), or
@@ -102,10 +132,18 @@ where
         }
         .into());
     }
+    if let Some(key) = &event.idempotency_key {
+        check_idempotency(key, event.idempotency_window, event.ordering_key.is_some())?;
+    }
     if event.ordering_key.is_some() && !sink.orders() {
         return Err(DispatchError::NotOrdered.into());
     }
-    let endpoints = registry.matching(&event.event_type, event.tenant.as_deref()).await?;
+    let mut endpoints = registry.matching(&event.event_type, event.tenant.as_deref()).await?;
+    if event.idempotency_key.is_some() {
+        // Concurrent keyed fan-outs insert the same rows: in one order, so that Postgres
+        // makes the later one wait on the unique index rather than deadlock.
+        endpoints.sort_by(|a, b| a.id().cmp(b.id()));
+    }
     let mut jobs = Vec::with_capacity(endpoints.len());
     let mut sent = Vec::with_capacity(endpoints.len());
     for endpoint in endpoints {
@@ -122,13 +160,28 @@ where
             })?;
         let mut job = subscription.job_with_body(&event.event_type, body.clone())?;
         job.fresh = true;
+        let key =
+            (event.idempotency_key.as_deref()).map(|key| DispatchKey::new(&subscription.idempotency_scope(), key));
         sent.push((endpoint.id().clone(), job.webhook_id().clone()));
-        jobs.push(job);
+        jobs.push((job, key));
     }
-    if !jobs.is_empty() {
-        sink.push_jobs(jobs)
+    if jobs.is_empty() {
+        return Ok(sent);
+    }
+    let pushed = if event.idempotency_key.is_some() {
+        let keyed = jobs.into_iter().filter_map(|(job, key)| Some((job, key?))).collect();
+        sink.push_jobs_keyed(keyed, event.idempotency_window).await.map(Some)
+    } else {
+        sink.push_jobs(jobs.into_iter().map(|(job, _)| job).collect())
             .await
-            .map_err(|e| DispatchError::Backend(Box::new(e)))?;
+            .map(|()| None)
+    };
+    let pushed = pushed.map_err(|e| DispatchError::Backend(Box::new(e)))?;
+    // A keyed fan-out's ids are the backend's: the first fan-out's under the same key.
+    if let Some(ids) = pushed {
+        for ((_, sent), id) in sent.iter_mut().zip(ids) {
+            *sent = id;
+        }
     }
     Ok(sent)
 }

@@ -48,7 +48,8 @@ use super::Rearmed;
 mod worker;
 use crate::{
     clock::until,
-    job::WebhookJob,
+    idempotency::DispatchKey,
+    job::{WebhookId, WebhookJob},
     sink::{Deferral, WebhookSink},
     tuning::DEFAULT_POLL_INTERVAL,
 };
@@ -330,6 +331,31 @@ impl WebhookSink<Redis> for RedisSink {
         Ok(())
     }
 
+    /// One script: returns the id its marker holds if the key was used within `window`,
+    /// else sets the marker to `job`'s (fresh) id, expiring after `window`, and pushes it.
+    async fn push_keyed(&mut self, job: WebhookJob, key: &DispatchKey, window: Duration) -> Result<WebhookId, Error> {
+        let id: String = self
+            .keyed_invocation(&job, key, window)?
+            .invoke_async(&mut self.conn)
+            .await?;
+        Ok(WebhookId::from_stored(id))
+    }
+
+    /// One pipeline of keyed push scripts, as [`push_jobs`](WebhookSink::push_jobs).
+    async fn push_jobs_keyed(
+        &mut self,
+        jobs: Vec<(WebhookJob, DispatchKey)>,
+        window: Duration,
+    ) -> Result<Vec<WebhookId>, Error> {
+        let mut pipeline = ::redis::pipe();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(KEYED_PUSH_LUA.as_str()).ignore();
+        for (job, key) in &jobs {
+            pipeline.invoke_script(&self.keyed_invocation(job, key, window)?);
+        }
+        let ids: Vec<String> = pipeline.query_async(&mut self.conn).await?;
+        Ok(ids.into_iter().map(WebhookId::from_stored).collect())
+    }
+
     async fn defer_task(
         &mut self,
         task_id: &str,
@@ -368,10 +394,37 @@ impl RedisSink {
         job: &WebhookJob,
         run_at: Option<u64>,
     ) -> Result<::redis::ScriptInvocation<'static>, Error> {
+        let mut invocation = PUSH_SCRIPT.prepare_invoke();
+        self.push_arguments(&mut invocation, job, run_at)?;
+        Ok(invocation)
+    }
+
+    /// The keyed push of `job` (a fresh id: it sets no per-attempt marker) under `key`.
+    fn keyed_invocation(
+        &self,
+        job: &WebhookJob,
+        key: &DispatchKey,
+        window: Duration,
+    ) -> Result<::redis::ScriptInvocation<'static>, Error> {
+        let mut invocation = KEYED_PUSH_SCRIPT.prepare_invoke();
+        self.push_arguments(&mut invocation, job, None)?;
+        invocation
+            .key(format!("{}:webhooks:dispatch:{}", self.keys.queue, key.hex()))
+            .arg(job.webhook_id().as_str())
+            .arg(u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1));
+        Ok(invocation)
+    }
+
+    /// The keys and arguments of [`PUSH_LUA`].
+    fn push_arguments(
+        &self,
+        invocation: &mut ::redis::ScriptInvocation<'static>,
+        job: &WebhookJob,
+        run_at: Option<u64>,
+    ) -> Result<(), Error> {
         let body = serde_json::to_string(job).map_err(Error::Json)?;
         let delay_secs = run_at.map_or(0, delay_secs);
         let marker_ttl = if job.fresh { 0 } else { IDEMPOTENCY_TTL.as_secs() };
-        let mut invocation = PUSH_SCRIPT.prepare_invoke();
         invocation
             .key(&self.keys.data)
             .key(&self.keys.meta)
@@ -386,7 +439,7 @@ impl RedisSink {
             .arg(delay_secs)
             .arg(job.idempotency_key())
             .arg(marker_ttl);
-        Ok(invocation)
+        Ok(())
     }
 }
 
@@ -413,6 +466,29 @@ return 1
 "#;
 
 static PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PUSH_LUA));
+
+/// [`PUSH_LUA`] behind a keyed dispatch's marker (KEYS[8], ARGV[7] the webhook id, ARGV[8] the
+/// window in milliseconds): the marker and the push are one script, so concurrent dispatches
+/// under one key store one delivery, and a reply lost after it ran is answered by the retry.
+/// Returns the webhook id the marker holds.
+static KEYED_PUSH_LUA: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"
+local first = redis.call("get", KEYS[8])
+if first then
+    return first
+end
+redis.call("set", KEYS[8], ARGV[7], "PX", ARGV[8])
+local push = function()
+{PUSH_LUA}
+end
+push()
+return ARGV[7]
+"#
+    )
+});
+
+static KEYED_PUSH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&KEYED_PUSH_LUA));
 
 /// Moves a running task (ARGV[1]) back to this crate's scheduled set under a fresh id
 /// (ARGV[2]): its data and meta move to the new id (the meta keeps the idempotency key and
