@@ -102,11 +102,7 @@ const MAX_SPACING: Duration = Duration::from_secs(60);
 /// # drop(layer);
 /// ```
 ///
-#[cfg_attr(feature = "redis", doc = "[`shared`]: Self::shared")]
-#[cfg_attr(
-    not(feature = "redis"),
-    doc = "[`shared`]: https://docs.rs/apalis-webhooks/latest/apalis_webhooks/layers/in_flight/struct.InFlightLayer.html#method.shared"
-)]
+/// [`shared`]: Self::shared
 #[derive(Clone)]
 pub struct InFlightLayer {
     shared: Arc<Shared>,
