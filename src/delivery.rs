@@ -15,7 +15,7 @@ use tower::Service;
 use crate::{
     job::WebhookJob,
     outcome::{AttemptResult, TransportErrorKind, parse_retry_after},
-    ssrf::{EgressPolicy, EgressRefused, GuardedResolver},
+    ssrf::{EgressPolicy, EgressProxy, EgressRefused, GuardedResolver},
 };
 
 pub use apalis_webhooks_verify::headers::EVENT_HEADER;
@@ -59,7 +59,7 @@ const MAX_RESPONSE_HEADER_BYTES: u32 = 64 * 1024;
 /// Never fails: transport problems are an [`AttemptResult::Transport`]. It connects only to
 /// addresses its [`EgressPolicy`] allows (public ones by default; see [`crate::ssrf`]): a
 /// refused target is an [`AttemptResult::Refused`]. Redirects are not followed and proxies are
-/// not used; on a client it did not build itself ([`with_unguarded_client`](Self::with_unguarded_client))
+/// not used, unless one is given explicitly ([`from_builder_via_proxy`](Self::from_builder_via_proxy)); on a client it did not build itself ([`with_unguarded_client`](Self::with_unguarded_client))
 /// it still refuses the answer of a peer the policy does not allow. The response body is read up to a cap and within the attempt timeout, so a
 /// receiver that trickles or floods cannot hold the worker longer or make it buffer more.
 #[derive(Debug, Clone)]
@@ -68,6 +68,10 @@ pub struct HttpDelivery {
     egress: EgressPolicy,
     max_response_bytes: usize,
     max_attempt_timeout: Duration,
+    /// Set when every request goes through an [`EgressProxy`]: the destination is resolved
+    /// with it and checked before the proxy is asked, as the client itself resolves only the
+    /// proxy's name.
+    proxied: Option<GuardedResolver>,
 }
 
 /// Longest an attempt may take, whatever its subscription asks for: the worker's backends
@@ -119,6 +123,41 @@ impl HttpDelivery {
             egress: policy,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            proxied: None,
+        })
+    }
+
+    /// As [`from_builder_with_resolver`](Self::from_builder_with_resolver), sending every
+    /// request through `proxy` (see [`EgressProxy`]) and no other (not even from the
+    /// environment). Before the proxy is asked, the destination is checked against the
+    /// resolver's policy: an IP literal as it is, a name by resolving it with `resolver` (a
+    /// refusal is an [`AttemptResult::Refused`]; a failed lookup a transport error). The
+    /// proxy's own address is not checked (it is the operator's configuration), and neither is
+    /// the peer address of the response (the peer is the proxy). A `407` answered to an
+    /// `http://` delivery is the proxy's, and a transport error.
+    pub fn from_builder_via_proxy(
+        builder: reqwest::ClientBuilder,
+        resolver: GuardedResolver,
+        proxy: &EgressProxy,
+    ) -> Result<Self, reqwest::Error> {
+        let policy = resolver.policy().clone();
+        // The client resolves only the proxy's name (the proxy resolves the destination); the
+        // guard stays installed with that one name allowed, so nothing else can slip through.
+        let client_resolver = resolver.with_policy(policy.clone().allow_host(proxy.host()));
+        let client = builder
+            .dns_resolver(Arc::new(client_resolver))
+            // Clears whatever the builder had (and the environment's), then the one proxy.
+            .no_proxy()
+            .proxy(proxy.to_reqwest()?)
+            .redirect(reqwest::redirect::Policy::none())
+            .http2_max_header_list_size(MAX_RESPONSE_HEADER_BYTES)
+            .build()?;
+        Ok(Self {
+            client,
+            egress: policy,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            proxied: Some(resolver),
         })
     }
 
@@ -136,6 +175,7 @@ impl HttpDelivery {
             egress: EgressPolicy::default(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
+            proxied: None,
         }
     }
 
@@ -175,15 +215,17 @@ impl Service<DeliveryRequest> for HttpDelivery {
     fn call(&mut self, request: DeliveryRequest) -> Self::Future {
         let client = self.client.clone();
         let egress = self.egress.clone();
+        let proxied = self.proxied.clone();
         let cap = self.max_response_bytes;
         let timeout = request.job.policy().timeout().min(self.max_attempt_timeout);
-        Box::pin(async move { Ok(send(client, &egress, request, cap, timeout).await) })
+        Box::pin(async move { Ok(send(client, &egress, proxied.as_ref(), request, cap, timeout).await) })
     }
 }
 
 async fn send(
     client: reqwest::Client,
     egress: &EgressPolicy,
+    proxied: Option<&GuardedResolver>,
     request: DeliveryRequest,
     cap: usize,
     timeout: Duration,
@@ -193,6 +235,12 @@ async fn send(
         Ok(url) => url,
         Err(reason) => return AttemptResult::Refused { reason },
     };
+    let started = Instant::now();
+    if let Some(resolver) = proxied
+        && let Err(result) = check_destination(resolver, &url, timeout, started).await
+    {
+        return result;
+    }
     let mut builder = client
         .post(url)
         .timeout(timeout)
@@ -204,13 +252,14 @@ async fn send(
     }
     let builder = builder.headers(headers).body(job.body.clone());
 
-    let started = Instant::now();
     let mut response = match builder.send().await {
         Ok(response) => response,
         Err(error) => return transport_error(&error, started),
     };
     // The backstop: whatever resolved and connected, the peer must be an allowed address.
-    if let Some(peer) = response.remote_addr()
+    // Through a proxy the peer is the proxy, the operator's choice: nothing to check.
+    if proxied.is_none()
+        && let Some(peer) = response.remote_addr()
         && let Err(refused) = egress.check(peer_host(&job), peer.ip())
     {
         return AttemptResult::Refused {
@@ -218,6 +267,15 @@ async fn send(
         };
     }
     let status = response.status().as_u16();
+    if proxied.is_some() && status == 407 {
+        // An absolute-form (`http://`) request is answered by the proxy itself when it turns
+        // us away: its failure, not the receiver's answer (a CONNECT's 407 already is one).
+        return AttemptResult::Transport {
+            kind: TransportErrorKind::Connect,
+            message: "the proxy answered 407 proxy authentication required".to_owned(),
+            duration: started.elapsed(),
+        };
+    }
     let retry_after = response
         .headers()
         .get(header::RETRY_AFTER)
@@ -257,6 +315,55 @@ fn target(egress: &EgressPolicy, job: &WebhookJob) -> Result<url::Url, String> {
             .map_err(|refused| refused.to_string())?;
     }
     Ok(url)
+}
+
+/// Checks a named destination against the resolver's policy before the proxy is asked (IP
+/// literals were checked by [`target`]): a name none of whose addresses is allowed is refused;
+/// one that does not resolve (within the attempt's timeout) is a transport error, as it would
+/// be without a proxy.
+async fn check_destination(
+    resolver: &GuardedResolver,
+    url: &url::Url,
+    timeout: Duration,
+    started: Instant,
+) -> Result<(), AttemptResult> {
+    use reqwest::dns::Resolve;
+
+    let Some(url::Host::Domain(host)) = url.host() else {
+        return Ok(());
+    };
+    let failed = |kind, message: String| AttemptResult::Transport {
+        kind,
+        message,
+        duration: started.elapsed(),
+    };
+    let name = host
+        .parse::<reqwest::dns::Name>()
+        .map_err(|_| failed(TransportErrorKind::Connect, "the host is not a valid name".to_owned()))?;
+    let resolved = tokio::time::timeout(timeout, resolver.resolve(name))
+        .await
+        .map_err(|_| {
+            failed(
+                TransportErrorKind::Timeout,
+                "resolving the destination timed out".to_owned(),
+            )
+        })?;
+    match resolved.map(|mut addrs| addrs.next().is_some()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(failed(
+            TransportErrorKind::Connect,
+            "the destination resolved to no address".to_owned(),
+        )),
+        Err(error) => match error.downcast_ref::<EgressRefused>() {
+            Some(refused) => Err(AttemptResult::Refused {
+                reason: refused.to_string(),
+            }),
+            None => Err(failed(
+                TransportErrorKind::Connect,
+                format!("could not resolve the destination: {error}"),
+            )),
+        },
+    }
 }
 
 /// The host the job's URL names, as the policy's host allowances compare it.

@@ -8,7 +8,8 @@
 //!   `http://2130706433/`) are checked before anything is sent;
 //! * host names go through [`GuardedResolver`], which drops refused addresses from the answer,
 //!   so the connection is made to a checked address (no DNS rebinding window);
-//! * redirects are not followed and proxies are not used.
+//! * redirects are not followed, and proxies from the environment are not used; an
+//!   [`EgressProxy`] set on the worker gets the destination checked before it is asked.
 //!
 //! A refused target is a fatal outcome: the delivery is dead-lettered with an
 //! [`EgressRefused`] reason, not retried. [`EgressPolicy`] says what is allowed; the default
@@ -26,9 +27,11 @@
 
 mod classify;
 mod policy;
+mod proxy;
 mod resolver;
 
 pub use classify::{AddressClass, classify};
 pub use ipnet::IpNet;
 pub use policy::{EgressPolicy, EgressRefused};
+pub use proxy::{EgressProxy, ProxyUrlError};
 pub use resolver::GuardedResolver;

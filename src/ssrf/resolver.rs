@@ -48,6 +48,14 @@ impl GuardedResolver {
         &self.policy
     }
 
+    /// The same resolver, filtering with `policy`.
+    pub(crate) fn with_policy(&self, policy: EgressPolicy) -> Self {
+        Self {
+            policy,
+            inner: self.inner.clone(),
+        }
+    }
+
     /// Resolves with `inner` (hickory-dns, a caching resolver, a test double) and filters its
     /// answers.
     pub fn with_inner(policy: EgressPolicy, inner: Arc<dyn Resolve>) -> Self {

@@ -27,6 +27,8 @@ pub struct WebhookWorker<B> {
     backend: B,
     client: ClientSource,
     egress: EgressPolicy,
+    /// `None`: deliveries connect directly.
+    proxy: Option<EgressProxy>,
     secret_store: Option<Arc<dyn SecretStore>>,
     max_response_bytes: Option<usize>,
     hooks: Hooks,
@@ -48,6 +50,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
         let mut f = f.debug_struct("WebhookWorker");
         f.field("backend", &self.backend)
             .field("egress", &self.egress)
+            .field("proxy", &self.proxy)
             .field("client", &self.client)
             .field("secret_store", &self.secret_store.is_some())
             .field("hooks", &self.hooks.0.len());
@@ -90,6 +93,14 @@ pub enum BuildError {
     /// Could not build the HTTP client (for example, no TLS roots could be loaded).
     #[error("could not build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    /// An [`egress_proxy`](WebhookWorker::egress_proxy) was set on a worker given a finished
+    /// client ([`unguarded_http_client`](WebhookWorker::unguarded_http_client)), which the
+    /// worker cannot configure: set the proxy on that client, or use
+    /// [`http_client`](WebhookWorker::http_client).
+    #[error(
+        "WebhookWorker::egress_proxy cannot apply to an unguarded_http_client; configure the proxy on that client or use http_client"
+    )]
+    ProxyWithUnguardedClient,
     /// The backend hands a silent worker's tasks to another after `orphan_window`, which is
     /// not longer than the longest attempt this worker may run: a worker busy with a slow
     /// receiver would have its deliveries sent again by a peer.
@@ -115,6 +126,7 @@ impl<B: Clone> WebhookWorker<B> {
             backend,
             client: ClientSource::Default,
             egress: EgressPolicy::default(),
+            proxy: None,
             secret_store: None,
             max_response_bytes: None,
             hooks: Hooks::default(),
@@ -229,6 +241,28 @@ impl<B: Clone> WebhookWorker<B> {
         self
     }
 
+    /// Sends every delivery through `proxy` (fixed egress addresses, an egress filter such as
+    /// Smokescreen), with `CONNECT` for `https://` destinations. Never taken from the
+    /// environment. The [`egress`](Self::egress) policy still applies to each destination,
+    /// resolved here before the proxy is asked (a refusal is a `fatal` dead letter and the proxy
+    /// sees nothing); the proxy's own filter is the last word on what it resolves. The proxy's
+    /// address itself is not checked: it may be on loopback or a private network. A proxy
+    /// that fails or turns a delivery away (`407`, a refused `CONNECT`, a closed connection) is
+    /// a transport error, retried. See [`EgressProxy`].
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) -> Result<(), apalis_webhooks::ssrf::ProxyUrlError> {
+    /// use apalis_webhooks::{WebhookWorker, ssrf::EgressProxy};
+    ///
+    /// let proxy = EgressProxy::new("http://egress.internal:4750")?.basic_auth("sender", "s3cret");
+    /// let worker = WebhookWorker::new(storage).egress_proxy(proxy);
+    /// # drop(worker); Ok(()) }
+    /// ```
+    pub fn egress_proxy(mut self, proxy: EgressProxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
     /// Resolves the key ids of [secret-store](crate::secret_store::SecretStore) jobs through `store` (used by
     /// [`service`](Self::service); with [`service_with`](Self::service_with), put
     /// [`signing_layer`](Self::signing_layer) in your stack).
@@ -241,8 +275,9 @@ impl<B: Clone> WebhookWorker<B> {
     /// settings, a `User-Agent`), called once per [`service`](Self::service) built. The guard is
     /// applied on top of whatever the builder says: a
     /// [`GuardedResolver`](crate::ssrf::GuardedResolver) with the worker's
-    /// [`egress`](Self::egress) policy, no proxies (not even from the environment) and no
-    /// redirects (see [`HttpDelivery::from_builder`]).
+    /// [`egress`](Self::egress) policy, no proxies (not even from the environment) but the
+    /// worker's [`egress_proxy`](Self::egress_proxy), and no redirects (see
+    /// [`HttpDelivery::from_builder`]).
     ///
     /// ```
     /// # fn example<Storage: Clone>(storage: Storage) {
@@ -331,12 +366,21 @@ impl<B: Clone> WebhookWorker<B> {
                 allowance: LAYER_ALLOWANCE,
             });
         }
-        let mut delivery = match &self.client {
-            ClientSource::Default => HttpDelivery::with_egress(self.egress.clone())?,
-            ClientSource::Guarded(make) => HttpDelivery::from_builder(make(), self.egress.clone())?,
-            ClientSource::Unguarded(client) => {
+        let mut delivery = match (&self.client, &self.proxy) {
+            (ClientSource::Default, None) => HttpDelivery::with_egress(self.egress.clone())?,
+            (ClientSource::Guarded(make), None) => HttpDelivery::from_builder(make(), self.egress.clone())?,
+            (ClientSource::Default, Some(proxy)) => HttpDelivery::from_builder_via_proxy(
+                reqwest::Client::builder().user_agent(USER_AGENT),
+                GuardedResolver::new(self.egress.clone()),
+                proxy,
+            )?,
+            (ClientSource::Guarded(make), Some(proxy)) => {
+                HttpDelivery::from_builder_via_proxy(make(), GuardedResolver::new(self.egress.clone()), proxy)?
+            }
+            (ClientSource::Unguarded(client), None) => {
                 HttpDelivery::with_unguarded_client(client.clone()).egress(self.egress.clone())
             }
+            (ClientSource::Unguarded(_), Some(_)) => return Err(BuildError::ProxyWithUnguardedClient),
         };
         if let Some(limit) = self.max_response_bytes {
             delivery = delivery.max_response_bytes(limit);

@@ -21,7 +21,7 @@ use crate::report::{DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport}
 use crate::{
     backend::resilient::Backoff,
     clock::{unix_millis, unix_seconds, unix_seconds_after},
-    delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery},
+    delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery, USER_AGENT},
     job::WebhookJob,
     layers::{
         in_flight::{InFlightLayer, InFlightService},
@@ -32,7 +32,7 @@ use crate::{
     record::AttemptRecord,
     secret_store::SecretStore,
     sink::WebhookSink,
-    ssrf::EgressPolicy,
+    ssrf::{EgressPolicy, EgressProxy, GuardedResolver},
 };
 
 pub use crate::tuning::{DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL};
