@@ -404,6 +404,7 @@ async fn wrong_proxy_credentials_are_a_transport_error() {
     assert_eq!(status, None);
     let error = error.unwrap();
     assert!(error.starts_with("connect") && !error.contains("wrong"), "{error}");
+    eprintln!("a refused CONNECT: {error}");
     let connect = proxy.next().await;
     assert_eq!((connect.method.as_str(), connect.authorized), ("CONNECT", false));
     worker.stop().await;
@@ -419,4 +420,22 @@ async fn a_proxy_cannot_be_applied_to_a_finished_client() {
         worker.service().err(),
         Some(apalis_webhooks::worker::BuildError::ProxyWithUnguardedClient)
     ));
+}
+
+#[test]
+fn proxy_credentials_stay_out_of_debug() {
+    let proxy = EgressProxy::new("http://127.0.0.1:9")
+        .unwrap()
+        .basic_auth(USER, PASSWORD);
+    let delivery = apalis_webhooks::delivery::HttpDelivery::from_builder_via_proxy(
+        reqwest::Client::builder(),
+        apalis_webhooks::ssrf::GuardedResolver::new(EgressPolicy::new()),
+        &proxy,
+    )
+    .unwrap();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    for debug in [format!("{proxy:?}"), format!("{delivery:?}")] {
+        assert!(debug.contains("127.0.0.1:9"), "{debug}");
+        assert!(!debug.contains(PASSWORD) && !debug.contains(&encoded), "{debug}");
+    }
 }
