@@ -241,6 +241,8 @@ async fn send(
     {
         return result;
     }
+    // The destination check (a proxied delivery's lookup) spends the same budget.
+    let timeout = timeout.saturating_sub(started.elapsed());
     let mut builder = client
         .post(url)
         .timeout(timeout)
