@@ -253,3 +253,25 @@ impl fmt::Debug for Endpoint {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_stored_before_parking_existed_reads_as_skip() {
+        let endpoint = Endpoint::new("ep", "https://example.com/hook", Secret::generate());
+        let mut json = serde_json::to_value(&endpoint).unwrap();
+        assert!(json.get("when_disabled").is_none(), "skip is not written");
+        let read: Endpoint = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(read.disabled_policy(), WhenDisabled::Skip);
+        json["when_disabled"] = "park".into();
+        let parking = serde_json::from_value::<Endpoint>(json).unwrap().enabled(false);
+        assert_eq!(parking.disabled_policy(), WhenDisabled::Park);
+        assert!(parking.parks("order.paid") && !parking.accepts("order.paid"));
+        assert!(
+            !parking.enabled(true).parks("order.paid"),
+            "an enabled endpoint is sent to"
+        );
+    }
+}
