@@ -17,9 +17,18 @@ use crate::{endpoint_id::EndpointId, limit::Limit, policy::DeliveryPolicy};
 pub struct WebhookId(String);
 
 impl WebhookId {
-    /// A fresh, time-ordered id.
+    /// A fresh, time-ordered id: within a process, each id is greater than the one made before
+    /// it, even in the same millisecond, so that the dispatch order of deliveries can be read
+    /// back from their ids ([`WebhookStore::recover`](crate::store::WebhookStore::recover)
+    /// sends in that order).
     pub fn new() -> Self {
-        Self(format!("msg_{}", ulid::Ulid::new()))
+        static IDS: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+        // A panic elsewhere while holding the lock leaves the generator usable.
+        let mut ids = IDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The generator fails only when 2^80 ids were made in one millisecond; a plain random
+        // id then is still unique.
+        let id = ids.generate().unwrap_or_else(|_| ulid::Ulid::new());
+        Self(format!("msg_{id}"))
     }
 
     /// The id of a keyed dispatch ([`crate::idempotency`]): `bits` in the ULID text form, so it
@@ -114,6 +123,12 @@ pub struct WebhookJob {
     /// [`Erasure`](crate::store::Erasure)): it is kept as an audit stub and never sent.
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) erased: bool,
+    /// Set by fan-out for an endpoint disabled with
+    /// [`WhenDisabled::Park`](crate::registry::WhenDisabled::Park): the worker sets the delivery
+    /// aside as a [`Parked`](crate::report::DeadLetterReason::Parked) dead letter without
+    /// sending it. A replay clears it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) parked: bool,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
@@ -342,9 +357,15 @@ impl WebhookJob {
             replay: self.replay.saturating_add(1),
             deferrals: 0,
             deferred_since: None,
+            parked: false,
             fresh: false,
             ..self.clone()
         }
+    }
+
+    /// Whether fan-out parked it (its endpoint was disabled): it is never sent as it is.
+    pub fn is_parked(&self) -> bool {
+        self.parked
     }
 }
 
@@ -372,6 +393,7 @@ impl fmt::Debug for WebhookJob {
             .field("repush", &self.repush)
             .field("tenant", &self.tenant)
             .field("erased", &self.erased)
+            .field("parked", &self.parked)
             .finish()
     }
 }

@@ -115,6 +115,11 @@ pub enum DeadLetterReason {
     ///
     /// [`WebhookWorker::ordered`]: crate::WebhookWorker::ordered
     WorkerWithoutLines,
+    /// The delivery was fanned out while its registry endpoint was disabled with
+    /// [`WhenDisabled::Park`](crate::registry::WhenDisabled::Park): it was stored and never
+    /// sent. [`WebhookStore::recover`](crate::store::WebhookStore::recover) sends it once the
+    /// endpoint is enabled again.
+    Parked,
 }
 
 /// A delivery that will not be attempted again. Returned to apalis inside an

@@ -266,6 +266,7 @@ impl WebhookSubscription {
             repush: 0,
             tenant: target.tenant.clone(),
             erased: false,
+            parked: false,
             parsed: Default::default(),
             fresh: false,
         })

@@ -56,5 +56,6 @@ fn dead_letter_label(reason: DeadLetterReason) -> &'static str {
         DeadLetterReason::DeferredTooLong => "deferred_too_long",
         DeadLetterReason::Erased => "erased",
         DeadLetterReason::WorkerWithoutLines => "worker_without_lines",
+        DeadLetterReason::Parked => "parked",
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{EndpointId, EndpointRegistry, RegistryError};
+use super::{Endpoint, EndpointId, EndpointRegistry, RegistryError};
 use crate::{
     idempotency::{DEFAULT_IDEMPOTENCY_WINDOW, DispatchKey},
     job::WebhookId,
@@ -106,7 +106,10 @@ pub enum FanOutError {
 /// Fans `event` out: one delivery job per enabled endpoint of the registry whose filters match
 /// the event type (and of the event's tenant, if it has one), each with its own webhook id, all
 /// pushed with one [`WebhookSink::push_jobs`] (one round trip on SQLite, Postgres and Redis).
-/// Returns the endpoints and the webhook ids of their deliveries. With an
+/// A matching disabled endpoint gets nothing, unless it [parks](super::WhenDisabled::Park): then
+/// its delivery is stored in the same push, marked parked, and the worker sets it aside as a
+/// [`Parked`](crate::report::DeadLetterReason::Parked) dead letter without sending it.
+/// Returns the endpoints and the webhook ids of their deliveries, parked ones included. With an
 /// [`idempotency_key`](Event::idempotency_key), an endpoint that has a delivery under the key
 /// gets nothing new and its first webhook id is returned.
 ///
@@ -138,17 +141,26 @@ where
     if event.ordering_key.is_some() && !sink.orders() {
         return Err(DispatchError::NotOrdered.into());
     }
-    let mut endpoints = registry.matching(&event.event_type, event.tenant.as_deref()).await?;
+    let mut endpoints: Vec<(Endpoint, bool)> = registry
+        .matching(&event.event_type, event.tenant.as_deref())
+        .await?
+        .into_iter()
+        .map(|endpoint| (endpoint, false))
+        .collect();
+    let parking = registry.parking(&event.event_type, event.tenant.as_deref()).await?;
+    endpoints.extend(parking.into_iter().map(|endpoint| (endpoint, true)));
     if event.idempotency_key.is_some() {
         // Concurrent keyed fan-outs insert the same rows: in one order, so that Postgres
         // makes the later one wait on the unique index rather than deadlock.
-        endpoints.sort_by(|a, b| a.id().cmp(b.id()));
+        endpoints.sort_by(|a, b| a.0.id().cmp(b.0.id()));
     }
     let mut jobs = Vec::with_capacity(endpoints.len());
     let mut sent = Vec::with_capacity(endpoints.len());
-    for endpoint in endpoints {
+    for (endpoint, parked) in endpoints {
         let mut subscription = endpoint.subscription();
-        if let Some(key) = &event.ordering_key {
+        // A parked delivery joins no ordered line: it is set aside at once, and its recovery
+        // is a replay, which goes outside the lines anyway.
+        if let Some(key) = event.ordering_key.as_ref().filter(|_| !parked) {
             subscription = subscription.ordering_key(key.clone());
         }
         // Registries check endpoints when they are stored; one of another registry may not be.
@@ -160,6 +172,7 @@ where
             })?;
         let mut job = subscription.job_with_body(&event.event_type, body.clone())?;
         job.fresh = true;
+        job.parked = parked;
         let key =
             (event.idempotency_key.as_deref()).map(|key| DispatchKey::new(&subscription.idempotency_scope(), key));
         sent.push((endpoint.id().clone(), job.webhook_id().clone()));

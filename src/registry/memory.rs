@@ -44,6 +44,25 @@ impl MemoryRegistry {
         all
     }
 
+    /// The endpoints whose filters match `event_type` (through the filter index), of `tenant`
+    /// if given, that `keep` keeps, in id order.
+    fn find(&self, event_type: &str, tenant: Option<&str>, keep: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
+        let inner = self.read();
+        let mut ids: Vec<&EndpointId> = EventFilter::candidates(event_type)
+            .iter()
+            .filter_map(|filter| inner.by_filter.get(filter))
+            .flatten()
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| inner.endpoints.get(id))
+            .map(|stored| &stored.endpoint)
+            .filter(|endpoint| keep(endpoint) && tenant.is_none_or(|t| endpoint.tenant_id() == Some(t)))
+            .cloned()
+            .collect()
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
         // A panic while holding the lock leaves the maps consistent (every write is one step).
         self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -94,21 +113,16 @@ impl EndpointRegistry for MemoryRegistry {
         event_type: &'a str,
         tenant: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
-        let inner = self.read();
-        let mut ids: Vec<&EndpointId> = EventFilter::candidates(event_type)
-            .iter()
-            .filter_map(|filter| inner.by_filter.get(filter))
-            .flatten()
-            .collect();
-        ids.sort();
-        ids.dedup();
-        let found = ids
-            .into_iter()
-            .filter_map(|id| inner.endpoints.get(id))
-            .map(|stored| &stored.endpoint)
-            .filter(|endpoint| endpoint.is_enabled() && tenant.is_none_or(|t| endpoint.tenant_id() == Some(t)))
-            .cloned()
-            .collect();
+        let found = self.find(event_type, tenant, Endpoint::is_enabled);
+        futures::future::ready(Ok(found)).boxed()
+    }
+
+    fn parking<'a>(
+        &'a self,
+        event_type: &'a str,
+        tenant: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
+        let found = self.find(event_type, tenant, |endpoint| endpoint.parks(event_type));
         futures::future::ready(Ok(found)).boxed()
     }
 

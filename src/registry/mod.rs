@@ -41,16 +41,20 @@ pub(crate) mod health;
 mod memory;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+mod recover;
 
 use futures::future::BoxFuture;
 
-pub use endpoint::{Endpoint, EndpointId};
+pub use endpoint::{Endpoint, EndpointId, WhenDisabled};
 pub use fanout::{Event, FanOutError, dispatch_event};
 pub use filter::{EventFilter, InvalidFilter, MAX_FILTER_LEN};
 pub use health::{DEFAULT_DISABLE_AFTER, DEFAULT_HEALTH_CAP, EndpointHealth, Verdict};
 pub use memory::MemoryRegistry;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_TABLE, InvalidTableName, PostgresRegistry};
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub use recover::{RecoverError, recover};
 
 /// The registry could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,21 @@ pub trait EndpointRegistry: Send + Sync + 'static {
         event_type: &'a str,
         tenant: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>>;
+
+    /// The disabled endpoints that [park](WhenDisabled::Park) their events and whose filters
+    /// match `event_type`, of `tenant` when it is given. [`dispatch_event`] stores a parked
+    /// delivery for each.
+    ///
+    /// The default finds none: a registry that does not implement it skips, as before parking
+    /// existed.
+    fn parking<'a>(
+        &'a self,
+        event_type: &'a str,
+        tenant: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
+        let _ = (event_type, tenant);
+        Box::pin(futures::future::ready(Ok(Vec::new())))
+    }
 
     /// Stores `endpoint`, replacing the one with the same id. Refuses an endpoint that could
     /// never be delivered to with [`RegistryError::Invalid`] ([`Endpoint::validate`]).

@@ -151,6 +151,31 @@ impl EndpointRegistry for PostgresRegistry {
         .boxed()
     }
 
+    fn parking<'a>(
+        &'a self,
+        event_type: &'a str,
+        tenant: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
+        async move {
+            // The setting lives in the endpoint's JSON (no column, so tables made before it
+            // existed need no migration); the filter index still narrows the rows first.
+            let sql = format!(
+                "SELECT {} FROM {} WHERE NOT enabled AND filters && $1 AND ($2::text IS NULL OR tenant = $2) \
+                 AND endpoint->>'when_disabled' = 'park' ORDER BY id",
+                Self::COLUMNS,
+                self.table
+            );
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(EventFilter::candidates(event_type))
+                .bind(tenant)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            rows.iter().map(Self::read).collect()
+        }
+        .boxed()
+    }
+
     fn upsert(&self, endpoint: Endpoint) -> BoxFuture<'_, Result<(), RegistryError>> {
         async move {
             endpoint.validate()?;

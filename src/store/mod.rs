@@ -70,6 +70,9 @@ use crate::{
 /// Tasks read per backend query while a dead-letter page is being filled.
 const SCAN_CHUNK: usize = 500;
 
+/// Most deliveries [`WebhookStore::recover`] holds and replays per pass over the dead letters.
+pub const RECOVER_ROUND: usize = 500;
+
 /// Errors of a [`WebhookStore`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -386,6 +389,73 @@ impl WebhookStore {
             match page.next {
                 Some(next) => after = Some(next),
                 None => return Ok(replayed),
+            }
+        }
+    }
+
+    /// Sends again the dead letters of registry endpoint `endpoint` dispatched in the window
+    /// `[since, until)` (Unix seconds of the dispatch): the ones fan-out
+    /// [parked](crate::report::DeadLetterReason::Parked) while the endpoint was disabled and the
+    /// ones that died while it was enabled, whatever their reason. Each is
+    /// [replayed](Self::replay) under its original webhook id, in dispatch order (the dispatch
+    /// second, then the webhook id, which is time-ordered within the dispatching process).
+    /// Returns how many were replayed.
+    ///
+    /// Enable the endpoint first (`registry::recover` checks it): a replayed delivery goes to
+    /// the worker like any other. The replays are pushed in order; they arrive in that order
+    /// when the worker runs one delivery at a time (or the event is of an ordered key).
+    ///
+    /// Bounded: the dead letters are read page by page, and at most [`RECOVER_ROUND`] ids are
+    /// held at once, so a long outage costs several passes over the dead letters rather than
+    /// memory. Safe to interrupt: a replayed delivery is no longer dead, so calling it again
+    /// goes on with the rest. A delivery parked after `until`, or not yet set aside by a worker
+    /// (it is still [outstanding](Self::outstanding)), is left; one purged by a
+    /// [`RetentionPolicy`] is gone.
+    pub async fn recover(
+        &self,
+        endpoint: &crate::endpoint_id::EndpointId,
+        since: u64,
+        until: u64,
+    ) -> Result<usize, StoreError> {
+        // Dispatched at `since` or later means died at `since` or later: the backends' index
+        // on the time of death narrows the scan.
+        let filter = DeadLetterFilter::new().since(since);
+        let mut recovered = 0;
+        // Everything up to here was replayed (or left) in this call: a replay that dies again
+        // while recovery runs is not picked up a second time.
+        let mut done: Option<(u64, WebhookId)> = None;
+        loop {
+            // The RECOVER_ROUND oldest candidates after `done`, over one pass.
+            let mut round = std::collections::BTreeSet::new();
+            let mut position = None;
+            loop {
+                let rows = on_backend!(self, b => b.dead_rows(position.as_ref(), &filter, SCAN_CHUNK).await)?;
+                let exhausted = rows.len() < SCAN_CHUNK;
+                for (at, row) in rows {
+                    position = Some(at);
+                    let job = &row.job;
+                    let key = (job.dispatched_at(), job.webhook_id().clone());
+                    if job.endpoint_id() == Some(endpoint)
+                        && (since..until).contains(&job.dispatched_at())
+                        && done.as_ref().is_none_or(|done| key > *done)
+                    {
+                        round.insert(key);
+                        if round.len() > RECOVER_ROUND {
+                            round.pop_last();
+                        }
+                    }
+                }
+                if exhausted {
+                    break;
+                }
+            }
+            let last_round = round.len() < RECOVER_ROUND;
+            for (_, webhook_id) in &round {
+                recovered += usize::from(self.replay(webhook_id).await?);
+            }
+            match round.pop_last() {
+                Some(last) if !last_round => done = Some(last),
+                _ => return Ok(recovered),
             }
         }
     }

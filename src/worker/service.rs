@@ -63,6 +63,17 @@ where
     fn call(&mut self, task: Task<WebhookJob>) -> Self::Future {
         let task_id = task.task_id().map(ToString::to_string);
         let job = Arc::new(task.args);
+        if job.is_parked() {
+            // Fan-out stored it for a disabled endpoint: set it aside unsent, before any layer
+            // (rate limit, breaker, in-flight cap) counts it, as a dead letter that
+            // `WebhookStore::recover` replays.
+            let result = AttemptResult::Refused {
+                reason: "parked: the endpoint was disabled when the event was fanned out".to_owned(),
+            };
+            let record = AttemptRecord::new(&job, unix_millis(), &result);
+            let error = dead_letter(&job, DeadLetterReason::Parked, record, &result, &self.hooks);
+            return Box::pin(async move { Err(error) });
+        }
         // An ordered delivery (replays go outside their line) needs the lines to move on.
         let ordered = job.line().is_some() && job.replay() == 0;
         // Without the `ordering` feature a worker has no lines, but the job format is the same:
