@@ -117,7 +117,7 @@ pub trait EndpointRegistry: Send + Sync + 'static {
     /// [`Endpoint::is_enabled`]).
     ///
     /// The default asks both; a registry behind a database answers in one query
-    /// ([`PostgresRegistry`](crate::registry::PostgresRegistry) does), so a fan-out costs one round trip.
+    /// ([`PostgresRegistry`] does), so a fan-out costs one round trip.
     fn recipients<'a>(
         &'a self,
         event_type: &'a str,

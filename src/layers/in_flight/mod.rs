@@ -251,21 +251,14 @@ impl fmt::Debug for InFlightLayer {
     }
 }
 
-/// Where a slot was taken, so that the guard gives it back there.
-enum Held {
-    /// The in-process count only.
-    Local,
-    /// A Redis lease, by id (and the in-process count).
-    #[cfg(feature = "redis")]
-    Lease(String),
-}
-
 /// One attempt's slot: given back on drop, whatever ended the attempt. Records the attempt's
 /// duration when it produced one ([`Self::finished`]).
 struct Permit {
     shared: Arc<Shared>,
     key: String,
-    held: Held,
+    /// The Redis lease, by id, when the slot was taken there (it is always counted locally too).
+    #[cfg(feature = "redis")]
+    lease: Option<String>,
     /// Set when the attempt reached the endpoint: its duration feeds the endpoint's average.
     took: Option<Duration>,
 }
@@ -284,7 +277,7 @@ impl Drop for Permit {
         // Every attempt is counted locally, leased in Redis or not.
         self.shared.local.release(&self.key, self.took);
         #[cfg(feature = "redis")]
-        if let (Held::Lease(lease), Some(redis)) = (&self.held, &self.shared.redis) {
+        if let (Some(lease), Some(redis)) = (&self.lease, &self.shared.redis) {
             redis.release(&self.key, lease);
         }
     }
@@ -306,10 +299,12 @@ impl Shared {
             Some(average) => average >= self.settings.slow_after,
             None => self.settings.slow_after.is_zero(),
         };
-        let permit = |held| Permit {
+        #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+        let permit = |lease: Option<String>| Permit {
             shared: Arc::clone(self),
             key: key.to_owned(),
-            held,
+            #[cfg(feature = "redis")]
+            lease,
             took: None,
         };
         #[cfg(feature = "redis")]
@@ -320,7 +315,7 @@ impl Shared {
                     // Counted here too, not enforced: should Redis become unreachable, the
                     // local fallback then knows what this process already has in flight.
                     self.local.acquire(key, cap, false);
-                    return Admission::Go(permit(Held::Lease(lease)));
+                    return Admission::Go(permit(Some(lease)));
                 }
                 Ok(None) => return Admission::Busy(self.delay(key, average, cap)),
                 Err(error) => {
@@ -329,7 +324,7 @@ impl Shared {
             }
         }
         if self.local.acquire(key, cap, enforce) {
-            Admission::Go(permit(Held::Local))
+            Admission::Go(permit(None))
         } else {
             Admission::Busy(self.delay(key, average, cap))
         }
