@@ -13,6 +13,7 @@ use std::{sync::OnceLock, time::Duration};
 
 use apalis_webhooks::{
     Secret, WebhookSubscription,
+    registry::{Endpoint, EndpointRegistry, Event, MemoryRegistry, dispatch_event},
     retry::RetrySchedule,
     verify::{TraceContext, VerifiedWebhook, Verifier},
 };
@@ -213,4 +214,32 @@ async fn a_dispatch_outside_any_span_sends_no_trace_context() {
     }
     // The attempts are still traced, each in a trace of its own worker task.
     assert_eq!(attempts.len(), 2);
+}
+
+#[tokio::test]
+async fn fan_out_stores_the_dispatching_span_with_the_job_of_every_endpoint() {
+    exporter();
+    let registry = MemoryRegistry::new();
+    for id in ["a", "b"] {
+        let url = format!("https://{id}.example.com/hook");
+        registry.upsert(Endpoint::new(id, url, Secret::generate())).await.unwrap();
+    }
+    let db = common::Db::new().await;
+    let request = tracing::info_span!("POST /users");
+    let request_context = request.context();
+    let span_context = request_context.span().span_context().clone();
+    let sent = dispatch_event(&registry, &mut db.storage(), Event::new("user.created", &1))
+        .instrument(request)
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 2);
+    // Read back from SQLite: what every attempt of each delivery will send.
+    let rows = db.rows().await;
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let stored = &row.job["trace_context"]["traceparent"];
+        let context = TraceContext::new(stored.as_str().unwrap(), None).unwrap();
+        assert_eq!(context.trace_id(), span_context.trace_id().to_string());
+        assert_eq!(context.parent_id(), span_context.span_id().to_string());
+    }
 }
