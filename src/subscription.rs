@@ -199,6 +199,9 @@ impl WebhookSubscription {
     /// enqueue. Useful to push with your own `TaskBuilder` options. With an
     /// [`idempotency_key`](Self::idempotency_key) the sink chooses the id at the push
     /// (see [`WebhookSink::push_keyed`]); this job has a fresh one.
+    ///
+    /// With the `opentelemetry` feature the job carries the W3C trace context of the current
+    /// span ([`WebhookJob::trace_context`]), sent with every attempt; see [`crate::observe`].
     pub fn job<T: Serialize + ?Sized>(&self, event_type: &str, payload: &T) -> Result<WebhookJob, DispatchError> {
         self.validate(event_type)?;
         let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
@@ -390,7 +393,10 @@ mod tests {
         // Every attempt sends it, whatever the build: as stored when OpenTelemetry does not
         // record the attempt span (no subscriber here).
         let (_, headers) = crate::observe::attempt_span(&traced);
-        assert!(headers["traceparent"] == PARENT && headers["tracestate"] == "a=1", "{headers:?}");
+        assert!(
+            headers["traceparent"] == PARENT && headers["tracestate"] == "a=1",
+            "{headers:?}"
+        );
         // A malformed stored one is dropped: the job still reads, and sends no trace header.
         for bad in [
             serde_json::json!({ "traceparent": PARENT.replace("4bf9", "4BF9") }),

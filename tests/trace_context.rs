@@ -92,7 +92,10 @@ async fn receiver(secret: &Secret) -> (String, mpsc::UnboundedReceiver<Got>) {
 }
 
 async fn next(rx: &mut mpsc::UnboundedReceiver<Got>) -> Got {
-    tokio::time::timeout(PATIENCE, rx.recv()).await.expect("no request in time").unwrap()
+    tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("no request in time")
+        .unwrap()
 }
 
 /// Two attempts: the first answered 500, the retry a second later delivered.
@@ -103,7 +106,10 @@ fn subscription(url: String, secret: Secret) -> WebhookSubscription {
 }
 
 fn attribute<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
-    span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| &kv.value)
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| &kv.value)
 }
 
 /// Runs the two attempts of one delivery dispatched by `dispatch`; returns what the receiver
@@ -222,7 +228,10 @@ async fn fan_out_stores_the_dispatching_span_with_the_job_of_every_endpoint() {
     let registry = MemoryRegistry::new();
     for id in ["a", "b"] {
         let url = format!("https://{id}.example.com/hook");
-        registry.upsert(Endpoint::new(id, url, Secret::generate())).await.unwrap();
+        registry
+            .upsert(Endpoint::new(id, url, Secret::generate()))
+            .await
+            .unwrap();
     }
     let db = common::Db::new().await;
     let request = tracing::info_span!("POST /users");

@@ -74,7 +74,9 @@ impl TraceContext {
             .map(|value| value.to_str().ok())
             .collect::<Option<Vec<_>>>();
         // A non-ASCII `tracestate` is invalid as a whole: dropped, like any invalid one.
-        let tracestate = states.filter(|states| !states.is_empty()).map(|states| states.join(","));
+        let tracestate = states
+            .filter(|states| !states.is_empty())
+            .map(|states| states.join(","));
         Self::new(traceparent, tracestate.as_deref())
     }
 
@@ -279,7 +281,11 @@ mod tests {
     #[test]
     fn an_invalid_tracestate_is_dropped_and_a_long_one_shortened() {
         for bad in ["", "=x", "A=x", "a=", "a=b,a=c", "a=\tb", "a=b=c", "a", "1a=b", "a@=b"] {
-            assert_eq!(TraceContext::new(PARENT, Some(bad)).unwrap().tracestate(), None, "{bad:?}");
+            assert_eq!(
+                TraceContext::new(PARENT, Some(bad)).unwrap().tracestate(),
+                None,
+                "{bad:?}"
+            );
         }
         let too_many = (0..33).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
         assert_eq!(TraceContext::new(PARENT, Some(&too_many)).unwrap().tracestate(), None);
@@ -289,9 +295,15 @@ mod tests {
         );
         // Over 512 bytes: the long member goes first, then members from the end.
         let long = format!("big={}", "x".repeat(200));
-        let short = (0..30).map(|i| format!("key{i:02}={}", "v".repeat(14))).collect::<Vec<_>>();
+        let short = (0..30)
+            .map(|i| format!("key{i:02}={}", "v".repeat(14)))
+            .collect::<Vec<_>>();
         let state = format!("{},{long},{}", short[..15].join(","), short[15..].join(","));
-        let kept = TraceContext::new(PARENT, Some(&state)).unwrap().tracestate().unwrap().to_owned();
+        let kept = TraceContext::new(PARENT, Some(&state))
+            .unwrap()
+            .tracestate()
+            .unwrap()
+            .to_owned();
         assert!(kept.len() <= MAX_TRACESTATE_LEN);
         assert!(!kept.contains("big="));
         assert!(kept.split(',').count() < 30);
