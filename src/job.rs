@@ -4,7 +4,7 @@ use std::{fmt, sync::OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use apalis_webhooks_verify::{Secret, SignatureScheme};
+use apalis_webhooks_verify::{Secret, SignatureScheme, TraceContext};
 
 use crate::{endpoint_id::EndpointId, limit::Limit, policy::DeliveryPolicy};
 
@@ -129,6 +129,12 @@ pub struct WebhookJob {
     /// sending it. A replay clears it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) parked: bool,
+    /// The W3C trace context of the span the delivery was dispatched in (feature
+    /// `opentelemetry`), sent with every attempt. Not feature-gated, like the job format: a
+    /// worker built without the feature still sends it. Validated when read back: a malformed
+    /// stored one is dropped, not sent, and fails nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "stored_trace")]
+    pub(crate) trace_context: Option<TraceContext>,
     /// The URL parsed once per attempt, and the endpoint derived from it: the breaker, the
     /// rate limiter, the span and the HTTP call all need them.
     #[serde(skip)]
@@ -367,6 +373,12 @@ impl WebhookJob {
     pub fn is_parked(&self) -> bool {
         self.parked
     }
+
+    /// The W3C trace context captured at dispatch (feature `opentelemetry`): the span the
+    /// delivery was dispatched in. Every attempt sends it as `traceparent` / `tracestate`.
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace_context.as_ref()
+    }
 }
 
 impl fmt::Debug for WebhookJob {
@@ -394,6 +406,7 @@ impl fmt::Debug for WebhookJob {
             .field("tenant", &self.tenant)
             .field("erased", &self.erased)
             .field("parked", &self.parked)
+            .field("trace_context", &self.trace_context)
             .finish()
     }
 }
@@ -424,6 +437,37 @@ pub(crate) fn repush_of_key(key: &str) -> Option<u32> {
         }
     }
     Some(repush)
+}
+
+/// A trace context as stored: the two header values. Reading back validates them again, and a
+/// malformed one (a hand-edited or corrupted row) becomes no trace context rather than a job
+/// that cannot be read or a header that cannot be sent.
+mod stored_trace {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::TraceContext;
+
+    #[derive(Serialize, Deserialize)]
+    struct Stored<S> {
+        traceparent: S,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tracestate: Option<S>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(context: &Option<TraceContext>, serializer: S) -> Result<S::Ok, S::Error> {
+        context
+            .as_ref()
+            .map(|context| Stored {
+                traceparent: context.traceparent(),
+                tracestate: context.tracestate(),
+            })
+            .serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<TraceContext>, D::Error> {
+        let stored = Option::<Stored<String>>::deserialize(deserializer)?;
+        Ok(stored.and_then(|stored| TraceContext::new(&stored.traceparent, stored.tracestate.as_deref())))
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -79,7 +79,8 @@
         feature = "axum",
         feature = "metrics",
         feature = "registry",
-        feature = "ordering"
+        feature = "ordering",
+        feature = "opentelemetry"
     )),
     allow(rustdoc::broken_intra_doc_links)
 )]
@@ -115,6 +116,8 @@ pub mod docs {
     pub struct Security;
     #[doc = include_str!("../docs/fanout-and-ordering.md")]
     pub struct FanOutAndOrdering;
+    // Its trace context example uses the `opentelemetry` feature.
+    #[cfg(feature = "opentelemetry")]
     #[doc = include_str!("../docs/observability.md")]
     pub struct Observability;
     #[doc = include_str!("../docs/performance.md")]

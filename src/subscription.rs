@@ -199,6 +199,9 @@ impl WebhookSubscription {
     /// enqueue. Useful to push with your own `TaskBuilder` options. With an
     /// [`idempotency_key`](Self::idempotency_key) the sink chooses the id at the push
     /// (see [`WebhookSink::push_keyed`]); this job has a fresh one.
+    ///
+    /// With the `opentelemetry` feature the job carries the W3C trace context of the current
+    /// span ([`WebhookJob::trace_context`]), sent with every attempt; see [`crate::observe`].
     pub fn job<T: Serialize + ?Sized>(&self, event_type: &str, payload: &T) -> Result<WebhookJob, DispatchError> {
         self.validate(event_type)?;
         let body = serde_json::to_string(payload).map_err(DispatchError::Serialize)?;
@@ -267,6 +270,7 @@ impl WebhookSubscription {
             tenant: target.tenant.clone(),
             erased: false,
             parked: false,
+            trace_context: crate::observe::capture_trace_context(),
             parsed: Default::default(),
             fresh: false,
         })
@@ -374,6 +378,43 @@ mod tests {
 
     // The target's own checks (URL, headers, secrets, key id, tenant) are tested in `target`;
     // these are the dispatch's: the target's are applied, then the event, keys and payload.
+
+    #[test]
+    fn a_stored_trace_context_is_sent_and_validated_when_read_back() {
+        const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let job = sub("https://example.com").job("a.b", &1).unwrap();
+        let mut stored = serde_json::to_value(&job).unwrap();
+        // Outside any span nothing is captured, and the job looks like one stored before.
+        assert_eq!(stored.get("trace_context"), None);
+        stored["trace_context"] = serde_json::json!({ "traceparent": PARENT, "tracestate": "a=1" });
+        let traced: WebhookJob = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(traced.trace_context().map(|c| c.traceparent()), Some(PARENT));
+        assert_eq!(serde_json::to_value(&traced).unwrap(), stored);
+        // Every attempt sends it, whatever the build: as stored when OpenTelemetry does not
+        // record the attempt span (no subscriber here).
+        let (_, headers) = crate::observe::attempt_span(&traced);
+        assert!(
+            headers["traceparent"] == PARENT && headers["tracestate"] == "a=1",
+            "{headers:?}"
+        );
+        // A malformed stored one is dropped: the job still reads, and sends no trace header.
+        for bad in [
+            serde_json::json!({ "traceparent": PARENT.replace("4bf9", "4BF9") }),
+            serde_json::json!({ "traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01" }),
+            serde_json::json!({ "traceparent": format!("{PARENT}\r\nx-injected: 1") }),
+            serde_json::json!({ "traceparent": "x".repeat(100_000) }),
+        ] {
+            stored["trace_context"] = bad;
+            let job: WebhookJob = serde_json::from_value(stored.clone()).unwrap();
+            assert_eq!(job.trace_context(), None);
+            assert!(crate::observe::attempt_span(&job).1.is_empty());
+        }
+        // A bad `tracestate` alone is dropped, the `traceparent` kept.
+        stored["trace_context"] = serde_json::json!({ "traceparent": PARENT, "tracestate": "a=1\r\nx: y" });
+        let job: WebhookJob = serde_json::from_value(stored).unwrap();
+        let (_, headers) = crate::observe::attempt_span(&job);
+        assert!(headers.len() == 1 && headers["traceparent"] == PARENT, "{headers:?}");
+    }
 
     #[test]
     fn the_targets_checks_apply_to_dispatch() {

@@ -48,6 +48,9 @@ const RESERVED_HEADERS: &[&str] = &[
     apalis_webhooks_verify::headers::WEBHOOK_ID,
     apalis_webhooks_verify::headers::WEBHOOK_TIMESTAMP,
     apalis_webhooks_verify::headers::WEBHOOK_SIGNATURE,
+    // The delivery's own trace context (see `WebhookJob::trace_context`): one set, not two.
+    apalis_webhooks_verify::headers::TRACEPARENT,
+    apalis_webhooks_verify::headers::TRACESTATE,
 ];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the proxy ones): they describe one connection,
@@ -547,6 +550,8 @@ mod tests {
             ("host", "evil"),
             ("Webhook-Signature", "v1,forged"),
             ("webhook-id", "x"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("TraceState", "a=1"),
         ] {
             let err = target("https://example.com")
                 .header(name, value)

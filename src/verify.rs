@@ -10,5 +10,6 @@ pub use apalis_webhooks_verify::{
     MemoryReplayStore, ReplayKey, ReplayStore, ReplayStoreError, Verified, Verifier, VerifierBuilder, VerifierError,
     VerifyError, verify,
 };
+pub use apalis_webhooks_verify::{MAX_TRACESTATE_LEN, TRACEPARENT_LEN, TraceContext};
 #[cfg(feature = "axum")]
 pub use apalis_webhooks_verify::{VerifiedWebhook, WebhookRejection};

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     headers::EVENT_HEADER,
+    trace_context::TraceContext,
     verifier::{Verified, Verifier, VerifyError},
 };
 
@@ -63,6 +64,8 @@ pub struct VerifiedWebhook<T = serde_json::Value> {
     /// The deserialized payload (the whole body; use `VerifiedWebhook<Envelope<T>>` to
     /// deserialize an envelope's `data`).
     pub payload: T,
+    /// The W3C trace context headers, validated; unsigned (see [`trace_context`](Self::trace_context)).
+    trace_context: Option<TraceContext>,
 }
 
 impl<T> VerifiedWebhook<T> {
@@ -74,6 +77,14 @@ impl<T> VerifiedWebhook<T> {
     /// The signed timestamp, Unix seconds, where the scheme signs one.
     pub fn timestamp(&self) -> Option<i64> {
         self.verified.timestamp()
+    }
+
+    /// The sender's W3C trace context (`traceparent` and `tracestate`), if the request carried
+    /// a valid one: the parent of your span, to continue the sender's trace. **No scheme signs
+    /// these headers**, so use them to correlate traces and for nothing else. See
+    /// [`TraceContext`]; with the `opentelemetry` feature, `TraceContext::to_otel`.
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace_context.as_ref()
     }
 }
 
@@ -145,6 +156,7 @@ where
             event_type,
             unsigned_event_header,
             payload,
+            trace_context: TraceContext::from_headers(&headers),
         })
     }
 }

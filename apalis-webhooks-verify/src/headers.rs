@@ -17,3 +17,9 @@ pub const GITHUB_SIGNATURE: &str = "x-hub-signature-256";
 /// scheme: anyone who can replay a request can change it. Read a signed event type from the
 /// body instead (the Standard Webhooks envelope's `type`).
 pub const EVENT_HEADER: &str = "x-webhook-event";
+/// The W3C Trace Context parent, `00-{trace id}-{parent id}-{flags}`: the sender's span the
+/// delivery belongs to. **Not signed** by any scheme; use it only to correlate traces (see
+/// [`TraceContext`](crate::TraceContext)).
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C Trace Context vendor state that goes with [`TRACEPARENT`]. **Not signed.**
+pub const TRACESTATE: &str = "tracestate";

@@ -28,6 +28,8 @@
 //! * `axum`: the `VerifiedWebhook` extractor.
 //! * `v1a`: Standard Webhooks `v1a` (ed25519) signatures and `whsk_` / `whpk_` keys.
 //! * `redis`: `RedisReplayStore`, one replay memory for every replica of a receiver.
+//! * `opentelemetry`: [`TraceContext`] to and from an `opentelemetry::Context`, through
+//!   OpenTelemetry's W3C `TraceContextPropagator`, to continue the sender's trace.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
@@ -46,6 +48,7 @@ mod hex;
 mod replay;
 mod scheme;
 mod secret;
+mod trace_context;
 mod verifier;
 
 pub use envelope::Envelope;
@@ -63,6 +66,7 @@ pub use secret::{
     MAX_GENERATED_BYTES, MIN_GENERATED_BYTES, MIN_LITERAL_KEY_BYTES, MIN_STANDARD_KEY_BYTES, Secret, SecretError,
     WHPK_PREFIX, WHSEC_PREFIX, WHSK_PREFIX, WeakSecret,
 };
+pub use trace_context::{MAX_TRACESTATE_LEN, TRACEPARENT_LEN, TraceContext};
 pub use verifier::{
     DEFAULT_TOLERANCE, MAX_HEADER_LEN, Verified, Verifier, VerifierBuilder, VerifierError, VerifyError, verify,
 };

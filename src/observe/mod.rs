@@ -31,15 +31,27 @@
 //! | `error.type` | the status code for a non-2xx answer; `timeout`, `connect`, `transport`, `refused` otherwise |
 //! | `webhook.id`, `webhook.event`, `webhook.attempt` | the delivery, its event type, the 1-based attempt |
 //! | `webhook.outcome` | `delivered`, `retry_scheduled`, `dead_lettered` or `deferred` |
+//!
+//! # Trace context
+//!
+//! With the `opentelemetry` feature, dispatch stores the W3C trace context of the current span
+//! (as its `tracing-opentelemetry` layer knows it) in the job
+//! ([`WebhookJob::trace_context`](crate::WebhookJob::trace_context)). Each `webhook.attempt`
+//! span gets it as its OpenTelemetry parent, so one trace runs from the dispatching request
+//! through every attempt; each request carries `traceparent` naming the attempt span, and
+//! `tracestate`. A stored context is sent by a worker without the feature too (naming the
+//! dispatch's span). No scheme signs these headers. See `docs/observability.md`.
 
 #[cfg(feature = "metrics")]
 mod metrics;
 mod span;
 mod stats;
+mod trace_context;
 
 pub use stats::{DEFAULT_STATS_CAP, EndpointSnapshot, EndpointStats, LATENCY_WINDOW, LastError};
 
 pub(crate) use span::{attempt_span, record_result};
+pub(crate) use trace_context::capture as capture_trace_context;
 
 use crate::{
     job::WebhookJob,

@@ -1,5 +1,6 @@
 //! The span of one attempt, with OpenTelemetry HTTP client field names.
 
+use http::HeaderMap;
 use tracing::{Span, field::Empty};
 
 use crate::{
@@ -10,10 +11,11 @@ use crate::{
 /// Path segments at least this long that mix letters and digits are taken for tokens.
 const TOKEN_SEGMENT_LEN: usize = 16;
 
-/// The `webhook.attempt` span of `job`'s attempt; the result is recorded by [`record_result`].
-pub(crate) fn attempt_span(job: &WebhookJob) -> Span {
+/// The `webhook.attempt` span of `job`'s attempt, with the request headers of its trace
+/// context (see [`super::trace_context`]); the result is recorded by [`record_result`].
+pub(crate) fn attempt_span(job: &WebhookJob) -> (Span, HeaderMap) {
     let url = job.parsed_url();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "webhook.attempt",
         http.request.method = "POST",
         url.full = url.map(redacted_url).unwrap_or_default(),
@@ -25,7 +27,10 @@ pub(crate) fn attempt_span(job: &WebhookJob) -> Span {
         webhook.event = job.event_type(),
         webhook.attempt = job.attempt(),
         webhook.outcome = Empty,
-    )
+    );
+    super::trace_context::adopt(&span, job);
+    let headers = super::trace_context::headers(&span, job);
+    (span, headers)
 }
 
 /// Records the answer (or the failure) on the attempt's span.

@@ -85,6 +85,7 @@ fn stub(job: &WebhookJob) -> WebhookJob {
         key_id: None,
         rate_limit_key: None,
         erased: true,
+        trace_context: None,
         fresh: false,
         parsed: Default::default(),
         ..job.clone()

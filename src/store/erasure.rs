@@ -265,6 +265,7 @@ fn erased(job: &WebhookJob) -> WebhookJob {
         rate_limit_key: None,
         ordering_key: None,
         erased: true,
+        trace_context: None,
         fresh: false,
         parsed: Default::default(),
         ..job.clone()

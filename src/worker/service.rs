@@ -94,9 +94,11 @@ where
         }
         #[cfg(feature = "ordering")]
         let lines = self.lines.clone().filter(|_| ordered);
-        let span = observe::attempt_span(&job);
+        let (span, trace_headers) = observe::attempt_span(&job);
+        let mut request = DeliveryRequest::new(Arc::clone(&job));
+        request.headers = trace_headers;
         let started_at_ms = unix_millis();
-        let attempt = span.in_scope(|| self.inner.call(DeliveryRequest::new(Arc::clone(&job))));
+        let attempt = span.in_scope(|| self.inner.call(request));
         let attempt_limit = self.attempt_limit;
         let mut backend = self.backend.clone();
         let hooks = self.hooks.clone();
