@@ -5,11 +5,13 @@
 mod common;
 #[path = "common/backends.rs"]
 mod harness;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::{collections::HashSet, time::Duration};
 
 use apalis_webhooks::{
-    Secret, WebhookId, WebhookSubscription,
+    DispatchError, Secret, WebhookId, WebhookSubscription,
     backend::postgres::InTransaction,
     registry::{Endpoint, EndpointRegistry, Event, MemoryRegistry, dispatch_event},
     store::RetentionPolicy,
@@ -371,4 +373,109 @@ async fn redis_remembers_a_key_for_its_window() {
         .await
         .unwrap();
     assert!(ttl > 0 && ttl <= window.as_millis() as i64, "{ttl}");
+}
+
+/// The fault idempotency keys exist for: the push takes effect but its reply is lost (the
+/// proxy drops the server's bytes, then the line is cut), so `dispatch` fails without knowing
+/// whether it stored. Dispatching again under the key returns the stored id and stores nothing
+/// more. `through_proxy` is a sink of the backend's queue whose connection runs through `proxy`.
+/// `idle` tells when that connection is back at rest after a push.
+async fn reply_lost_then_retried<B: TestBackend>(
+    backend: &B,
+    proxy: &proxy::TcpProxy,
+    mut through_proxy: B::Sink,
+    idle: impl Fn() -> bool,
+) {
+    let receiver = Receiver::answering(200).await;
+    let keyed = |key: &str| subscription(receiver.url()).idempotency_key(key);
+    // One keyed push first, so the statement or script the keyed push uses is already known to
+    // the server (a first push would wait for a prepare or `SCRIPT LOAD` reply and send nothing).
+    keyed("warm-up")
+        .dispatch(&mut through_proxy, "order.created", &0)
+        .await
+        .unwrap();
+    assert_eq!(stored(backend).await, Some(1));
+    // sqlx pings a connection as it goes back to its pool: that ping must not be the one muted.
+    tokio::time::timeout(common::PATIENCE, async {
+        while !idle() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the connection never went back to rest");
+
+    proxy.mute_replies();
+    let lost = keyed("order-7.created");
+    let first = {
+        let dispatch = lost.dispatch(&mut through_proxy, "order.created", &7);
+        tokio::pin!(dispatch);
+        // The push reached the server and was stored: seen over the test's own connection.
+        let stored_meanwhile = async {
+            while stored(backend).await != Some(2) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            outcome = &mut dispatch => panic!("dispatch ended before its push was stored: {outcome:?}"),
+            waited = tokio::time::timeout(common::PATIENCE, stored_meanwhile) => waited.expect("the push never reached the server"),
+        }
+        proxy.cut();
+        tokio::time::timeout(common::PATIENCE, dispatch)
+            .await
+            .expect("dispatch never ended")
+    };
+    // Unknown to the caller: stored, yet reported as a backend failure.
+    assert!(matches!(first, Err(DispatchError::Backend(_))), "{first:?}");
+
+    proxy.restore();
+    let again = lost.dispatch(&mut through_proxy, "order.created", &7).await.unwrap();
+    assert_eq!(
+        stored(backend).await,
+        Some(2),
+        "the retried dispatch stored nothing more"
+    );
+    let ids: HashSet<String> = backend
+        .stored_jobs()
+        .await
+        .iter()
+        .map(|job| job["webhook_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        ids.contains(again.as_str()),
+        "the retry returns the id that was stored: {ids:?}"
+    );
+    println!("reply lost: 1 delivery stored for 2 dispatches under one key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_dispatch_whose_reply_was_lost_stores_once() {
+    let Some(backend) = harness::Postgres::open("idem-reply-lost").await else {
+        return;
+    };
+    let url = harness::services::postgres_url("idem-reply-lost").await.unwrap();
+    let proxy = proxy::TcpProxy::start(proxy::upstream(&url)).await;
+    // One connection, not pinged before use: the keyed push is the only statement on it.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(&proxy.url(&url))
+        .await
+        .unwrap();
+    use apalis_webhooks::backend::postgres::{PostgresSink, PostgresStorage, config};
+    let storage = PostgresStorage::new(&pool).with_config(config().queue(backend.sink().queue()));
+    reply_lost_then_retried(&backend, &proxy, PostgresSink::new(&storage), || pool.num_idle() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_dispatch_whose_reply_was_lost_stores_once() {
+    let Some(backend) = harness::Redis::open("idem-reply-lost").await else {
+        return;
+    };
+    let url = harness::services::redis_url("idem-reply-lost").await.unwrap();
+    let proxy = proxy::TcpProxy::start(proxy::upstream(&url)).await;
+    use apalis_webhooks::backend::redis::{RedisSink, RedisStorage, config, connect};
+    let conn = connect(&proxy.url(&url)).await.unwrap();
+    let storage = RedisStorage::new(conn).with_config(config().queue(backend.sink().queue()));
+    // One multiplexed connection, nothing sent on it but the pushes.
+    reply_lost_then_retried(&backend, &proxy, RedisSink::new(&storage), || true).await;
 }

@@ -2,9 +2,11 @@
 //! 100 deliveries to a fast endpoint queued behind 1,000 to one that answers after 2 s all
 //! arrive while the slow backlog is still draining. The fast endpoint's arrival times are
 //! printed with and without the in-flight cap, not asserted. Then two workers sharing the cap
-//! in Redis stay within it together.
+//! in Redis stay within it together, and the cap holds when the line to Redis is cut.
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 #[path = "common/services.rs"]
 mod services;
 
@@ -17,10 +19,18 @@ use std::{
 };
 
 use apalis::prelude::*;
-use apalis_webhooks::{Secret, WebhookSubscription, WebhookWorker, layers::InFlightLayer, sqlite, ssrf::EgressPolicy};
+use apalis_webhooks::{
+    Secret, WebhookSubscription, WebhookWorker,
+    delivery::DeliveryRequest,
+    layers::InFlightLayer,
+    outcome::{AttemptResult, DeferReason},
+    sqlite,
+    ssrf::EgressPolicy,
+};
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::post};
 use common::Db;
 use tokio::sync::{Notify, oneshot, watch};
+use tower::{Layer, ServiceExt};
 
 const SLOW: usize = 1_000;
 const FAST: usize = 100;
@@ -287,4 +297,75 @@ async fn two_workers_sharing_the_cap_in_redis_stay_within_it_together() {
     })
     .await;
     assert!(released.is_ok(), "leases left in {key}");
+}
+
+/// The shared cap's fallback, with the line to Redis cut for real (a TCP proxy) while attempts
+/// holding Redis leases are in flight: the layer goes on admitting, counting locally, and the
+/// attempts already in flight count against the cap (every attempt is counted locally too), so
+/// the cut does not let a second cap's worth through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_cap_holds_when_redis_is_cut_off_mid_attempt() {
+    let test = "the_shared_cap_holds_when_redis_is_cut_off_mid_attempt";
+    let Some(redis_url) = services::redis_url(test).await else {
+        return;
+    };
+    const CAP: u32 = 4;
+    let proxy = proxy::TcpProxy::start(proxy::upstream(&redis_url)).await;
+    let conn = apalis_webhooks::backend::redis::connect(&proxy.url(&redis_url))
+        .await
+        .unwrap();
+    let prefix = format!("t-inflight-cut-{}", ulid::Ulid::new());
+    let layer = InFlightLayer::new(CAP)
+        .slow_after(Duration::ZERO)
+        .shared(conn, prefix.clone());
+    // Attempts that last until the test lets them end.
+    let (end_attempts, attempts_may_end) = watch::channel(false);
+    let service = layer.layer(tower::service_fn(move |_: DeliveryRequest| {
+        let mut may_end = attempts_may_end.clone();
+        async move {
+            let _ = may_end.wait_for(|end| *end).await;
+            Ok::<_, std::convert::Infallible>(AttemptResult::Refused { reason: String::new() })
+        }
+    }));
+    let job = Arc::new(
+        WebhookSubscription::new("https://slow.example/hook", Secret::generate())
+            .job("slow", &1)
+            .unwrap(),
+    );
+    let attempt = || service.clone().oneshot(DeliveryRequest::new(Arc::clone(&job)));
+    let running: Vec<_> = (0..CAP).map(|_| tokio::spawn(attempt())).collect();
+
+    // All four hold a lease in Redis (seen over the test's own connection).
+    let mut direct = apalis_webhooks::backend::redis::connect(&redis_url).await.unwrap();
+    let key = format!("{prefix}:inflight:slow.example");
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let leases: u32 = redis::AsyncCommands::zcard(&mut direct, &key).await.unwrap();
+            if leases == CAP {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the attempts never took their leases");
+    assert_eq!(
+        layer.local_state("slow.example").0,
+        CAP,
+        "leased attempts are counted locally too"
+    );
+
+    proxy.cut();
+    match attempt().await {
+        Ok(AttemptResult::Deferred { reason, .. }) => assert_eq!(reason, DeferReason::EndpointBusy),
+        other => panic!("a fifth attempt while Redis is cut off and four are in flight: {other:?}"),
+    }
+
+    end_attempts.send(true).unwrap();
+    for attempt in running {
+        attempt.await.unwrap().unwrap();
+    }
+    assert_eq!(layer.local_state("slow.example").0, 0, "every slot came back");
+    // With Redis still cut off, the local count admits again.
+    assert!(matches!(attempt().await, Ok(AttemptResult::Refused { .. })));
 }

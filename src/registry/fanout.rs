@@ -141,14 +141,16 @@ where
     if event.ordering_key.is_some() && !sink.orders() {
         return Err(DispatchError::NotOrdered.into());
     }
+    // A disabled recipient is there because it parks: its delivery is stored, not sent.
     let mut endpoints: Vec<(Endpoint, bool)> = registry
-        .matching(&event.event_type, event.tenant.as_deref())
+        .recipients(&event.event_type, event.tenant.as_deref())
         .await?
         .into_iter()
-        .map(|endpoint| (endpoint, false))
+        .map(|endpoint| {
+            let parked = !endpoint.is_enabled();
+            (endpoint, parked)
+        })
         .collect();
-    let parking = registry.parking(&event.event_type, event.tenant.as_deref()).await?;
-    endpoints.extend(parking.into_iter().map(|endpoint| (endpoint, true)));
     if event.idempotency_key.is_some() {
         // Concurrent keyed fan-outs insert the same rows: in one order, so that Postgres
         // makes the later one wait on the unique index rather than deadlock.

@@ -112,6 +112,24 @@ pub trait EndpointRegistry: Send + Sync + 'static {
         Box::pin(futures::future::ready(Ok(Vec::new())))
     }
 
+    /// Everything [`dispatch_event`] delivers `event_type` to: the [`matching`](Self::matching)
+    /// endpoints, then the [`parking`](Self::parking) ones (told apart by
+    /// [`Endpoint::is_enabled`]).
+    ///
+    /// The default asks both; a registry behind a database answers in one query
+    /// ([`PostgresRegistry`](crate::registry::PostgresRegistry) does), so a fan-out costs one round trip.
+    fn recipients<'a>(
+        &'a self,
+        event_type: &'a str,
+        tenant: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
+        Box::pin(async move {
+            let mut endpoints = self.matching(event_type, tenant).await?;
+            endpoints.extend(self.parking(event_type, tenant).await?);
+            Ok(endpoints)
+        })
+    }
+
     /// Stores `endpoint`, replacing the one with the same id. Refuses an endpoint that could
     /// never be delivered to with [`RegistryError::Invalid`] ([`Endpoint::validate`]).
     fn upsert(&self, endpoint: Endpoint) -> BoxFuture<'_, Result<(), RegistryError>>;

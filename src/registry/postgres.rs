@@ -9,6 +9,10 @@ use super::{Endpoint, EndpointId, EndpointRegistry, EventFilter, RegistryError};
 pub use crate::table_name::InvalidTableName;
 use crate::table_name::checked_table;
 
+/// A disabled endpoint that parks its events. The setting lives in the endpoint's JSON (no
+/// column, so tables made before it existed need no migration).
+const PARKS: &str = "endpoint->>'when_disabled' = 'park'";
+
 /// The table [`PostgresRegistry::new`] uses.
 pub const DEFAULT_TABLE: &str = "webhook_endpoints";
 
@@ -117,6 +121,31 @@ impl PostgresRegistry {
 
     const COLUMNS: &'static str = "id, enabled, disabled_reason, endpoint";
 
+    /// The endpoints whose filters match `event_type` (of `tenant` when given) and which meet
+    /// `condition`, by id. The filter index narrows the rows first.
+    fn select_for_event<'a>(
+        &'a self,
+        condition: &str,
+        event_type: &'a str,
+        tenant: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {condition} AND filters && $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY id",
+            Self::COLUMNS,
+            self.table
+        );
+        async move {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(EventFilter::candidates(event_type))
+                .bind(tenant)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            rows.iter().map(Self::read).collect()
+        }
+        .boxed()
+    }
+
     /// Runs `sql` (a statement on this table whose only parameter is the id); rows changed.
     async fn execute_for(&self, sql: String, id: &EndpointId) -> Result<u64, RegistryError> {
         let done = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -134,21 +163,7 @@ impl EndpointRegistry for PostgresRegistry {
         event_type: &'a str,
         tenant: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
-        async move {
-            let sql = format!(
-                "SELECT {} FROM {} WHERE enabled AND filters && $1 AND ($2::text IS NULL OR tenant = $2) ORDER BY id",
-                Self::COLUMNS,
-                self.table
-            );
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(EventFilter::candidates(event_type))
-                .bind(tenant)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?;
-            rows.iter().map(Self::read).collect()
-        }
-        .boxed()
+        self.select_for_event("enabled", event_type, tenant)
     }
 
     fn parking<'a>(
@@ -156,24 +171,15 @@ impl EndpointRegistry for PostgresRegistry {
         event_type: &'a str,
         tenant: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
-        async move {
-            // The setting lives in the endpoint's JSON (no column, so tables made before it
-            // existed need no migration); the filter index still narrows the rows first.
-            let sql = format!(
-                "SELECT {} FROM {} WHERE NOT enabled AND filters && $1 AND ($2::text IS NULL OR tenant = $2) \
-                 AND endpoint->>'when_disabled' = 'park' ORDER BY id",
-                Self::COLUMNS,
-                self.table
-            );
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(EventFilter::candidates(event_type))
-                .bind(tenant)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?;
-            rows.iter().map(Self::read).collect()
-        }
-        .boxed()
+        self.select_for_event(&format!("NOT enabled AND {PARKS}"), event_type, tenant)
+    }
+
+    fn recipients<'a>(
+        &'a self,
+        event_type: &'a str,
+        tenant: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<Endpoint>, RegistryError>> {
+        self.select_for_event(&format!("(enabled OR {PARKS})"), event_type, tenant)
     }
 
     fn upsert(&self, endpoint: Endpoint) -> BoxFuture<'_, Result<(), RegistryError>> {

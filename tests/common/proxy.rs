@@ -1,5 +1,7 @@
 //! A TCP proxy on 127.0.0.1 between the code under test and a server, that can cut the line:
-//! drop every open connection and turn new ones away until it is restored.
+//! drop every open connection and turn new ones away until it is restored. It can also lose
+//! the server's replies (`mute_replies`): requests still reach the server and take effect, the
+//! client hears nothing, as when a reply is lost in flight.
 #![allow(dead_code)]
 
 use std::{
@@ -11,6 +13,7 @@ use std::{
 };
 
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{Notify, watch},
 };
@@ -19,6 +22,8 @@ use tokio::{
 pub struct TcpProxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// The server's bytes are dropped instead of forwarded.
+    muted: Arc<AtomicBool>,
     /// Bumped on every cut: open connections end when it changes.
     generation: watch::Sender<u64>,
     /// Connections turned away while cut.
@@ -32,12 +37,14 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let muted = Arc::new(AtomicBool::new(false));
         let (generation, _) = watch::channel(0u64);
         let refused = Arc::new(AtomicUsize::new(0));
         let refused_changed = Arc::new(Notify::new());
         let proxy = Self {
             addr,
             cut: Arc::clone(&cut),
+            muted: Arc::clone(&muted),
             generation: generation.clone(),
             refused: Arc::clone(&refused),
             refused_changed: Arc::clone(&refused_changed),
@@ -55,13 +62,33 @@ impl TcpProxy {
                     continue;
                 }
                 let mut ends = generation.subscribe();
+                let muted = Arc::clone(&muted);
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    let mut client = client;
+                    let (mut client_reads, mut client_writes) = client.into_split();
+                    let (mut server_reads, mut server_writes) = server.into_split();
+                    let requests = tokio::io::copy(&mut client_reads, &mut server_writes);
+                    let replies = async {
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        loop {
+                            let read = match server_reads.read(&mut buffer).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(read) => read,
+                            };
+                            if muted.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if client_writes.write_all(&buffer[..read]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Either side closing, or a cut, ends the connection on both sides.
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = requests => {}
+                        _ = replies => {}
                         _ = ends.changed() => {}
                     }
                 });
@@ -76,9 +103,16 @@ impl TcpProxy {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Lets connections through again.
+    /// Lets connections through again, replies included.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.muted.store(false, Ordering::SeqCst);
+    }
+
+    /// Drops what the server sends from now on: requests still reach it and take effect, and
+    /// the client waits for replies that never come (until `cut` or `restore`).
+    pub fn mute_replies(&self) {
+        self.muted.store(true, Ordering::SeqCst);
     }
 
     /// Connections turned away since the proxy started.

@@ -58,16 +58,10 @@ impl LocalSlots {
         })
     }
 
-    /// Gives a slot back (when `counted` here) and records the attempt's duration, if it
-    /// reached the endpoint.
-    pub(super) fn release(&self, key: &str, counted: bool, took: Option<Duration>) {
-        if !counted && took.is_none() {
-            return;
-        }
+    /// Gives a slot back and records the attempt's duration, if it reached the endpoint.
+    pub(super) fn release(&self, key: &str, took: Option<Duration>) {
         self.lock().update(key, Slots::default, |slots| {
-            if counted {
-                slots.in_flight = slots.in_flight.saturating_sub(1);
-            }
+            slots.in_flight = slots.in_flight.saturating_sub(1);
             if let Some(took) = took {
                 let took = took.as_secs_f64();
                 slots.average = Some(match slots.average {
@@ -100,16 +94,16 @@ mod tests {
         // Not enforced (fast or unmeasured): the count still moves.
         assert!(slots.acquire("a", 3, false));
         assert_eq!(slots.state("a").0, 4);
-        slots.release("a", true, Some(Duration::from_secs(2)));
-        slots.release("a", true, None);
+        slots.release("a", Some(Duration::from_secs(2)));
+        slots.release("a", None);
         assert_eq!(slots.state("a"), (2, Some(Duration::from_secs(2))));
         assert!(slots.acquire("a", 3, true));
         assert!(slots.acquire("b", 3, true), "other endpoints are not affected");
         // The average follows newer durations; a stray release does not go below zero.
-        slots.release("a", false, Some(Duration::ZERO));
+        slots.release("a", Some(Duration::ZERO));
         assert!(slots.average("a").unwrap() < Duration::from_secs(2));
         for _ in 0..10 {
-            slots.release("c", true, None);
+            slots.release("c", None);
         }
         assert_eq!(slots.state("c").0, 0);
     }

@@ -187,9 +187,9 @@ impl InFlightLayer {
         Self::build(self.shared.settings, Some((conn, prefix.into())))
     }
 
-    /// The attempts this process has in flight to `endpoint` under its local count (in
-    /// Redis (`shared`) mode, only those counted while Redis was unreachable), and
-    /// their recent average duration: introspection for dashboards and tests.
+    /// The attempts this process has in flight to `endpoint` (in Redis (`shared`) mode too:
+    /// the local count is what the cap falls back on while Redis is unreachable), and their
+    /// recent average duration: introspection for dashboards and tests.
     pub fn local_state(&self, endpoint: &str) -> (u32, Option<Duration>) {
         self.shared.local.state(endpoint)
     }
@@ -253,9 +253,9 @@ impl fmt::Debug for InFlightLayer {
 
 /// Where a slot was taken, so that the guard gives it back there.
 enum Held {
-    /// The in-process count.
+    /// The in-process count only.
     Local,
-    /// A Redis lease, by id.
+    /// A Redis lease, by id (and the in-process count).
     #[cfg(feature = "redis")]
     Lease(String),
 }
@@ -281,8 +281,8 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let local = matches!(self.held, Held::Local);
-        self.shared.local.release(&self.key, local, self.took);
+        // Every attempt is counted locally, leased in Redis or not.
+        self.shared.local.release(&self.key, self.took);
         #[cfg(feature = "redis")]
         if let (Held::Lease(lease), Some(redis)) = (&self.held, &self.shared.redis) {
             redis.release(&self.key, lease);
@@ -316,7 +316,12 @@ impl Shared {
         if let Some(redis) = &self.redis {
             let lease_for = policy.timeout().saturating_add(LEASE_MARGIN);
             match redis.acquire(key, cap, enforce, lease_for).await {
-                Ok(Some(lease)) => return Admission::Go(permit(Held::Lease(lease))),
+                Ok(Some(lease)) => {
+                    // Counted here too, not enforced: should Redis become unreachable, the
+                    // local fallback then knows what this process already has in flight.
+                    self.local.acquire(key, cap, false);
+                    return Admission::Go(permit(Held::Lease(lease)));
+                }
                 Ok(None) => return Admission::Busy(self.delay(key, average, cap)),
                 Err(error) => {
                     tracing::warn!(%error, endpoint = key, "counting in-flight attempts locally: Redis is unreachable");
