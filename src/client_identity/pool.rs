@@ -107,7 +107,11 @@ impl ClientIdentities {
         self
     }
 
-    /// How long a store lookup may take before the attempt is deferred (at least 1 ms).
+    /// How long a store lookup may take before the attempt is deferred (at least 1 ms;
+    /// [`DEFAULT_IDENTITY_LOOKUP_TIMEOUT`] by default). It comes before the attempt's own
+    /// timeout: keep it, plus the secret store's lookup if any, within the 5 s the worker allows
+    /// the layers past [`max_attempt_timeout`](crate::WebhookWorker::max_attempt_timeout), or a
+    /// slow lookup followed by a slow receiver ends as a transport timeout, retried.
     pub fn lookup_timeout(mut self, timeout: Duration) -> Self {
         self.lookup_timeout = timeout.max(Duration::from_millis(1));
         self
