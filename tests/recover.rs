@@ -6,6 +6,8 @@
 mod common;
 #[path = "common/backends.rs"]
 mod harness;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::{
     sync::{
@@ -254,4 +256,120 @@ suite! {
     sqlite => crate::harness::Sqlite,
     postgres => crate::harness::Postgres,
     redis => crate::harness::Redis,
+}
+
+/// Parked deliveries of the outage test: enough that the recovery is still replaying when the
+/// line is cut.
+const PARKED: u32 = 300;
+
+/// `recover` through a connection that is cut for real (a TCP proxy) once it has replayed
+/// something: the call fails or waits out the outage, and calling it again once the backend is
+/// back sends the rest. Every parked delivery then arrives exactly once, in dispatch order.
+/// `through_proxy` is the backend's store over a connection through `proxy`.
+async fn recovery_rides_a_backend_cut<B: TestBackend>(
+    backend: &B,
+    proxy: &proxy::TcpProxy,
+    through_proxy: apalis_webhooks::store::WebhookStore,
+) {
+    let registry = MemoryRegistry::new();
+    let mut receiver = Receiver::answering(204).await;
+    let ep = EndpointId::new("ep");
+    registry
+        .upsert(Endpoint::new("ep", receiver.url(), Secret::generate()).when_disabled(WhenDisabled::Park))
+        .await
+        .unwrap();
+    registry.disable(&ep, "test").await.unwrap();
+    let mut sink = backend.sink();
+    let mut expected = Vec::new();
+    for n in 0..PARKED {
+        expected.push(dispatch(&registry, &mut sink, n).await.to_string());
+    }
+    let mut worker = RunningWorker::spawn(sink.clone(), |b| b, |builder, stop| backend.run_with(builder, 8, stop));
+    for _ in 0..PARKED {
+        match worker.next().await {
+            Seen::Dead { dead_letter, .. } => assert_eq!(dead_letter.reason, DeadLetterReason::Parked),
+            other => panic!("{other:?}"),
+        }
+    }
+    worker.stop().await;
+
+    registry.enable(&ep).await.unwrap();
+    let direct = backend.store().unwrap();
+    let first = {
+        let recovering = recover(&registry, &through_proxy, &ep, 0, u64::MAX);
+        tokio::pin!(recovering);
+        let replaying = async {
+            while direct.outstanding().await.unwrap() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::select! {
+            done = &mut recovering => panic!("recovered before the cut: {done:?}; raise PARKED"),
+            () = replaying => {}
+        }
+        proxy.cut();
+        // Failing, or waiting for the backend: either way it ends once the line is back.
+        tokio::select! {
+            done = &mut recovering => done,
+            () = proxy.until_refused(3) => {
+                proxy.restore();
+                tokio::time::timeout(common::PATIENCE, recovering).await.expect("recover never ended")
+            }
+        }
+    };
+    proxy.restore();
+    let cut_short = first.is_err();
+    if let Err(error) = &first {
+        assert!(matches!(error, RecoverError::Store(_)), "{error}");
+    }
+    let rest = recover(&registry, &through_proxy, &ep, 0, u64::MAX).await.unwrap();
+    assert_eq!(
+        recover(&registry, &through_proxy, &ep, 0, u64::MAX).await.unwrap(),
+        0,
+        "nothing left"
+    );
+
+    // One at a time, so that arrival order is push order.
+    let worker = RunningWorker::spawn(sink.clone(), |b| b, |builder, stop| backend.run_with(builder, 1, stop));
+    let mut arrived = Vec::new();
+    for _ in 0..PARKED {
+        arrived.push(receiver.next().await.header("webhook-id").to_owned());
+    }
+    worker.stop().await;
+    assert!(receiver.requests.try_recv().is_err(), "a delivery was sent twice");
+    assert_eq!(arrived, expected, "each parked delivery once, in dispatch order");
+    println!(
+        "recovery cut off mid-way (first call {}; the second replayed {rest}): {PARKED} of {PARKED} arrived once, in order",
+        if cut_short { "failed" } else { "waited out the outage" }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_recovery_rides_a_backend_cut() {
+    let test = "recover-cut-postgres";
+    let Some(backend) = harness::Postgres::open(test).await else {
+        return;
+    };
+    let url = harness::services::postgres_url(test).await.unwrap();
+    let proxy = proxy::TcpProxy::start(proxy::upstream(&url)).await;
+    use apalis_webhooks::backend::postgres::{PostgresSink, PostgresStorage, config, connect};
+    let pool = connect(&proxy.url(&url)).await.unwrap();
+    let storage = PostgresStorage::new(&pool).with_config(config().queue(backend.sink().queue()));
+    let store = apalis_webhooks::store::WebhookStore::postgres(&PostgresSink::new(&storage));
+    recovery_rides_a_backend_cut(&backend, &proxy, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_recovery_rides_a_backend_cut() {
+    let test = "recover-cut-redis";
+    let Some(backend) = harness::Redis::open(test).await else {
+        return;
+    };
+    let url = harness::services::redis_url(test).await.unwrap();
+    let proxy = proxy::TcpProxy::start(proxy::upstream(&url)).await;
+    use apalis_webhooks::backend::redis::{RedisSink, RedisStorage, config, connect};
+    let conn = connect(&proxy.url(&url)).await.unwrap();
+    let storage = RedisStorage::new(conn).with_config(config().queue(backend.sink().queue()));
+    let store = apalis_webhooks::store::WebhookStore::redis(&RedisSink::new(&storage));
+    recovery_rides_a_backend_cut(&backend, &proxy, store).await;
 }

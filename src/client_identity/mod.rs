@@ -27,8 +27,8 @@ use std::{
 
 use apalis_core::error::BoxDynError;
 use futures::future::BoxFuture;
+use secrecy::{ExposeSecret, SecretString, zeroize::Zeroizing};
 use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 pub use pool::{
     ClientIdentities, DEFAULT_IDENTITY_LOOKUP_TIMEOUT, DEFAULT_IDENTITY_REFRESH, DEFAULT_MAX_CLIENT_IDENTITIES,
@@ -36,8 +36,8 @@ pub use pool::{
 
 /// A client certificate chain and its private key, both PEM.
 ///
-/// The key is held in memory that is zeroed when dropped, and never shown: `Debug` prints the
-/// size of the chain and `<redacted>` for the key.
+/// The key is held in a `secrecy::SecretString` (zeroed when dropped), and never shown:
+/// `Debug` prints the size of the chain and `<redacted>` for the key.
 ///
 /// ```
 /// use apalis_webhooks::client_identity::ClientIdentity;
@@ -51,7 +51,7 @@ pub use pool::{
 #[derive(Clone)]
 pub struct ClientIdentity {
     cert_chain_pem: String,
-    private_key_pem: Zeroizing<String>,
+    private_key_pem: SecretString,
 }
 
 impl ClientIdentity {
@@ -62,7 +62,7 @@ impl ClientIdentity {
     pub fn from_pem(cert_chain_pem: impl Into<String>, private_key_pem: impl Into<String>) -> Self {
         Self {
             cert_chain_pem: cert_chain_pem.into(),
-            private_key_pem: Zeroizing::new(private_key_pem.into()),
+            private_key_pem: SecretString::from(private_key_pem.into()),
         }
     }
 
@@ -76,7 +76,7 @@ impl ClientIdentity {
         let mut hasher = Sha256::new();
         hasher.update(self.cert_chain_pem.len().to_be_bytes());
         hasher.update(self.cert_chain_pem.as_bytes());
-        hasher.update(self.private_key_pem.as_bytes());
+        hasher.update(self.private_key_pem.expose_secret().as_bytes());
         hasher.finalize().into()
     }
 
@@ -84,11 +84,11 @@ impl ClientIdentity {
     fn to_reqwest(&self, key_id: &str) -> Result<reqwest::Identity, InvalidClientIdentity> {
         // reqwest reads both from one buffer; it is zeroed when dropped, as the key is.
         let mut pem = Zeroizing::new(Vec::with_capacity(
-            self.cert_chain_pem.len() + self.private_key_pem.len() + 1,
+            self.cert_chain_pem.len() + self.private_key_pem.expose_secret().len() + 1,
         ));
         pem.extend_from_slice(self.cert_chain_pem.as_bytes());
         pem.push(b'\n');
-        pem.extend_from_slice(self.private_key_pem.as_bytes());
+        pem.extend_from_slice(self.private_key_pem.expose_secret().as_bytes());
         reqwest::Identity::from_pem(&pem).map_err(|error| InvalidClientIdentity::new(key_id, &error))
     }
 }

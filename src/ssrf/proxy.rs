@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use secrecy::{ExposeSecret, SecretString};
+
 /// A forward proxy every delivery goes through: fixed egress addresses, or an egress filter
 /// such as Smokescreen. Set it on the worker with
 /// [`WebhookWorker::egress_proxy`](crate::WebhookWorker::egress_proxy); it is never read from
@@ -31,10 +33,11 @@ pub struct EgressProxy {
     credentials: Option<Credentials>,
 }
 
+/// Zeroized when dropped; reqwest keeps its own copy in a header value marked sensitive.
 #[derive(Clone)]
 struct Credentials {
-    user: String,
-    password: String,
+    user: SecretString,
+    password: SecretString,
 }
 
 impl EgressProxy {
@@ -61,8 +64,8 @@ impl EgressProxy {
     /// tunnelled (`https://`) delivery, on the request itself otherwise.
     pub fn basic_auth(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.credentials = Some(Credentials {
-            user: user.into(),
-            password: password.into(),
+            user: SecretString::from(user.into()),
+            password: SecretString::from(password.into()),
         });
         self
     }
@@ -78,7 +81,9 @@ impl EgressProxy {
     pub(crate) fn to_reqwest(&self) -> Result<reqwest::Proxy, reqwest::Error> {
         let proxy = reqwest::Proxy::all(self.url.as_str())?;
         Ok(match &self.credentials {
-            Some(credentials) => proxy.basic_auth(&credentials.user, &credentials.password),
+            Some(credentials) => {
+                proxy.basic_auth(credentials.user.expose_secret(), credentials.password.expose_secret())
+            }
             None => proxy,
         })
     }
