@@ -143,6 +143,16 @@ impl<K: Hash + Eq + HeapSize, V: HeapSize> BoundedMap<K, V> {
         self.map.get(key).map(|slot| &slot.value)
     }
 
+    /// The value under `key`, made the most recently used. A change through the reference is
+    /// not re-weighed: only for values whose heap it does not change.
+    pub(crate) fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.to_back(key).map(|slot| &mut slot.value)
+    }
+
     /// Takes `key` out.
     pub(crate) fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where

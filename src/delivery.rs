@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderValue, header};
 use tower::Service;
 
 use crate::{
+    client_identity::ClientIdentities,
     job::WebhookJob,
     outcome::{AttemptResult, TransportErrorKind, parse_retry_after},
     ssrf::{EgressPolicy, EgressProxy, EgressRefused, GuardedResolver},
@@ -62,6 +63,9 @@ const MAX_RESPONSE_HEADER_BYTES: u32 = 64 * 1024;
 /// not used, unless one is given explicitly ([`from_builder_via_proxy`](Self::from_builder_via_proxy)); on a client it did not build itself ([`with_unguarded_client`](Self::with_unguarded_client))
 /// it still refuses the answer of a peer the policy does not allow. The response body is read up to a cap and within the attempt timeout, so a
 /// receiver that trickles or floods cannot hold the worker longer or make it buffer more.
+///
+/// A job naming a [client identity](crate::client_identity) is sent with a client of its own,
+/// built with the same guard (see [`client_identities`](Self::client_identities)).
 #[derive(Debug, Clone)]
 pub struct HttpDelivery {
     client: reqwest::Client,
@@ -72,6 +76,65 @@ pub struct HttpDelivery {
     /// with it and checked before the proxy is asked, as the client itself resolves only the
     /// proxy's name.
     proxied: Option<GuardedResolver>,
+    /// How the clients with a client certificate are built; `None` for an unguarded client,
+    /// which the service cannot rebuild.
+    recipe: Option<Arc<ClientRecipe>>,
+    identities: Option<ClientIdentities>,
+}
+
+/// How a delivery service's guarded clients are made: its default client, and one per client
+/// identity. The guard's settings are written here once, so an identity's client can differ
+/// from the default one in its certificate only.
+#[derive(Clone)]
+struct ClientRecipe {
+    /// The builder of identity clients (your roots, timeouts and pool settings); `None`: the
+    /// default builder, as the service was given a single builder for its default client.
+    make: Option<MakeBuilder>,
+    /// The guard: the egress policy's resolver (allowing the proxy's name when proxied).
+    resolver: GuardedResolver,
+    proxy: Option<reqwest::Proxy>,
+}
+
+/// A factory of client builders, as [`WebhookWorker::http_client`](crate::WebhookWorker::http_client) takes.
+type MakeBuilder = Arc<dyn Fn() -> reqwest::ClientBuilder + Send + Sync>;
+
+impl ClientRecipe {
+    /// `builder` with the guard applied on top of whatever it says.
+    fn build(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::Client, reqwest::Error> {
+        let builder = builder
+            .dns_resolver(Arc::new(self.resolver.clone()))
+            // A proxy would resolve and connect on our behalf, past the guard: this clears
+            // whatever the builder had (and the environment's); then the one proxy, if any.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .http2_max_header_list_size(MAX_RESPONSE_HEADER_BYTES);
+        match &self.proxy {
+            Some(proxy) => builder.proxy(proxy.clone()),
+            None => builder,
+        }
+        .build()
+    }
+
+    /// A guarded client presenting `identity`.
+    fn with_identity(&self, identity: reqwest::Identity) -> Result<reqwest::Client, reqwest::Error> {
+        let builder = self.make.as_ref().map_or_else(default_builder, |make| make());
+        self.build(builder.identity(identity))
+    }
+}
+
+impl std::fmt::Debug for ClientRecipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRecipe")
+            .field("make", &self.make.is_some())
+            .field("resolver", &self.resolver)
+            .field("proxied", &self.proxy.is_some())
+            .finish()
+    }
+}
+
+/// The builder of [`HttpDelivery::new`]'s client.
+fn default_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().user_agent(USER_AGENT)
 }
 
 /// Longest an attempt may take, whatever its subscription asks for: the worker's backends
@@ -88,7 +151,7 @@ impl HttpDelivery {
 
     /// As [`new`](Self::new), connecting to the addresses `policy` allows.
     pub fn with_egress(policy: EgressPolicy) -> Result<Self, reqwest::Error> {
-        Self::from_builder(reqwest::Client::builder().user_agent(USER_AGENT), policy)
+        Self::from_builder(default_builder(), policy)
     }
 
     /// A delivery service on a client built from your `builder` (timeouts, TLS roots, pool
@@ -110,21 +173,7 @@ impl HttpDelivery {
         builder: reqwest::ClientBuilder,
         resolver: GuardedResolver,
     ) -> Result<Self, reqwest::Error> {
-        let policy = resolver.policy().clone();
-        let client = builder
-            .dns_resolver(Arc::new(resolver))
-            // A proxy would resolve and connect on our behalf, past the guard.
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .http2_max_header_list_size(MAX_RESPONSE_HEADER_BYTES)
-            .build()?;
-        Ok(Self {
-            client,
-            egress: policy,
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
-            proxied: None,
-        })
+        Self::guarded(builder, None, resolver, None)
     }
 
     /// As [`from_builder_with_resolver`](Self::from_builder_with_resolver), sending every
@@ -140,24 +189,53 @@ impl HttpDelivery {
         resolver: GuardedResolver,
         proxy: &EgressProxy,
     ) -> Result<Self, reqwest::Error> {
+        Self::guarded(builder, None, resolver, Some(proxy))
+    }
+
+    /// A delivery service whose clients are built from `make`'s builders, with the guard of
+    /// [`from_builder_with_resolver`](Self::from_builder_with_resolver) (or, with a `proxy`,
+    /// of [`from_builder_via_proxy`](Self::from_builder_via_proxy)) applied to each: the
+    /// default client, and the client of each [client identity](Self::client_identities),
+    /// which thereby carry your roots, timeouts and pool settings.
+    pub fn from_builder_fn(
+        make: impl Fn() -> reqwest::ClientBuilder + Send + Sync + 'static,
+        resolver: GuardedResolver,
+        proxy: Option<&EgressProxy>,
+    ) -> Result<Self, reqwest::Error> {
+        let make: MakeBuilder = Arc::new(make);
+        Self::guarded(make(), Some(make), resolver, proxy)
+    }
+
+    fn guarded(
+        builder: reqwest::ClientBuilder,
+        make: Option<MakeBuilder>,
+        resolver: GuardedResolver,
+        proxy: Option<&EgressProxy>,
+    ) -> Result<Self, reqwest::Error> {
         let policy = resolver.policy().clone();
-        // The client resolves only the proxy's name (the proxy resolves the destination); the
-        // guard stays installed with that one name allowed, so nothing else can slip through.
-        let client_resolver = resolver.with_policy(policy.clone().allow_host(proxy.host()));
-        let client = builder
-            .dns_resolver(Arc::new(client_resolver))
-            // Clears whatever the builder had (and the environment's), then the one proxy.
-            .no_proxy()
-            .proxy(proxy.to_reqwest()?)
-            .redirect(reqwest::redirect::Policy::none())
-            .http2_max_header_list_size(MAX_RESPONSE_HEADER_BYTES)
-            .build()?;
+        let recipe = match proxy {
+            None => ClientRecipe {
+                make,
+                resolver: resolver.clone(),
+                proxy: None,
+            },
+            // The client resolves only the proxy's name (the proxy resolves the destination);
+            // the guard stays installed with that one name allowed, so nothing else can slip
+            // through.
+            Some(proxy) => ClientRecipe {
+                make,
+                resolver: resolver.with_policy(policy.clone().allow_host(proxy.host())),
+                proxy: Some(proxy.to_reqwest()?),
+            },
+        };
         Ok(Self {
-            client,
+            client: recipe.build(builder)?,
             egress: policy,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
-            proxied: Some(resolver),
+            proxied: proxy.map(|_| resolver),
+            recipe: Some(Arc::new(recipe)),
+            identities: None,
         })
     }
 
@@ -176,6 +254,8 @@ impl HttpDelivery {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_attempt_timeout: DEFAULT_MAX_ATTEMPT_TIMEOUT,
             proxied: None,
+            recipe: None,
+            identities: None,
         }
     }
 
@@ -201,6 +281,23 @@ impl HttpDelivery {
         self.max_attempt_timeout = limit;
         self
     }
+
+    /// Sends the deliveries of jobs naming a [client identity](crate::client_identity) with
+    /// that identity's certificate, from `identities` (a [`ClientIdentityStore`] converts into
+    /// one with the default pool).
+    ///
+    /// Each identity's client is built like the default one, guard included, from the builder
+    /// factory of [`from_builder_fn`](Self::from_builder_fn); a service made from a single
+    /// builder ([`new`](Self::new), [`from_builder`](Self::from_builder) and the like) builds
+    /// them from the default builder, without that builder's roots or timeouts. A service on an
+    /// [unguarded client](Self::with_unguarded_client) cannot build them: it refuses such jobs
+    /// (dead letters).
+    ///
+    /// [`ClientIdentityStore`]: crate::client_identity::ClientIdentityStore
+    pub fn client_identities(mut self, identities: impl Into<ClientIdentities>) -> Self {
+        self.identities = Some(identities.into());
+        self
+    }
 }
 
 impl Service<DeliveryRequest> for HttpDelivery {
@@ -213,27 +310,25 @@ impl Service<DeliveryRequest> for HttpDelivery {
     }
 
     fn call(&mut self, request: DeliveryRequest) -> Self::Future {
-        let client = self.client.clone();
-        let egress = self.egress.clone();
-        let proxied = self.proxied.clone();
-        let cap = self.max_response_bytes;
-        let timeout = request.job.policy().timeout().min(self.max_attempt_timeout);
-        Box::pin(async move { Ok(send(client, &egress, proxied.as_ref(), request, cap, timeout).await) })
+        let this = self.clone();
+        Box::pin(async move { Ok(send(&this, request).await) })
     }
 }
 
-async fn send(
-    client: reqwest::Client,
-    egress: &EgressPolicy,
-    proxied: Option<&GuardedResolver>,
-    request: DeliveryRequest,
-    cap: usize,
-    timeout: Duration,
-) -> AttemptResult {
+async fn send(this: &HttpDelivery, request: DeliveryRequest) -> AttemptResult {
     let DeliveryRequest { job, headers } = request;
+    let (egress, proxied, cap) = (&this.egress, this.proxied.as_ref(), this.max_response_bytes);
+    let timeout = job.policy().timeout().min(this.max_attempt_timeout);
     let url = match target(egress, &job) {
         Ok(url) => url,
         Err(reason) => return AttemptResult::Refused { reason },
+    };
+    let client = match job.client_identity() {
+        None => this.client.clone(),
+        Some(key_id) => match identity_client(this, key_id, job.deferrals()).await {
+            Ok(client) => client,
+            Err(result) => return result,
+        },
     };
     let started = Instant::now();
     if let Some(resolver) = proxied
@@ -300,6 +395,25 @@ async fn send(
         body_excerpt: String::from_utf8_lossy(&body).into_owned(),
         duration: started.elapsed(),
     }
+}
+
+/// The client presenting `key_id`'s certificate, or why the job cannot be sent.
+async fn identity_client(this: &HttpDelivery, key_id: &str, deferrals: u32) -> Result<reqwest::Client, AttemptResult> {
+    let refused = |reason: String| Err(AttemptResult::Refused { reason });
+    let Some(identities) = &this.identities else {
+        return refused(format!(
+            "the job names client identity {key_id:?}, but the worker has no client identity store"
+        ));
+    };
+    let Some(recipe) = &this.recipe else {
+        return refused(format!(
+            "the job names client identity {key_id:?}, but the worker delivers with an unguarded client, \
+             which it cannot add a certificate to"
+        ));
+    };
+    identities
+        .client(key_id, deferrals, |identity| recipe.with_identity(identity))
+        .await
 }
 
 /// The URL to send to, after checking an IP-literal host against `egress` (host names are

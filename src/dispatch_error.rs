@@ -75,6 +75,10 @@ pub enum DispatchError {
     /// The key id is empty, too long, or has characters other than visible ASCII.
     #[error("invalid key id: {0}")]
     InvalidKeyId(&'static str),
+    /// The client identity's key id is empty, too long, or has characters other than visible
+    /// ASCII.
+    #[error("invalid client identity key id: {0}")]
+    InvalidClientIdentity(&'static str),
     /// The ordering key is empty, too long, or has characters other than visible ASCII.
     #[error("invalid ordering key: {0}")]
     InvalidOrderingKey(&'static str),

@@ -83,6 +83,10 @@ pub struct WebhookJob {
     /// Key id of the secrets in the worker's [`SecretStore`](crate::secret_store::SecretStore), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) key_id: Option<String>,
+    /// Key id of the client certificate in the worker's
+    /// [`ClientIdentityStore`](crate::client_identity::ClientIdentityStore), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_identity: Option<String>,
     pub(crate) policy: DeliveryPolicy,
     /// 1-based number of the attempt this job performs.
     pub(crate) attempt: u32,
@@ -187,6 +191,11 @@ impl WebhookJob {
     /// The key id the worker resolves the signing secrets from, in secret-store mode.
     pub fn key_id(&self) -> Option<&str> {
         self.key_id.as_deref()
+    }
+
+    /// The key id of the client certificate (mTLS) the worker sends it with, if any.
+    pub fn client_identity(&self) -> Option<&str> {
+        self.client_identity.as_deref()
     }
 
     /// The delivery's policy.
@@ -392,6 +401,7 @@ impl fmt::Debug for WebhookJob {
             .field("scheme", &self.scheme)
             .field("secrets", &self.secrets)
             .field("key_id", &self.key_id)
+            .field("client_identity", &self.client_identity)
             .field("policy", &self.policy)
             .field("attempt", &self.attempt)
             .field("dispatched_at", &self.dispatched_at)

@@ -128,6 +128,7 @@ pub mod docs {
 
 pub mod backend;
 pub mod bounded;
+pub mod client_identity;
 mod clock;
 pub mod delivery;
 mod dispatch_error;

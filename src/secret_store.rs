@@ -18,6 +18,21 @@ use futures::future::BoxFuture;
 
 use apalis_webhooks_verify::Secret;
 
+/// The first deferral when a store (of secrets, of client identities) cannot answer; each
+/// further deferral of the same attempt doubles it, up to [`STORE_RETRY_MAX`].
+const STORE_RETRY_BASE: Duration = Duration::from_secs(1);
+/// The longest deferral for a store that cannot answer.
+pub(crate) const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The deferral after a store failed for an attempt already put off `deferrals` times:
+/// 1 s, 2 s, 4 s, ... at most a minute.
+pub(crate) fn store_retry_delay(deferrals: u32) -> Duration {
+    STORE_RETRY_BASE
+        .checked_mul(1u32.checked_shl(deferrals.min(16)).unwrap_or(u32::MAX))
+        .unwrap_or(STORE_RETRY_MAX)
+        .min(STORE_RETRY_MAX)
+}
+
 /// Where the worker finds the signing secrets of a key id.
 ///
 /// Return every secret that is active now, the newest first: Standard Webhooks and Stripe-style

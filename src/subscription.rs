@@ -256,6 +256,7 @@ impl WebhookSubscription {
             scheme: target.scheme.clone(),
             secrets: target.secrets.clone(),
             key_id: target.key_id.clone(),
+            client_identity: target.client_identity.clone(),
             policy: target.policy.clone(),
             attempt: 1,
             dispatched_at: crate::clock::unix_seconds(),

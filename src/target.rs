@@ -117,6 +117,11 @@ pub struct DeliveryTarget {
     pub(crate) tenant: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) envelope: bool,
+    /// Key id of the client certificate (mTLS) in the worker's
+    /// [`ClientIdentityStore`](crate::client_identity::ClientIdentityStore); targets stored
+    /// before it existed read as none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_identity: Option<String>,
     /// Timeout, attempts, retry schedule and statuses; targets stored before it existed (registry
     /// endpoints) read as the default.
     #[serde(default, skip_serializing_if = "DeliveryPolicy::is_default")]
@@ -150,6 +155,7 @@ impl DeliveryTarget {
             rate_limit: None,
             tenant: None,
             envelope: false,
+            client_identity: None,
             policy: DeliveryPolicy::default(),
         }
     }
@@ -223,6 +229,17 @@ impl DeliveryTarget {
         self
     }
 
+    /// Sends every attempt with the client certificate (mutual TLS) stored under `key_id` in
+    /// the worker's [`ClientIdentityStore`](crate::client_identity::ClientIdentityStore), for
+    /// receivers that authenticate senders by certificate. The job stores only the key id;
+    /// the worker looks the certificate and private key up when it sends (see
+    /// [`crate::client_identity`]). Validation holds the key id to the rules of a secret-store
+    /// key id ([`DispatchError::InvalidClientIdentity`]).
+    pub fn client_identity(mut self, key_id: impl Into<String>) -> Self {
+        self.client_identity = Some(key_id.into());
+        self
+    }
+
     /// Limit of one attempt, connect to end of response read (15 s by default), up to the
     /// worker's [`max_attempt_timeout`](crate::WebhookWorker::max_attempt_timeout) (20 s by
     /// default).
@@ -287,6 +304,11 @@ impl DeliveryTarget {
         self.key_id.as_deref()
     }
 
+    /// The key id of the client certificate, if the target sends one.
+    pub fn client_identity_id(&self) -> Option<&str> {
+        self.client_identity.as_deref()
+    }
+
     /// The tenant, if any.
     pub fn tenant_id(&self) -> Option<&str> {
         self.tenant.as_deref()
@@ -310,6 +332,9 @@ impl DeliveryTarget {
         self.validate_headers()?;
         if let Some(tenant) = &self.tenant {
             validate_tenant(tenant)?;
+        }
+        if let Some(identity) = &self.client_identity {
+            check_key(identity).map_err(DispatchError::InvalidClientIdentity)?;
         }
         match &self.key_id {
             Some(key_id) => {
@@ -378,6 +403,7 @@ impl std::fmt::Debug for DeliveryTarget {
             .field("rate_limit", &self.rate_limit)
             .field("tenant", &self.tenant)
             .field("envelope", &self.envelope)
+            .field("client_identity", &self.client_identity)
             .field("policy", &self.policy)
             .finish()
     }
@@ -402,6 +428,8 @@ macro_rules! forward_target_setters {
             "Adds a header to every attempt.");
         $crate::target::forward_target_setters!(@one $field, tenant(tenant: impl Into<String>),
             "The tenant (customer, account) the deliveries belong to.");
+        $crate::target::forward_target_setters!(@one $field, client_identity(key_id: impl Into<String>),
+            "Sends every attempt with the client certificate (mTLS) stored under `key_id`.");
         $crate::target::forward_target_setters!(@one $field, timeout(timeout: ::std::time::Duration),
             "Limit of one attempt, connect to end of response read (15 s by default).");
         $crate::target::forward_target_setters!(@one $field, max_attempts(attempts: u32),
@@ -611,6 +639,25 @@ mod tests {
                 .validate(),
             Err(DispatchError::InvalidSecret(_))
         ));
+    }
+
+    #[test]
+    fn client_identity_key_ids_are_validated_and_stored_by_name() {
+        let target = target("https://e.com").client_identity("acme-prod");
+        assert!(target.validate().is_ok());
+        let json = serde_json::to_value(&target).unwrap();
+        assert_eq!(json["client_identity"], "acme-prod");
+        let back: DeliveryTarget = serde_json::from_value(json).unwrap();
+        assert_eq!(back.client_identity_id(), Some("acme-prod"));
+        for bad in ["", "has space", "tab\t", &"k".repeat(257)] {
+            assert!(matches!(
+                target.clone().client_identity(bad).validate(),
+                Err(DispatchError::InvalidClientIdentity(_))
+            ));
+        }
+        // Targets stored before it existed read as sending no certificate.
+        let old: DeliveryTarget = serde_json::from_value(serde_json::json!({ "url": "https://e.com" })).unwrap();
+        assert_eq!(old.client_identity_id(), None);
     }
 
     /// `whsec_` and the base64 of `len` bytes.

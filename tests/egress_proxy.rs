@@ -4,6 +4,8 @@
 //! to loopback.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::{
     net::SocketAddr,
@@ -287,6 +289,50 @@ async fn https_destinations_are_tunnelled_with_connect() {
         panic!("not retried");
     };
     assert_eq!(status, None);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn https_deliveries_reach_a_tls_receiver_through_the_tunnel_with_their_client_certificate() {
+    use apalis_webhooks::client_identity::MemoryClientIdentityStore;
+
+    let mut proxy = TestProxy::start(|_| Action::Forward).await;
+    let ca = tls::Ca::new("receiver CA");
+    let client = ca.client("acme-prod");
+    let mut receiver = tls::TlsReceiver::start(&ca, &ca).await;
+    let identities = MemoryClientIdentityStore::new();
+    identities.insert("acme-prod", client.identity());
+    let db = Db::new().await;
+    let egress_proxy = proxy_for(&proxy);
+    let root = reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap();
+    let mut worker = RunningWorker::start_with(&db.pool, "w-proxy-mtls", |b| {
+        b.egress(receiver_only())
+            .egress_proxy(egress_proxy)
+            .http_client(move || reqwest::Client::builder().add_root_certificate(root.clone()))
+            .client_identities(identities)
+    });
+
+    let id = subscription(receiver.url(), &Secret::generate())
+        .client_identity("acme-prod")
+        .dispatch(&mut db.storage(), "proxy.mtls", &1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        worker.next_for(id.as_str()).await,
+        Seen::Delivered { status: 204, .. }
+    ));
+    // The identity's client went through the proxy, like the default one, and the receiver
+    // saw the certificate at the end of the tunnel.
+    assert_eq!(
+        proxy.next().await,
+        Proxied {
+            method: "CONNECT".into(),
+            target: receiver.addr.to_string(),
+            authorized: true
+        }
+    );
+    assert_eq!(receiver.next_handshake().await, tls::Handshake::Accepted(client.der));
+    receiver.next_request().await;
     worker.stop().await;
 }
 

@@ -17,26 +17,11 @@ use crate::{
     delivery::DeliveryRequest,
     layers::take_ready,
     outcome::{AttemptResult, DeferReason},
-    secret_store::{SecretStore, SecretStoreError},
+    secret_store::{SecretStore, SecretStoreError, store_retry_delay},
 };
 
 /// How long a [`SecretStore`] lookup may take by default before the attempt is deferred.
 pub const DEFAULT_SECRET_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The first deferral when the secret store cannot answer; each further deferral of the same
-/// attempt doubles it, up to [`STORE_RETRY_MAX`].
-const STORE_RETRY_BASE: Duration = Duration::from_secs(1);
-/// The longest deferral for a secret store that cannot answer.
-const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// The deferral after the store failed for an attempt already put off `deferrals` times:
-/// 1 s, 2 s, 4 s, ... at most a minute.
-fn store_retry_delay(deferrals: u32) -> Duration {
-    STORE_RETRY_BASE
-        .checked_mul(1u32.checked_shl(deferrals.min(16)).unwrap_or(u32::MAX))
-        .unwrap_or(STORE_RETRY_MAX)
-        .min(STORE_RETRY_MAX)
-}
-
 /// Adds the signature headers of the job's [`SignatureScheme`](crate::signing::SignatureScheme) to
 /// every attempt.
 ///
@@ -245,6 +230,6 @@ mod tests {
     fn store_deferrals_back_off_and_stay_bounded() {
         let delays: Vec<u64> = (0..8).map(|n| store_retry_delay(n).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(store_retry_delay(u32::MAX), STORE_RETRY_MAX);
+        assert_eq!(store_retry_delay(u32::MAX), crate::secret_store::STORE_RETRY_MAX);
     }
 }

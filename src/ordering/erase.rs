@@ -83,6 +83,7 @@ fn stub(job: &WebhookJob) -> WebhookJob {
         headers: Vec::new(),
         secrets: Vec::new(),
         key_id: None,
+        client_identity: None,
         rate_limit_key: None,
         erased: true,
         trace_context: None,

@@ -209,6 +209,11 @@ impl Endpoint {
         self.target.key_id()
     }
 
+    /// The key id of the client certificate (mTLS) its deliveries are sent with, if any.
+    pub fn client_identity_id(&self) -> Option<&str> {
+        self.target.client_identity_id()
+    }
+
     /// Checks that deliveries to it can be made: URL, headers, secrets or key id, as
     /// [`WebhookSubscription::dispatch`] would.
     pub fn validate(&self) -> Result<(), super::RegistryError> {
@@ -273,5 +278,18 @@ mod tests {
             !parking.enabled(true).parks("order.paid"),
             "an enabled endpoint is sent to"
         );
+    }
+
+    #[test]
+    fn an_endpoints_client_identity_is_stored_and_carried_by_its_deliveries() {
+        let endpoint = Endpoint::new("ep", "https://example.com/hook", Secret::generate()).client_identity("acme-prod");
+        let json = serde_json::to_value(&endpoint).unwrap();
+        assert_eq!(json["client_identity"], "acme-prod");
+        let read: Endpoint = serde_json::from_value(json).unwrap();
+        assert_eq!(read.client_identity_id(), Some("acme-prod"));
+        let job = read.subscription().job("order.paid", &1).unwrap();
+        assert_eq!(job.client_identity(), Some("acme-prod"));
+        let bad = Endpoint::new("ep", "https://example.com/hook", Secret::generate()).client_identity("a b");
+        assert!(bad.validate().is_err());
     }
 }

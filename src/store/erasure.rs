@@ -262,6 +262,7 @@ fn erased(job: &WebhookJob) -> WebhookJob {
         headers: Vec::new(),
         secrets: Vec::new(),
         key_id: None,
+        client_identity: None,
         rate_limit_key: None,
         ordering_key: None,
         erased: true,

@@ -30,6 +30,7 @@ pub struct WebhookWorker<B> {
     /// `None`: deliveries connect directly.
     proxy: Option<EgressProxy>,
     secret_store: Option<Arc<dyn SecretStore>>,
+    client_identities: Option<ClientIdentities>,
     max_response_bytes: Option<usize>,
     hooks: Hooks,
     #[cfg(feature = "registry")]
@@ -53,6 +54,7 @@ impl<B: fmt::Debug> fmt::Debug for WebhookWorker<B> {
             .field("proxy", &self.proxy)
             .field("client", &self.client)
             .field("secret_store", &self.secret_store.is_some())
+            .field("client_identities", &self.client_identities)
             .field("hooks", &self.hooks.0.len());
         #[cfg(feature = "registry")]
         f.field("registry", &self.registry.is_some())
@@ -101,6 +103,13 @@ pub enum BuildError {
         "WebhookWorker::egress_proxy cannot apply to an unguarded_http_client; configure the proxy on that client or use http_client"
     )]
     ProxyWithUnguardedClient,
+    /// [`client_identities`](WebhookWorker::client_identities) were set on a worker given a
+    /// finished client ([`unguarded_http_client`](WebhookWorker::unguarded_http_client)), which
+    /// the worker cannot add a certificate to: use [`http_client`](WebhookWorker::http_client).
+    #[error(
+        "WebhookWorker::client_identities cannot apply to an unguarded_http_client; use http_client for custom client settings"
+    )]
+    ClientIdentitiesWithUnguardedClient,
     /// The backend hands a silent worker's tasks to another after `orphan_window`, which is
     /// not longer than the longest attempt this worker may run: a worker busy with a slow
     /// receiver would have its deliveries sent again by a peer.
@@ -128,6 +137,7 @@ impl<B: Clone> WebhookWorker<B> {
             egress: EgressPolicy::default(),
             proxy: None,
             secret_store: None,
+            client_identities: None,
             max_response_bytes: None,
             hooks: Hooks::default(),
             #[cfg(feature = "registry")]
@@ -271,6 +281,29 @@ impl<B: Clone> WebhookWorker<B> {
         self
     }
 
+    /// Sends the deliveries that name a client identity
+    /// ([`client_identity`](crate::WebhookSubscription::client_identity)) with that identity's
+    /// certificate (mutual TLS), looked up in `identities` when they are sent: a
+    /// [`ClientIdentityStore`](crate::client_identity::ClientIdentityStore), or
+    /// [`ClientIdentities`] to size its pool of clients (see [`crate::client_identity`]).
+    /// Each identity's client is built like the default one, from
+    /// [`http_client`](Self::http_client)'s builder with the guard and the
+    /// [`egress_proxy`](Self::egress_proxy). Without it, a delivery naming an identity is a
+    /// dead letter.
+    ///
+    /// ```
+    /// # fn example<Storage: Clone>(storage: Storage) {
+    /// use apalis_webhooks::{WebhookWorker, client_identity::MemoryClientIdentityStore};
+    ///
+    /// let identities = MemoryClientIdentityStore::new();
+    /// let worker = WebhookWorker::new(storage).client_identities(identities.clone());
+    /// # drop(worker); }
+    /// ```
+    pub fn client_identities(mut self, identities: impl Into<ClientIdentities>) -> Self {
+        self.client_identities = Some(identities.into());
+        self
+    }
+
     /// Deliver with a client built from `make`'s builder (timeouts, TLS roots, pool
     /// settings, a `User-Agent`), called once per [`service`](Self::service) built. The guard is
     /// applied on top of whatever the builder says: a
@@ -366,22 +399,28 @@ impl<B: Clone> WebhookWorker<B> {
                 allowance: LAYER_ALLOWANCE,
             });
         }
-        let mut delivery = match (&self.client, &self.proxy) {
-            (ClientSource::Default, None) => HttpDelivery::with_egress(self.egress.clone())?,
-            (ClientSource::Guarded(make), None) => HttpDelivery::from_builder(make(), self.egress.clone())?,
-            (ClientSource::Default, Some(proxy)) => HttpDelivery::from_builder_via_proxy(
-                reqwest::Client::builder().user_agent(USER_AGENT),
-                GuardedResolver::new(self.egress.clone()),
-                proxy,
+        let resolver = || GuardedResolver::new(self.egress.clone());
+        let mut delivery = match &self.client {
+            ClientSource::Default => HttpDelivery::from_builder_fn(
+                || reqwest::Client::builder().user_agent(USER_AGENT),
+                resolver(),
+                self.proxy.as_ref(),
             )?,
-            (ClientSource::Guarded(make), Some(proxy)) => {
-                HttpDelivery::from_builder_via_proxy(make(), GuardedResolver::new(self.egress.clone()), proxy)?
+            ClientSource::Guarded(make) => {
+                let make = Arc::clone(make);
+                HttpDelivery::from_builder_fn(move || make(), resolver(), self.proxy.as_ref())?
             }
-            (ClientSource::Unguarded(client), None) => {
+            ClientSource::Unguarded(_) if self.proxy.is_some() => return Err(BuildError::ProxyWithUnguardedClient),
+            ClientSource::Unguarded(_) if self.client_identities.is_some() => {
+                return Err(BuildError::ClientIdentitiesWithUnguardedClient);
+            }
+            ClientSource::Unguarded(client) => {
                 HttpDelivery::with_unguarded_client(client.clone()).egress(self.egress.clone())
             }
-            (ClientSource::Unguarded(_), Some(_)) => return Err(BuildError::ProxyWithUnguardedClient),
         };
+        if let Some(identities) = &self.client_identities {
+            delivery = delivery.client_identities(identities.clone());
+        }
         if let Some(limit) = self.max_response_bytes {
             delivery = delivery.max_response_bytes(limit);
         }

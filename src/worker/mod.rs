@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::report::{DeadLetter, DeadLetterReason, DeliveryEvent, DeliveryReport};
 use crate::{
     backend::resilient::Backoff,
+    client_identity::ClientIdentities,
     clock::{unix_millis, unix_seconds, unix_seconds_after},
     delivery::{DEFAULT_MAX_ATTEMPT_TIMEOUT, DeliveryRequest, HttpDelivery, USER_AGENT},
     job::WebhookJob,
