@@ -94,7 +94,8 @@
     feature = "redis",
     feature = "axum",
     feature = "registry",
-    feature = "ordering"
+    feature = "ordering",
+    feature = "opentelemetry"
 ))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
