@@ -10,17 +10,7 @@ use apalis_webhooks::{
     backend::{postgres, redis, sqlite, worker_name},
 };
 
-use crate::{CONCURRENCY, Error, dispatch, receiver::Receiver, stop_signal, webhooks};
-
-/// Resident set size of this process, in MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
+use crate::{CONCURRENCY, Error, dispatch, receiver::Receiver, rss_mib, stop_signal, webhooks};
 
 /// Enqueues `events` into `sink` from 8 tasks.
 async fn fill<S, K>(sink: S, subscription: &WebhookSubscription, events: u64)

@@ -1,20 +1,25 @@
-//! Side-by-side delivery benchmark on one machine, over loopback HTTP:
-//! raw HTTP (the ceiling), bare apalis (the floor of apalis's own cost), apalis-webhooks with
-//! its default layers, and webhook-dispatcher, on each backend.
+//! Side-by-side delivery benchmark on one machine, over loopback HTTP: `raw` HTTP (the
+//! ceiling, no queue), `bare` apalis (the floor of apalis's own cost), `hand-rolled` (an apalis
+//! job that signs and sends like we do, retried by apalis), `apalis-webhooks` with its default
+//! layers, and `webhook-dispatcher`, on each backend.
 //!
 //! ```text
-//! cd benches/compare && cargo run --release -- [--events N] [--runs R] [--backends memory,sqlite,postgres,redis]
+//! cd benches/compare && cargo run --release -- [--events N] [--runs R] [--backends memory,sqlite,postgres,redis] [--json FILE]
 //! cd benches/compare && cargo run --release -- --backlog 100000 --backends sqlite,postgres,redis
+//! cd benches/compare && cargo run --release --bin chart -- FILE out.svg
 //! ```
 //!
 //! Postgres and Redis come from `TEST_POSTGRES_URL` / `TEST_REDIS_URL` (skipped when unset).
 //! Each contender gets a fresh queue; events are enqueued by 4 tasks while the worker (64
 //! slots) delivers; throughput is events / (first dispatch → last arrival), latency is each
-//! event's dispatch → arrival.
+//! event's dispatch → arrival. `--json FILE` writes the medians as
+//! `{"rows": [{contender, backend, per_sec, p50_ms, p99_ms, cpu_us, rss_mib}, …]}`; `raw` has
+//! the backend `none`.
 
 mod backlog;
 mod bare;
 mod dispatcher;
+mod hand_rolled;
 mod raw;
 mod receiver;
 mod webhooks;
@@ -45,6 +50,54 @@ struct Row {
     p99_ms: f64,
     /// CPU time of this whole process (worker, receiver, enqueuers) per delivery, µs.
     cpu_us: f64,
+    /// Peak resident set of this process while the contender ran, MiB (sampled every 50 ms).
+    rss_mib: f64,
+}
+
+/// Resident set size of this process, in MiB (from /proc; 0 elsewhere).
+pub fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Samples the resident set every 50 ms on a thread of its own (not a runtime task, so a
+/// saturated runtime does not skip samples) until `finish` returns the peak.
+struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl RssSampler {
+    fn start() -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peak = rss_mib();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                peak = peak.max(rss_mib());
+            }
+            peak
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = self.thread.join().unwrap_or(0.0);
+        peak.max(rss_mib())
+    }
+}
+
+fn print_row(row: &Row) {
+    eprintln!(
+        "{:>18} {:>8}: {:>8.0}/s  p50 {:>8.1} ms  p99 {:>8.1} ms  cpu {:>5.1} µs  rss {:>6.1} MiB",
+        row.contender, row.backend, row.per_sec, row.p50_ms, row.p99_ms, row.cpu_us, row.rss_mib
+    );
 }
 
 /// User + system CPU time of this process so far, in µs (from /proc; 0 elsewhere).
@@ -74,6 +127,7 @@ where
 {
     let before = receiver.arrived();
     let _ = receiver.take_latencies();
+    let sampler = RssSampler::start();
     let cpu_before = process_cpu_us();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -95,6 +149,7 @@ where
         .unwrap_or_else(|_| panic!("{contender} on {backend}: not every event arrived"));
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_us = (process_cpu_us() - cpu_before) / events as f64;
+    let rss_mib = sampler.finish();
     let (p50_ms, p99_ms) = receiver.take_latencies();
     let row = Row {
         contender,
@@ -103,11 +158,9 @@ where
         p50_ms,
         p99_ms,
         cpu_us,
+        rss_mib,
     };
-    eprintln!(
-        "{contender:>16} {backend:>8}: {:>8.0}/s  p50 {:>8.1} ms  p99 {:>8.1} ms  cpu {:>5.1} µs",
-        row.per_sec, row.p50_ms, row.p99_ms, row.cpu_us
-    );
+    print_row(&row);
     row
 }
 
@@ -151,6 +204,11 @@ async fn run_backend(
     let url = receiver.url.clone();
     let client = reqwest::Client::new();
     let subscription = WebhookSubscription::new(url.clone(), Secret::generate());
+    // The hand-rolled contender's secret, as a `whsec_…` string like a team would store it.
+    let secret = Secret::generate()
+        .expose_text()
+        .expect("a generated secret is text")
+        .to_owned();
     let queue = |who: &str| format!("bench-{who}-{}", ulid::Ulid::new());
     match backend {
         "memory" => {
@@ -171,7 +229,31 @@ async fn run_backend(
                         .unwrap();
                 }
             };
-            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            rows.push(measure(receiver, events, "bare", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let (tx, rx) = futures_channel();
+            let storage = apalis_core::backend::memory::MemoryStorage::new_with(sink_for(&tx), rx);
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("hand-rolled"))
+                .backend(storage)
+                .data(hand_rolled::client())
+                .retry(hand_rolled::retry_policy())
+                .concurrency(CONCURRENCY)
+                .build(hand_rolled::deliver);
+            let handle = tokio::spawn(worker.run_until(until));
+            let (url2, secret2) = (receiver.url.clone(), secret.clone());
+            let enqueue = move |seq| {
+                let (tx, url, secret) = (tx.clone(), url2.clone(), secret2.clone());
+                async move {
+                    tx.unbounded_send(
+                        apalis_core::task::builder::TaskBuilder::new(hand_rolled::job(&url, &secret, seq)).build(),
+                    )
+                    .unwrap();
+                }
+            };
+            rows.push(measure(receiver, events, "hand-rolled", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
 
@@ -216,7 +298,26 @@ async fn run_backend(
                 let (mut storage, url) = (storage.clone(), url2.clone());
                 async move { storage.push(bare_job(&url, seq)).await.expect("push") }
             };
-            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            rows.push(measure(receiver, events, "bare", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let storage = apalis_sqlite::SqliteStorage::<hand_rolled::HandRolledJob>::new(&pool)
+                .with_config(sqlite::config().queue(&queue("hand-rolled")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("hand-rolled"))
+                .backend(sqlite::worker_backend(storage.clone()))
+                .data(hand_rolled::client())
+                .retry(hand_rolled::retry_policy())
+                .concurrency(CONCURRENCY)
+                .build(hand_rolled::deliver);
+            let handle = tokio::spawn(worker.run_until(until));
+            let (url2, secret2) = (url.clone(), secret.clone());
+            let enqueue = move |seq| {
+                let (mut storage, url, secret) = (storage.clone(), url2.clone(), secret2.clone());
+                async move { storage.push(hand_rolled::job(&url, &secret, seq)).await.expect("push") }
+            };
+            rows.push(measure(receiver, events, "hand-rolled", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
 
@@ -257,7 +358,26 @@ async fn run_backend(
                 let (mut storage, url) = (storage.clone(), url2.clone());
                 async move { storage.push(bare_job(&url, seq)).await.expect("push") }
             };
-            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            rows.push(measure(receiver, events, "bare", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let storage = apalis_postgres::PostgresStorage::<hand_rolled::HandRolledJob>::new(&pool)
+                .with_config(postgres::config().queue(&queue("hand-rolled")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("hand-rolled"))
+                .backend(postgres::worker_backend(storage.clone()))
+                .data(hand_rolled::client())
+                .retry(hand_rolled::retry_policy())
+                .concurrency(CONCURRENCY)
+                .build(hand_rolled::deliver);
+            let handle = tokio::spawn(worker.run_until(until));
+            let (url2, secret2) = (url.clone(), secret.clone());
+            let enqueue = move |seq| {
+                let (mut storage, url, secret) = (storage.clone(), url2.clone(), secret2.clone());
+                async move { storage.push(hand_rolled::job(&url, &secret, seq)).await.expect("push") }
+            };
+            rows.push(measure(receiver, events, "hand-rolled", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
 
@@ -308,7 +428,26 @@ async fn run_backend(
                 let (mut storage, url) = (storage.clone(), url2.clone());
                 async move { storage.push(bare_job(&url, seq)).await.expect("push") }
             };
-            rows.push(measure(receiver, events, "bare apalis", backend, enqueue).await);
+            rows.push(measure(receiver, events, "bare", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            let storage = apalis_redis::RedisStorage::<hand_rolled::HandRolledJob>::new(conn.clone())
+                .with_config(redis::config().queue(&queue("hand-rolled")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("hand-rolled"))
+                .backend(redis::worker_backend(storage.clone()))
+                .data(hand_rolled::client())
+                .retry(hand_rolled::retry_policy())
+                .concurrency(CONCURRENCY)
+                .build(hand_rolled::deliver);
+            let handle = tokio::spawn(worker.run_until(until));
+            let (url2, secret2) = (url.clone(), secret.clone());
+            let enqueue = move |seq| {
+                let (mut storage, url, secret) = (storage.clone(), url2.clone(), secret2.clone());
+                async move { storage.push(hand_rolled::job(&url, &secret, seq)).await.expect("push") }
+            };
+            rows.push(measure(receiver, events, "hand-rolled", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
 
@@ -332,6 +471,26 @@ async fn run_backend(
         other => return Err(format!("unknown backend {other}").into()),
     }
     Ok(())
+}
+
+/// `{"rows": [{contender, backend, per_sec, p50_ms, p99_ms, cpu_us, rss_mib}, …]}`, the figures
+/// being the medians over the runs; `benches/compare/src/bin/chart.rs` draws it.
+fn json_rows(rows: &[Row]) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "contender": row.contender,
+                "backend": row.backend,
+                "per_sec": row.per_sec,
+                "p50_ms": row.p50_ms,
+                "p99_ms": row.p99_ms,
+                "cpu_us": row.cpu_us,
+                "rss_mib": row.rss_mib,
+            })
+        })
+        .collect();
+    serde_json::json!({ "rows": rows })
 }
 
 /// One row per contender and backend, each figure the median over the runs.
@@ -360,25 +519,26 @@ fn medians(all: &[Row]) -> Vec<Row> {
             p50_ms: median(|r| r.p50_ms),
             p99_ms: median(|r| r.p99_ms),
             cpu_us: median(|r| r.cpu_us),
+            rss_mib: median(|r| r.rss_mib),
         });
     }
     rows
 }
 
-type BareTask = apalis_core::task::Task<bare::BareJob>;
+type MemoryTask<T> = apalis_core::task::Task<T>;
 
-fn futures_channel() -> (
-    futures::channel::mpsc::UnboundedSender<BareTask>,
-    futures::stream::BoxStream<'static, BareTask>,
+fn futures_channel<T: Send + 'static>() -> (
+    futures::channel::mpsc::UnboundedSender<MemoryTask<T>>,
+    futures::stream::BoxStream<'static, MemoryTask<T>>,
 ) {
     use futures::StreamExt;
     let (tx, rx) = futures::channel::mpsc::unbounded();
     (tx, rx.boxed())
 }
 
-fn sink_for(
-    tx: &futures::channel::mpsc::UnboundedSender<BareTask>,
-) -> apalis_core::backend::memory::MemorySink<bare::BareJob> {
+fn sink_for<T: Send + 'static>(
+    tx: &futures::channel::mpsc::UnboundedSender<MemoryTask<T>>,
+) -> apalis_core::backend::memory::MemorySink<T> {
     use futures::SinkExt;
     let sink = tx
         .clone()
@@ -392,6 +552,7 @@ async fn main() -> Result<(), Error> {
     let mut runs = 3usize;
     let mut backlog_events = 0u64;
     let mut backends = vec!["memory", "sqlite", "postgres", "redis"];
+    let mut json: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or("a flag without a value")?;
@@ -399,6 +560,7 @@ async fn main() -> Result<(), Error> {
             "--events" => events = value.parse()?,
             "--runs" => runs = value.parse::<usize>()?.max(1),
             "--backlog" => backlog_events = value.parse()?,
+            "--json" => json = Some(value),
             "--backends" => {
                 backends = value
                     .split(',')
@@ -429,23 +591,27 @@ async fn main() -> Result<(), Error> {
     for run in 1..=runs {
         eprintln!("run {run} of {runs}");
         let before = receiver.arrived();
+        let sampler = RssSampler::start();
+        let cpu_before = process_cpu_us();
         let started = Instant::now();
         raw::run(&receiver.url, events, &Secret::generate()).await;
         receiver.wait_for(before + events as usize).await;
-        let (p50_ms, p99_ms) = receiver.take_latencies();
         let per_sec = events as f64 / started.elapsed().as_secs_f64();
-        eprintln!(
-            "{:>16} {:>8}: {per_sec:>8.0}/s  p50 {p50_ms:>8.1} ms  p99 {p99_ms:>8.1} ms",
-            "raw HTTP", "-"
-        );
-        all.push(Row {
-            contender: "raw HTTP",
-            backend: "-",
+        let cpu_us = (process_cpu_us() - cpu_before) / events as f64;
+        let rss_mib = sampler.finish();
+        let (p50_ms, p99_ms) = receiver.take_latencies();
+        let row = Row {
+            contender: "raw",
+            // No queue, so no backend.
+            backend: "none",
             per_sec,
             p50_ms,
             p99_ms,
-            cpu_us: 0.0,
-        });
+            cpu_us,
+            rss_mib,
+        };
+        print_row(&row);
+        all.push(row);
         for backend in &backends {
             run_backend(backend, &mut receiver, events, &mut all).await?;
         }
@@ -453,23 +619,24 @@ async fn main() -> Result<(), Error> {
     let rows = medians(&all);
 
     println!("\n{events} events of 1 KiB, 64 in flight, loopback receiver answering 204; median of {runs} runs\n");
-    println!("| contender | backend | deliveries/s | p50 ms | p99 ms | vs bare apalis | process CPU µs/delivery |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| contender | backend | deliveries/s | p50 ms | p99 ms | vs bare | process CPU µs/delivery | peak RSS MiB |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         let bare = rows
             .iter()
-            .find(|r| r.backend == row.backend && r.contender == "bare apalis")
+            .find(|r| r.backend == row.backend && r.contender == "bare")
             .map(|bare| format!("{:.2}×", row.per_sec / bare.per_sec))
             .unwrap_or_default();
-        let cpu = if row.cpu_us > 0.0 {
-            format!("{:.1}", row.cpu_us)
-        } else {
-            String::new()
-        };
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {bare} | {cpu} |",
-            row.contender, row.backend, row.per_sec, row.p50_ms, row.p99_ms
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {bare} | {:.1} | {:.1} |",
+            row.contender, row.backend, row.per_sec, row.p50_ms, row.p99_ms, row.cpu_us, row.rss_mib
         );
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&json_rows(&rows))?)?;
+        eprintln!("wrote {path}");
     }
     Ok(())
 }
