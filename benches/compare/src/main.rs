@@ -1,7 +1,8 @@
 //! Side-by-side delivery benchmark on one machine, over loopback HTTP: `raw` HTTP (the
 //! ceiling, no queue), `bare` apalis (the floor of apalis's own cost), `hand-rolled` (an apalis
 //! job that signs and sends like we do, retried by apalis), `apalis-webhooks` with its default
-//! layers, and `webhook-dispatcher`, on each backend.
+//! layers, `webhook-dispatcher` (memory, Postgres) and `webhooksmith` (SQLite, Postgres), on
+//! each backend.
 //!
 //! ```text
 //! cd benches/compare && cargo run --release -- [--events N] [--runs R] [--backends memory,sqlite,postgres,redis] [--json FILE]
@@ -22,6 +23,7 @@ mod dispatcher;
 mod hand_rolled;
 mod raw;
 mod receiver;
+mod smith;
 mod webhooks;
 
 use std::{
@@ -336,6 +338,9 @@ async fn run_backend(
             rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
+
+            let smith = smith::Smith::on_sqlite(dir.path(), &receiver.url).await?;
+            rows.push(run_smith(receiver, events, backend, smith).await?);
         }
         "postgres" => {
             let Ok(database_url) = std::env::var("TEST_POSTGRES_URL") else {
@@ -406,6 +411,10 @@ async fn run_backend(
             };
             rows.push(measure(receiver, events, "webhook-dispatcher", backend, enqueue).await);
             dispatcher::drop_schema(&database_url, &schema).await?;
+
+            let (smith, schema) = smith::Smith::on_postgres(&database_url, &receiver.url).await?;
+            rows.push(run_smith(receiver, events, backend, smith).await?);
+            dispatcher::drop_schema(&database_url, &schema).await?;
         }
         "redis" => {
             let Ok(redis_url) = std::env::var("TEST_REDIS_URL") else {
@@ -471,6 +480,27 @@ async fn run_backend(
         other => return Err(format!("unknown backend {other}").into()),
     }
     Ok(())
+}
+
+/// Measures webhooksmith: its delivery loop runs while the events are sent, and stops after.
+async fn run_smith(
+    receiver: &mut Receiver,
+    events: u64,
+    backend: &'static str,
+    smith: smith::Smith,
+) -> Result<Row, Error> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(smith.clone().run(async move {
+        let _ = stopped.await;
+    }));
+    let enqueue = move |seq| {
+        let smith = smith.clone();
+        async move { smith.send(seq).await }
+    };
+    let row = measure(receiver, events, "webhooksmith", backend, enqueue).await;
+    let _ = stop.send(());
+    handle.await?;
+    Ok(row)
 }
 
 /// `{"rows": [{contender, backend, per_sec, p50_ms, p99_ms, cpu_us, rss_mib}, …]}`, the figures
