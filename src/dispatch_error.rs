@@ -107,6 +107,22 @@ pub enum DispatchError {
     /// a repeated dispatch for a new delivery, so the two are not combined.
     #[error("an idempotency key cannot be combined with an ordering key")]
     IdempotencyKeyWithOrdering,
+    /// A [`DispatchBatch`](crate::batch::DispatchBatch) holds at most
+    /// [`MAX_BATCH`](crate::batch::MAX_BATCH) deliveries: dispatch this one and start another.
+    #[error("a dispatch batch holds at most {limit} deliveries")]
+    BatchTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// A [`DispatchBatch`](crate::batch::DispatchBatch) is keyed throughout or not at all: the
+    /// delivery added had an idempotency key and the batch had none, or the reverse.
+    #[error("a dispatch batch cannot mix deliveries with and without an idempotency key")]
+    MixedBatch,
+    /// [`WebhookSubscription::dispatch_many`](crate::WebhookSubscription::dispatch_many) was
+    /// given a subscription with an idempotency key, which would name every delivery of the
+    /// batch: give each delivery its own key in a [`DispatchBatch`](crate::batch::DispatchBatch).
+    #[error("dispatch_many sends many deliveries under one idempotency key; key each in a DispatchBatch")]
+    IdempotencyKeyInBatch,
     /// The backend refused or failed the push.
     #[error("backend push failed: {0}")]
     Backend(#[source] BoxDynError),

@@ -128,6 +128,7 @@ pub mod docs {
 }
 
 pub mod backend;
+pub mod batch;
 pub mod bounded;
 pub mod client_identity;
 mod clock;

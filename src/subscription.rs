@@ -224,6 +224,15 @@ impl WebhookSubscription {
         Ok(())
     }
 
+    /// The dispatch key and window of a keyed dispatch ([`idempotency_key`](Self::idempotency_key)).
+    pub(crate) fn dispatch_key(&self) -> Option<(DispatchKey, Duration)> {
+        let key = self.idempotency_key.as_ref()?;
+        Some((
+            DispatchKey::new(&self.idempotency_scope(), key),
+            self.idempotency_window,
+        ))
+    }
+
     /// What an idempotency key is scoped to: the endpoint id, else the URL (as ordered lines
     /// name endpoints), so that one key used for two endpoints makes two deliveries.
     pub(crate) fn idempotency_scope(&self) -> String {
@@ -298,10 +307,9 @@ impl WebhookSubscription {
             return Err(DispatchError::NotOrdered);
         }
         job.fresh = true;
-        if let Some(key) = &self.idempotency_key {
-            let key = DispatchKey::new(&self.idempotency_scope(), key);
+        if let Some((key, window)) = self.dispatch_key() {
             return sink
-                .push_keyed(job, &key, self.idempotency_window)
+                .push_keyed(job, &key, window)
                 .await
                 .map_err(|e| DispatchError::Backend(Box::new(e)));
         }

@@ -322,7 +322,9 @@ impl WebhookSink<Redis> for RedisSink {
     async fn push_jobs(&mut self, jobs: Vec<WebhookJob>) -> Result<(), Error> {
         // SCRIPT LOAD heads the pipeline, so the EVALSHAs after it never meet NOSCRIPT (a
         // restarted or flushed Redis) and it all stays one round trip.
+        // MULTI/EXEC: a batch is stored whole or not at all.
         let mut pipeline = ::redis::pipe();
+        pipeline.atomic();
         pipeline.cmd("SCRIPT").arg("LOAD").arg(PUSH_LUA).ignore();
         for job in &jobs {
             pipeline.invoke_script(&self.push_invocation(job, None)?);
@@ -348,6 +350,7 @@ impl WebhookSink<Redis> for RedisSink {
         window: Duration,
     ) -> Result<Vec<WebhookId>, Error> {
         let mut pipeline = ::redis::pipe();
+        pipeline.atomic();
         pipeline.cmd("SCRIPT").arg("LOAD").arg(KEYED_PUSH_LUA.as_str()).ignore();
         for (job, key) in &jobs {
             pipeline.invoke_script(&self.keyed_invocation(job, key, window)?);
