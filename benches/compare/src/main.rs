@@ -287,7 +287,7 @@ async fn run_backend(
             let pool = sqlite::connect(&format!("sqlite://{}", dir.path().join("bench.db").display())).await?;
 
             let storage = apalis_sqlite::SqliteStorage::<bare::BareJob>::new(&pool)
-                .with_config(sqlite::config().queue(&queue("bare")));
+                .with_config(sqlite::config().queue(queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
                 .backend(sqlite::worker_backend(storage.clone()))
@@ -305,7 +305,7 @@ async fn run_backend(
             handle.await??;
 
             let storage = apalis_sqlite::SqliteStorage::<hand_rolled::HandRolledJob>::new(&pool)
-                .with_config(sqlite::config().queue(&queue("hand-rolled")));
+                .with_config(sqlite::config().queue(queue("hand-rolled")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("hand-rolled"))
                 .backend(sqlite::worker_backend(storage.clone()))
@@ -324,7 +324,7 @@ async fn run_backend(
             handle.await??;
 
             let storage = apalis_sqlite::SqliteStorage::<apalis_webhooks::WebhookJob>::new(&pool)
-                .with_config(sqlite::config().queue(&queue("webhooks")));
+                .with_config(sqlite::config().queue(queue("webhooks")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
                 .backend(sqlite::worker_backend(storage.clone()))
@@ -350,7 +350,7 @@ async fn run_backend(
             let pool = postgres::connect(&database_url).await?;
 
             let storage = apalis_postgres::PostgresStorage::<bare::BareJob>::new(&pool)
-                .with_config(postgres::config().queue(&queue("bare")));
+                .with_config(postgres::config().queue(queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
                 .backend(postgres::worker_backend(storage.clone()))
@@ -368,7 +368,7 @@ async fn run_backend(
             handle.await??;
 
             let storage = apalis_postgres::PostgresStorage::<hand_rolled::HandRolledJob>::new(&pool)
-                .with_config(postgres::config().queue(&queue("hand-rolled")));
+                .with_config(postgres::config().queue(queue("hand-rolled")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("hand-rolled"))
                 .backend(postgres::worker_backend(storage.clone()))
@@ -387,7 +387,7 @@ async fn run_backend(
             handle.await??;
 
             let storage = apalis_postgres::PostgresStorage::<apalis_webhooks::WebhookJob>::new(&pool)
-                .with_config(postgres::config().queue(&queue("webhooks")));
+                .with_config(postgres::config().queue(queue("webhooks")));
             let sink = postgres::PostgresSink::new(&storage);
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
@@ -424,7 +424,7 @@ async fn run_backend(
             let conn = redis::connect(&redis_url).await?;
 
             let storage = apalis_redis::RedisStorage::<bare::BareJob>::new(conn.clone())
-                .with_config(redis::config().queue(&queue("bare")));
+                .with_config(redis::config().queue(queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
                 .backend(redis::worker_backend(storage.clone()))
@@ -442,7 +442,7 @@ async fn run_backend(
             handle.await??;
 
             let storage = apalis_redis::RedisStorage::<hand_rolled::HandRolledJob>::new(conn.clone())
-                .with_config(redis::config().queue(&queue("hand-rolled")));
+                .with_config(redis::config().queue(queue("hand-rolled")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("hand-rolled"))
                 .backend(redis::worker_backend(storage.clone()))
@@ -461,7 +461,7 @@ async fn run_backend(
             handle.await??;
 
             let storage = apalis_redis::RedisStorage::<apalis_webhooks::WebhookJob>::new(conn)
-                .with_config(redis::config().queue(&queue("webhooks")));
+                .with_config(redis::config().queue(queue("webhooks")));
             let sink = redis::RedisSink::new(&storage);
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
