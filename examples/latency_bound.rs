@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The in-flight cap is off (one receiver here stands for many endpoints; capped, a single slow
-//! endpoint gets 16 slots). Redis comes from `TEST_REDIS_URL` (the local server by default).
+//! endpoint gets 16 slots). The receiver runs in a child process, so the memory measured is the
+//! sender's. Redis comes from `TEST_REDIS_URL` (the local server by default).
 
 use std::{
     sync::{
@@ -23,11 +24,13 @@ use apalis_webhooks::{
     Secret, WebhookSubscription, WebhookWorker,
     backend::{memory, redis, worker_name},
     batch::DispatchBatch,
+    report::DeliveryEvent,
     ssrf::EgressPolicy,
 };
-use axum::{Router, extract::State, http::StatusCode, routing::post};
+use axum::{Router, http::StatusCode, routing::post};
 use tokio::sync::Notify;
 
+/// Deliveries the worker reported delivered; `all` fires at `expected`.
 #[derive(Default)]
 struct Arrivals {
     count: AtomicUsize,
@@ -46,30 +49,48 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-async fn receiver(latency: Duration, arrivals: Arc<Arrivals>) -> String {
-    let app = Router::new()
-        .route(
-            "/hook",
-            post(move |State(arrivals): State<Arc<Arrivals>>| async move {
-                // The receiver's behaviour under test: it answers after `latency`.
-                tokio::time::sleep(latency).await;
-                if arrivals.count.fetch_add(1, Ordering::SeqCst) + 1 == arrivals.expected.load(Ordering::SeqCst) {
-                    arrivals.all.notify_one();
-                }
-                StatusCode::NO_CONTENT
-            }),
-        )
-        .with_state(arrivals);
+/// The receiver, run in a child process of its own (`--serve LATENCY_MS`) so that the memory
+/// measured is the sender's alone: answers 204 after `latency`, prints its URL.
+async fn serve(latency: Duration) {
+    let app = Router::new().route(
+        "/hook",
+        post(move || async move {
+            // The receiver's behaviour under test: it answers after `latency`.
+            tokio::time::sleep(latency).await;
+            StatusCode::NO_CONTENT
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    println!("http://{}/hook", listener.local_addr().unwrap());
+    axum::serve(listener, app).await.unwrap();
 }
 
-fn service<S: Clone + Send + Sync + 'static>(sink: S) -> WebhookWorker<S> {
+/// Starts the receiver process and returns it with its URL.
+fn receiver(latency: Duration) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--serve", &latency.as_millis().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("receiver process");
+    let mut url = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut url)
+        .unwrap();
+    (child, url.trim().to_owned())
+}
+
+fn service<S: Clone + Send + Sync + 'static>(sink: S, arrivals: Arc<Arrivals>) -> WebhookWorker<S> {
     WebhookWorker::new(sink)
         .egress(EgressPolicy::new().allow_loopback())
         .without_in_flight_cap()
+        .on_event(move |event| {
+            if let DeliveryEvent::Delivered { .. } = event
+                && arrivals.count.fetch_add(1, Ordering::SeqCst) + 1 == arrivals.expected.load(Ordering::SeqCst)
+            {
+                arrivals.all.notify_one();
+            }
+        })
 }
 
 /// Runs `deliveries` through a worker of `concurrency` slots; returns deliveries/s and the
@@ -77,7 +98,7 @@ fn service<S: Clone + Send + Sync + 'static>(sink: S) -> WebhookWorker<S> {
 async fn run(backend: &str, latency: Duration, concurrency: usize, deliveries: usize) -> (f64, u64) {
     let arrivals = Arc::new(Arrivals::default());
     arrivals.expected.store(deliveries, Ordering::SeqCst);
-    let url = receiver(latency, Arc::clone(&arrivals)).await;
+    let (mut receiver, url) = receiver(latency);
     let subscription = WebhookSubscription::new(url, Secret::generate());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let until = async move {
@@ -118,7 +139,7 @@ async fn run(backend: &str, latency: Duration, concurrency: usize, deliveries: u
             let worker = WorkerBuilder::new(worker_name("latency"))
                 .backend(storage)
                 .concurrency(concurrency)
-                .build(service(sink).service().unwrap());
+                .build(service(sink, Arc::clone(&arrivals)).service().unwrap());
             (baseline, sampling) = (rss_kib(), sample(Arc::clone(&peak)));
             started = Instant::now();
             tokio::spawn(worker.run_until(until))
@@ -135,7 +156,7 @@ async fn run(backend: &str, latency: Duration, concurrency: usize, deliveries: u
             let worker = WorkerBuilder::new(worker_name("latency"))
                 .backend(redis::worker_backend_with(storage, concurrency))
                 .concurrency(concurrency)
-                .build(service(sink).service().unwrap());
+                .build(service(sink, Arc::clone(&arrivals)).service().unwrap());
             (baseline, sampling) = (rss_kib(), sample(Arc::clone(&peak)));
             started = Instant::now();
             tokio::spawn(worker.run_until(until))
@@ -147,6 +168,8 @@ async fn run(backend: &str, latency: Duration, concurrency: usize, deliveries: u
     let _ = stop.send(());
     let _ = worker.await;
     sampling.abort();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
     let grown = peak.load(Ordering::Relaxed).saturating_sub(baseline);
     (deliveries as f64 / took.as_secs_f64(), grown)
 }
@@ -159,6 +182,7 @@ async fn main() {
     let mut argv = std::env::args().skip(1);
     while let (Some(flag), Some(value)) = (argv.next(), argv.next()) {
         match flag.as_str() {
+            "--serve" => return serve(Duration::from_millis(value.parse().expect("--serve: a number"))).await,
             "--backend" => backend = value,
             "--latency-ms" => latency = Duration::from_millis(value.parse().expect("--latency-ms: a number")),
             "--concurrency" => {
