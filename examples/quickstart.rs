@@ -110,7 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(
         Monitor::new()
-            // A unique name per process start, polled every 100 ms, 64 deliveries in flight.
+            // A unique name per process start, polled every 100 ms, 256 deliveries in flight.
             .register(move |restarts| sqlite::worker(&worker_storage, restarts).build(service.clone()))
             .should_restart(|_, _| true)
             .run_with_signal(async move {

@@ -16,7 +16,7 @@
 //! let storage = sqlite::storage(&pool);
 //! let service = WebhookWorker::new(storage.clone()).service()?;
 //! Monitor::new()
-//!     // A unique name per process start, polling, 64 deliveries in flight: `sqlite::worker`.
+//!     // A unique name per process start, polling, 256 deliveries in flight: `sqlite::worker`.
 //!     .register(move |restarts| sqlite::worker(&storage, restarts).build(service.clone()))
 //!     // A worker a database error stopped starts again, after a capped backoff.
 //!     .should_restart(|_, _| true)

@@ -35,7 +35,7 @@ use tower::{Layer, ServiceExt};
 const SLOW: usize = 1_000;
 const FAST: usize = 100;
 const SLOW_ANSWER: Duration = Duration::from_secs(2);
-/// A safety net, not a measurement: the uncapped run drains 1,000 × 2 s over 64 slots first.
+/// A safety net, not a measurement: the uncapped run drains 1,000 × 2 s over 256 slots first.
 const PATIENCE: Duration = Duration::from_secs(180);
 
 /// The slow receiver: answers every request after [`SLOW_ANSWER`]; counts arrivals, and the
@@ -119,7 +119,7 @@ struct Run {
 }
 
 /// Queues 1,000 slow deliveries then 100 fast ones into a worker built by `configure` (on
-/// the defaults otherwise: `sqlite::worker`, 64 slots), and waits for the 100 fast ones.
+/// the defaults otherwise: `sqlite::worker`, 256 slots), and waits for the 100 fast ones.
 async fn run(
     label: &str,
     configure: impl FnOnce(
@@ -198,7 +198,7 @@ impl Stop {
     }
 }
 
-/// Runs a worker on `storage` with the default worker settings (`sqlite::worker`: 64 slots),
+/// Runs a worker on `storage` with the default worker settings (`sqlite::worker`: 256 slots),
 /// its builder passed through `configure`.
 fn spawn_worker(storage: &Storage, configure: impl FnOnce(WebhookWorker<Storage>) -> WebhookWorker<Storage>) -> Stop {
     let service = configure(WebhookWorker::new(storage.clone()).egress(EgressPolicy::new().allow_loopback()))

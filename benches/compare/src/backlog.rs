@@ -79,7 +79,7 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             let sink = postgres::PostgresSink::new(&storage);
             fill(sink.clone(), &subscription, events).await;
             let worker = WorkerBuilder::new(worker_name("backlog"))
-                .backend(postgres::worker_backend(storage))
+                .backend(postgres::worker_backend_with(storage, CONCURRENCY))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink));
             let handle = tokio::spawn(worker.run_until(until));
@@ -98,7 +98,7 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             let sink = redis::RedisSink::new(&storage);
             fill(sink.clone(), &subscription, events).await;
             let worker = WorkerBuilder::new(worker_name("backlog"))
-                .backend(redis::worker_backend(storage))
+                .backend(redis::worker_backend_with(storage, CONCURRENCY))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink));
             let handle = tokio::spawn(worker.run_until(until));

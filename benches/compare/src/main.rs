@@ -1,8 +1,9 @@
 //! Side-by-side delivery benchmark on one machine, over loopback HTTP: `raw` HTTP (the
 //! ceiling, no queue), `bare` apalis (the floor of apalis's own cost), `hand-rolled` (an apalis
 //! job that signs and sends like we do, retried by apalis), `apalis-webhooks` with its default
-//! layers, `webhook-dispatcher` (memory, Postgres) and `webhooksmith` (SQLite, Postgres), on
-//! each backend.
+//! layers, `apalis-webhooks-batched` (the same, the events sent 100 at a time with
+//! `dispatch_many`, on SQLite and Postgres), `webhook-dispatcher` (memory, Postgres) and
+//! `webhooksmith` (SQLite, Postgres), on each backend.
 //!
 //! ```text
 //! cd benches/compare && cargo run --release -- [--events N] [--runs R] [--backends memory,sqlite,postgres,redis] [--json FILE]
@@ -11,6 +12,8 @@
 //! ```
 //!
 //! Postgres and Redis come from `TEST_POSTGRES_URL` / `TEST_REDIS_URL` (skipped when unset).
+//! Rows the Postgres contenders leave in apalis's table are deleted (and the table vacuumed)
+//! before each of them, so every one starts on the same table.
 //! Each contender gets a fresh queue; events are enqueued by 4 tasks while the worker (64
 //! slots) delivers; throughput is events / (first dispatch → last arrival), latency is each
 //! event's dispatch → arrival. `--json FILE` writes the medians as
@@ -40,6 +43,8 @@ use receiver::{PAD, Probe, Receiver, now_us};
 
 pub const CONCURRENCY: usize = 64;
 const ENQUEUERS: u64 = 4;
+/// Events per `dispatch_many` for the `apalis-webhooks-batched` contender.
+const BATCH: u64 = 100;
 const PATIENCE: Duration = Duration::from_secs(600);
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -127,6 +132,30 @@ where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
+    measure_batched(receiver, events, 1, contender, backend, move |seqs: Vec<u64>| {
+        let enqueue = enqueue.clone();
+        async move {
+            for seq in seqs {
+                enqueue(seq).await;
+            }
+        }
+    })
+    .await
+}
+
+/// As [`measure`], each enqueuing task handing `enqueue` its next `batch` events at once.
+async fn measure_batched<F, Fut>(
+    receiver: &mut Receiver,
+    events: u64,
+    batch: u64,
+    contender: &'static str,
+    backend: &'static str,
+    enqueue: F,
+) -> Row
+where
+    F: Fn(Vec<u64>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let before = receiver.arrived();
     let _ = receiver.take_latencies();
     let sampler = RssSampler::start();
@@ -138,8 +167,12 @@ where
         tasks.push(tokio::spawn(async move {
             let mut seq = lane;
             while seq < events {
-                enqueue(seq).await;
-                seq += ENQUEUERS;
+                let mut seqs = Vec::with_capacity(batch as usize);
+                while seq < events && (seqs.len() as u64) < batch {
+                    seqs.push(seq);
+                    seq += ENQUEUERS;
+                }
+                enqueue(seqs).await;
             }
         }));
     }
@@ -195,6 +228,22 @@ async fn dispatch<S: WebhookSink<K>, K>(subscription: &WebhookSubscription, sink
         .dispatch(sink, "bench.event", &probe)
         .await
         .expect("dispatch");
+}
+
+/// Dispatches events `seqs` through apalis-webhooks into `sink` as one batch (one round trip).
+async fn dispatch_many<S: WebhookSink<K>, K>(subscription: &WebhookSubscription, sink: &mut S, seqs: Vec<u64>) {
+    let probes: Vec<Probe> = seqs
+        .into_iter()
+        .map(|seq| Probe {
+            seq,
+            t: now_us(),
+            pad: PAD,
+        })
+        .collect();
+    subscription
+        .dispatch_many(sink, "bench.event", &probes)
+        .await
+        .expect("dispatch_many");
 }
 
 async fn run_backend(
@@ -331,11 +380,29 @@ async fn run_backend(
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(storage.clone()));
             let handle = tokio::spawn(worker.run_until(until));
+            let subscription2 = subscription.clone();
             let enqueue = move |seq| {
-                let (subscription, mut sink) = (subscription.clone(), storage.clone());
+                let (subscription, mut sink) = (subscription2.clone(), storage.clone());
                 async move { dispatch(&subscription, &mut sink, seq).await }
             };
             rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+
+            // The same, the events dispatched `BATCH` at a time (`dispatch_many`).
+            let storage = apalis_sqlite::SqliteStorage::<apalis_webhooks::WebhookJob>::new(&pool)
+                .with_config(sqlite::config().queue(queue("webhooks-batched")));
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("webhooks-batched"))
+                .backend(sqlite::worker_backend(storage.clone()))
+                .concurrency(CONCURRENCY)
+                .build(webhooks::service(storage.clone()));
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seqs| {
+                let (subscription, mut sink) = (subscription.clone(), storage.clone());
+                async move { dispatch_many(&subscription, &mut sink, seqs).await }
+            };
+            rows.push(measure_batched(receiver, events, BATCH, "apalis-webhooks-batched", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
 
@@ -348,12 +415,13 @@ async fn run_backend(
                 return Ok(());
             };
             let pool = postgres::connect(&database_url).await?;
+            clear_postgres(&database_url).await?;
 
             let storage = apalis_postgres::PostgresStorage::<bare::BareJob>::new(&pool)
                 .with_config(postgres::config().queue(queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
-                .backend(postgres::worker_backend(storage.clone()))
+                .backend(postgres::worker_backend_with(storage.clone(), CONCURRENCY))
                 .data(client.clone())
                 .concurrency(CONCURRENCY)
                 .build(bare::post);
@@ -366,12 +434,13 @@ async fn run_backend(
             rows.push(measure(receiver, events, "bare", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
+            clear_postgres(&database_url).await?;
 
             let storage = apalis_postgres::PostgresStorage::<hand_rolled::HandRolledJob>::new(&pool)
                 .with_config(postgres::config().queue(queue("hand-rolled")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("hand-rolled"))
-                .backend(postgres::worker_backend(storage.clone()))
+                .backend(postgres::worker_backend_with(storage.clone(), CONCURRENCY))
                 .data(hand_rolled::client())
                 .retry(hand_rolled::retry_policy())
                 .concurrency(CONCURRENCY)
@@ -385,23 +454,45 @@ async fn run_backend(
             rows.push(measure(receiver, events, "hand-rolled", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
+            clear_postgres(&database_url).await?;
 
             let storage = apalis_postgres::PostgresStorage::<apalis_webhooks::WebhookJob>::new(&pool)
                 .with_config(postgres::config().queue(queue("webhooks")));
             let sink = postgres::PostgresSink::new(&storage);
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
-                .backend(postgres::worker_backend(storage))
+                .backend(postgres::worker_backend_with(storage, CONCURRENCY))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink.clone()));
             let handle = tokio::spawn(worker.run_until(until));
+            let subscription2 = subscription.clone();
             let enqueue = move |seq| {
-                let (subscription, mut sink) = (subscription.clone(), sink.clone());
+                let (subscription, mut sink) = (subscription2.clone(), sink.clone());
                 async move { dispatch(&subscription, &mut sink, seq).await }
             };
             rows.push(measure(receiver, events, "apalis-webhooks", backend, enqueue).await);
             let _ = stop.send(());
             handle.await??;
+            clear_postgres(&database_url).await?;
+
+            // The same, the events dispatched `BATCH` at a time (`dispatch_many`).
+            let storage = apalis_postgres::PostgresStorage::<apalis_webhooks::WebhookJob>::new(&pool)
+                .with_config(postgres::config().queue(queue("webhooks-batched")));
+            let sink = postgres::PostgresSink::new(&storage);
+            let (stop, until) = stop_signal();
+            let worker = WorkerBuilder::new(worker_name("webhooks-batched"))
+                .backend(postgres::worker_backend_with(storage, CONCURRENCY))
+                .concurrency(CONCURRENCY)
+                .build(webhooks::service(sink.clone()));
+            let handle = tokio::spawn(worker.run_until(until));
+            let enqueue = move |seqs| {
+                let (subscription, mut sink) = (subscription.clone(), sink.clone());
+                async move { dispatch_many(&subscription, &mut sink, seqs).await }
+            };
+            rows.push(measure_batched(receiver, events, BATCH, "apalis-webhooks-batched", backend, enqueue).await);
+            let _ = stop.send(());
+            handle.await??;
+            clear_postgres(&database_url).await?;
 
             let (dispatcher, endpoint, schema) = dispatcher::on_postgres(&database_url, &receiver.url).await?;
             let run = ulid::Ulid::new().to_string();
@@ -427,7 +518,7 @@ async fn run_backend(
                 .with_config(redis::config().queue(queue("bare")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("bare"))
-                .backend(redis::worker_backend(storage.clone()))
+                .backend(redis::worker_backend_with(storage.clone(), CONCURRENCY))
                 .data(client.clone())
                 .concurrency(CONCURRENCY)
                 .build(bare::post);
@@ -445,7 +536,7 @@ async fn run_backend(
                 .with_config(redis::config().queue(queue("hand-rolled")));
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("hand-rolled"))
-                .backend(redis::worker_backend(storage.clone()))
+                .backend(redis::worker_backend_with(storage.clone(), CONCURRENCY))
                 .data(hand_rolled::client())
                 .retry(hand_rolled::retry_policy())
                 .concurrency(CONCURRENCY)
@@ -465,7 +556,7 @@ async fn run_backend(
             let sink = redis::RedisSink::new(&storage);
             let (stop, until) = stop_signal();
             let worker = WorkerBuilder::new(worker_name("webhooks"))
-                .backend(redis::worker_backend(storage))
+                .backend(redis::worker_backend_with(storage, CONCURRENCY))
                 .concurrency(CONCURRENCY)
                 .build(webhooks::service(sink.clone()));
             let handle = tokio::spawn(worker.run_until(until));
@@ -479,6 +570,18 @@ async fn run_backend(
         }
         other => return Err(format!("unknown backend {other}").into()),
     }
+    Ok(())
+}
+
+/// Deletes the rows earlier contenders (and earlier invocations) left in apalis's table, and
+/// vacuums it, so every contender starts on the same table (outside the measured window).
+async fn clear_postgres(database_url: &str) -> Result<(), Error> {
+    let (client, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .execute("DELETE FROM apalis.jobs WHERE job_type LIKE 'bench-%'", &[])
+        .await?;
+    client.execute("VACUUM (ANALYZE) apalis.jobs", &[]).await?;
     Ok(())
 }
 

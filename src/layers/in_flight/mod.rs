@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Attempts one endpoint may have in flight by default: a quarter of the worker's default
-/// slots ([`DEFAULT_CONCURRENCY`], 64), so that at least three other slow endpoints, and any
+/// slots ([`DEFAULT_CONCURRENCY`], 256: 64), so that at least three other slow endpoints, and any
 /// number of fast ones, still find free slots. Set it to about a quarter of the concurrency
 /// your workers run with.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = (DEFAULT_CONCURRENCY / 4) as u32;
