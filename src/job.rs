@@ -77,6 +77,9 @@ pub struct WebhookJob {
     pub(crate) url: String,
     /// The payload exactly as serialized at dispatch; every attempt sends these bytes.
     pub(crate) body: String,
+    // Fields at their defaults are left out of the stored job (about a fifth of a 1 KiB
+    // delivery's row: less to write, fetch and parse per attempt) and read back as defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) scheme: SignatureScheme,
     pub(crate) secrets: Vec<Secret>,
@@ -87,16 +90,19 @@ pub struct WebhookJob {
     /// [`ClientIdentityStore`](crate::client_identity::ClientIdentityStore), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) client_identity: Option<String>,
+    /// Left out when it is the default policy, as stored endpoints do: a job stored without one
+    /// gets the default of the version that reads it.
+    #[serde(default, skip_serializing_if = "DeliveryPolicy::is_default")]
     pub(crate) policy: DeliveryPolicy,
     /// 1-based number of the attempt this job performs.
     pub(crate) attempt: u32,
     /// Unix seconds of the dispatch.
     pub(crate) dispatched_at: u64,
     /// 0 for the original delivery, n for its n-th replay from the dead letters.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) replay: u32,
     /// How often this attempt was put off (rate limit, open breaker) without being made.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub(crate) deferrals: u32,
     /// Unix seconds of this attempt's first deferral, if it was put off: a delivery put off
     /// for longer than its policy's [`defer_horizon`](DeliveryPolicy::defer_horizon) becomes a

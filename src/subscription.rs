@@ -541,4 +541,27 @@ mod tests {
         let err = s.job("a", &1).unwrap_err().to_string();
         assert!(!err.contains("pw") && !err.contains("MfKQ9r8G"), "{err}");
     }
+
+    #[test]
+    fn a_stored_job_leaves_defaults_out_and_reads_them_back() {
+        let job = sub("https://example.com/hook").job("order.created", &1).unwrap();
+        let json = serde_json::to_value(&job).unwrap();
+        for field in ["policy", "headers", "replay", "deferrals"] {
+            assert!(json.get(field).is_none(), "{field} is stored: {json}");
+        }
+        let back: WebhookJob = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.policy(), &crate::policy::DeliveryPolicy::default());
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+
+        let target = DeliveryTarget::new("https://example.com/hook", SECRET)
+            .max_attempts(2)
+            .header("x-api-version", "2");
+        let job = WebhookSubscription::to(target).job("order.created", &1).unwrap();
+        let json = serde_json::to_value(&job).unwrap();
+        assert_eq!(json["policy"]["max_attempts"], 2, "{json}");
+        assert_eq!(json["headers"][0][1], "2", "{json}");
+        let back: WebhookJob = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.policy().max_attempts, 2);
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+    }
 }

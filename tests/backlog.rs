@@ -148,6 +148,7 @@ async fn postgres_drains_a_100k_backlog() {
         tx.commit().await.unwrap();
     };
     drains(&backend, "postgres", distinct, fill).await;
+    backend.clear().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,4 +172,5 @@ async fn redis_drains_a_100k_backlog() {
         lanes.join_all().await;
     };
     drains(&backend, "redis", distinct, fill).await;
+    backend.clear().await;
 }

@@ -343,29 +343,7 @@ async fn redis_remembers_a_key_for_its_window() {
         .await
         .unwrap();
     let queue = backend.sink().queue().to_owned();
-    // SCAN, not KEYS: one KEYS over a Redis that other tests have filled can outlast the
-    // connection's response timeout.
-    let mut markers: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{queue}:webhooks:dispatch:*"))
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(&mut backend.conn.clone())
-            .await
-            .unwrap();
-        markers.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    // SCAN may return a key twice while Redis rehashes.
-    markers.sort();
-    markers.dedup();
+    let markers = backend.keys(&format!("{queue}:webhooks:dispatch:*")).await;
     assert_eq!(markers.len(), 1);
     let ttl: i64 = ::redis::cmd("PTTL")
         .arg(&markers[0])

@@ -86,26 +86,7 @@ impl Measured for harness::Redis {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let mut keys = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, page): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{queue}:*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            keys.extend(page);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        keys.sort();
-        keys.dedup();
+        let keys = self.keys(&format!("{queue}:*")).await;
         Footprint { tasks, keys }
     }
 }

@@ -194,6 +194,16 @@ impl Postgres {
         &self.queue
     }
 
+    /// Deletes this test's rows, for tests that store many: the test database is shared by
+    /// every run on the machine.
+    pub async fn clear(&self) {
+        sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+            .bind(&self.queue)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
     pub fn storage(&self) -> postgres::PostgresStorage<WebhookJob> {
         postgres::PostgresStorage::new(&self.pool).with_config(postgres::config().queue(&self.queue))
     }
@@ -251,6 +261,45 @@ pub struct Redis {
 impl Redis {
     pub fn storage(&self) -> redis::RedisStorage<WebhookJob> {
         redis::RedisStorage::new(self.conn.clone()).with_config(redis::config().queue(&self.queue))
+    }
+
+    /// The keys matching `pattern`, each once. SCAN, not KEYS: one KEYS over a Redis that other
+    /// tests have filled can outlast the connection's response timeout.
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut self.conn.clone())
+                .await
+                .unwrap();
+            keys.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key twice while Redis rehashes.
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Deletes this test's keys, for tests that store many: the test Redis is shared by every
+    /// run on the machine.
+    pub async fn clear(&self) {
+        for keys in self.keys(&format!("{}:*", self.queue)).await.chunks(1_000) {
+            let _: () = ::redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async(&mut self.conn.clone())
+                .await
+                .unwrap();
+        }
     }
 }
 

@@ -86,6 +86,8 @@ pub async fn run(backend: &str, receiver: &mut Receiver, events: u64) -> Result<
             let result = drain(receiver, events).await;
             let _ = stop.send(());
             handle.await??;
+            // The backlog's rows would otherwise stay in the shared database.
+            crate::clear_postgres(&url).await?;
             result
         }
         "redis" => {
