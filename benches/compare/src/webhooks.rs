@@ -1,34 +1,19 @@
-//! apalis-webhooks with its default layers: circuit breaker, rate limiter (set high enough not
-//! to bite) and signing, around the HTTP delivery.
+//! apalis-webhooks as the README installs it: `WebhookWorker::new(sink).service()`, that is the
+//! in-flight cap and signing around the HTTP delivery (loopback allowed: the receiver is on
+//! 127.0.0.1). A circuit breaker and a rate limiter in front, set not to bite, measured the same
+//! CPU per delivery here (58–62 µs in memory).
 
 use apalis_webhooks::{
-    layers::{CircuitBreakerLayer, Limit, RateLimitLayer},
-    signing::SigningLayer,
-    ssrf::EgressPolicy,
+    delivery::HttpDelivery, layers::InFlightService, signing::SigningService, ssrf::EgressPolicy,
     worker::WebhookService,
 };
-use tower::ServiceBuilder;
 
-/// The service with the default layers, for a worker whose retries go to `sink`.
+/// The worker's default service, for a worker whose retries go to `sink`.
 pub fn service<B: Clone + apalis_webhooks::WebhookSink<K>, K>(
     sink: B,
-) -> WebhookService<
-    apalis_webhooks::layers::InFlightService<
-        apalis_webhooks::layers::CircuitBreakerService<
-            apalis_webhooks::layers::RateLimitService<
-                apalis_webhooks::signing::SigningService<apalis_webhooks::delivery::HttpDelivery>,
-            >,
-        >,
-    >,
-    B,
-    K,
-> {
-    let layers = ServiceBuilder::new()
-        .layer(CircuitBreakerLayer::default())
-        .layer(RateLimitLayer::per_endpoint(Limit::per_second(1_000_000)))
-        .layer(SigningLayer::new());
+) -> WebhookService<InFlightService<SigningService<HttpDelivery>>, B, K> {
     apalis_webhooks::WebhookWorker::new(sink)
         .egress(EgressPolicy::new().allow_loopback())
-        .service_with(layers)
+        .service()
         .expect("HTTP client")
 }
