@@ -24,11 +24,12 @@ struct Row {
 }
 
 /// Contenders in the order their bars stand in a group, each with its colour.
-const CONTENDERS: [(&str, RGBColor); 6] = [
+const CONTENDERS: [(&str, RGBColor); 7] = [
     ("raw", RGBColor(120, 120, 120)),
     ("bare", RGBColor(31, 119, 180)),
     ("hand-rolled", RGBColor(255, 127, 14)),
     ("apalis-webhooks", RGBColor(44, 160, 44)),
+    ("apalis-webhooks-batched", RGBColor(152, 223, 138)),
     ("webhook-dispatcher", RGBColor(214, 39, 40)),
     ("webhooksmith", RGBColor(148, 103, 189)),
 ];
